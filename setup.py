@@ -1,0 +1,92 @@
+"""Build modekernels against the torch that is already installed.
+
+The CPU extension is always built. CUDA sources are added when torch is a CUDA build and a CUDA
+toolkit is found (or MODEKERNELS_FORCE_CUDA=1). See README.md, "Build", for the variables.
+"""
+import glob
+import os
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+from setuptools.command.develop import develop
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as exc:  # an isolated build environment has no torch
+    raise SystemExit(
+        "modekernels compiles against the torch you already have; build it without build "
+        "isolation: pip install -e . --no-build-isolation  (or: python setup.py develop)"
+    ) from exc
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def with_cuda():
+    if flag("MODEKERNELS_FORCE_CUDA"):
+        return True
+    home = cpp_extension.CUDA_HOME
+    return torch.version.cuda is not None and home is not None and os.path.exists(
+        os.path.join(home, "bin", "nvcc"))
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CSRC, "**", pattern), recursive=True))
+
+
+CUDA = with_cuda()
+
+
+def extension():
+    debug = flag("DEBUG")
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    srcs = sources("*.cpp")
+    if not CUDA:
+        return cpp_extension.CppExtension(
+            "modekernels._C", srcs, include_dirs=[CSRC], extra_compile_args={"cxx": cxx})
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    nvcc = ["-O3", "-lineinfo"] + (["-G"] if debug else [])
+    return cpp_extension.CUDAExtension(
+        "modekernels._C", srcs + sources("*.cu"), include_dirs=[CSRC],
+        extra_compile_args={"cxx": cxx + ["-DMODEKERNELS_WITH_CUDA"], "nvcc": nvcc + ["-DMODEKERNELS_WITH_CUDA"]})
+
+
+class BuildExt(cpp_extension.BuildExtension):
+    """Also records what the extension was built against, so that a failed load can say so."""
+
+    def run(self):
+        info = {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda if CUDA else None,
+            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if CUDA else None,
+        }
+        with open(os.path.join(ROOT, "modekernels", "_build_info.py"), "w") as f:
+            f.write('"""Written by setup.py at build time."""\n')
+            f.write(f"BUILT_WITH = {info!r}\n")
+        super().run()
+
+
+class Develop(develop):
+    """`setup.py develop` as an editable pip install that reuses the installed torch.
+
+    setuptools >= 80 turns `develop` into `pip install -e .` with build isolation, which has no torch.
+    """
+
+    def run(self):
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "--no-build-isolation",
+                               "--no-deps", "-e", ROOT])
+
+
+setup(
+    packages=find_packages(include=["modekernels", "modekernels.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExt, "develop": Develop},
+)

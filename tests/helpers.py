@@ -1,0 +1,36 @@
+"""Shared parametrizations and tolerances for the test suite."""
+import pytest
+import torch
+
+cuda = pytest.mark.cuda
+
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Absolute/relative tolerances for comparing with torch's own layers, per dtype.
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+
+def dtype_id(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def make_layout(x, layout):
+    """x (4-D) as 'contiguous', 'channels_last', a 'strided' view, or a 'transposed' view."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        return torch.stack([x, x], dim=-1)[..., 0]  # same values, every other element in memory
+    if layout == "transposed":
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    raise ValueError(layout)
+
+
+LAYOUTS = ["contiguous", "channels_last", "strided", "transposed"]

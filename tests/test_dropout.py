@@ -1,0 +1,360 @@
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import modekernels
+import modekernels.functional as MF
+from modekernels import _ops, reference
+
+from helpers import DEVICES, FLOAT_DTYPES, LAYOUTS, cuda, dtype_id, make_layout
+
+mkops = torch.ops.modekernels
+
+
+# ------------------------------------------------------------------------- the random stream
+
+def test_reference_philox_known_answers():
+    # Known-answer vectors of Philox4x32-10 published with Random123 (kat_vectors).
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]
+    for counter, key, expected in cases:
+        words = reference.philox4x32_10([np.array([c]) for c in counter], key)
+        assert tuple(int(w[0]) for w in words) == expected
+
+
+STATES = [(0, 0), (123456789, 4), (2**63 + 12345, 2**40 + 8), (2**64 - 1, 2**64 - 4)]
+
+
+@pytest.mark.parametrize("seed,offset", STATES)
+@pytest.mark.parametrize("numel", [1, 3, 4, 37, 1000, 65537])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_cpu_stream_equals_reference(seed, offset, numel, p):
+    state = torch.tensor([seed, offset], dtype=torch.uint64).view(torch.int64)
+    mult = mkops.dropout_backward(torch.ones(numel, dtype=torch.float64), state, p)
+    expected = reference.dropout_keep_mask(numel, seed, offset, p).double() / (1 - p)
+    assert torch.equal(mult, expected)
+
+
+@cuda
+@pytest.mark.parametrize("seed,offset", STATES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_cpu_and_cuda_masks_equal(seed, offset, dtype):
+    state = torch.tensor([seed, offset], dtype=torch.uint64).view(torch.int64)
+    ones = torch.ones(4099, dtype=dtype)
+    cpu = mkops.dropout_backward(ones, state, 0.3)
+    gpu = mkops.dropout_backward(ones.cuda(), state.cuda(), 0.3)
+    assert torch.equal(cpu, gpu.cpu())
+
+
+# ------------------------------------------------------------------------------- semantics
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (3, 8, 16, 16)], ids=str)
+def test_forward_equals_reference(device, dtype, layout, shape):
+    x = make_layout(torch.randn(shape, device=device).to(dtype), layout)
+    out, state = _ops.dropout(x, 0.4)
+    assert out.shape == x.shape and out.dtype == dtype
+    dense = torch.empty_like(x).copy_(x)  # x's layout if x is dense, else its dense counterpart
+    assert out.stride() == dense.stride()
+    assert torch.equal(out, reference.dropout(dense, 0.4, state))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_output_keeps_memory_format(layout):
+    x = make_layout(torch.randn(2, 3, 4, 5), layout)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert modekernels.Dropout(0.5)(x).is_contiguous(memory_format=fmt)
+    assert torch.nn.Dropout(0.5)(x).is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.5, 0.8, 0.97])
+@pytest.mark.parametrize("numel", [1000, 100003])
+def test_keep_rate_within_five_sigma(p, numel):
+    y = MF.dropout(torch.ones(numel), p)
+    kept = (y != 0).sum().item()
+    sigma = math.sqrt(numel * p * (1 - p))
+    assert abs(kept - numel * (1 - p)) <= 5 * sigma
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.75])
+def test_survivors_are_scaled_exactly(dtype, p):
+    x = torch.rand(10007, dtype=dtype) + 0.5  # no zeros: a zero in the output is a dropped element
+    y = MF.dropout(x, p)
+    opmath = reference.opmath_dtype(dtype)
+    scaled = (x.to(opmath) * torch.tensor(1 / (1 - p), dtype=opmath)).to(dtype)
+    kept = y != 0
+    assert torch.equal(y[kept], scaled[kept])
+    assert 0 < kept.sum() < x.numel()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_gradient_is_the_forward_mask_times_scale(device, dtype):
+    x = (torch.rand(3, 5, 7, device=device) + 0.5).to(dtype).requires_grad_()
+    y = MF.dropout(x, 0.3)
+    g = torch.randn_like(y)
+    y.backward(g)
+    kept = y.detach() != 0
+    opmath = reference.opmath_dtype(dtype)
+    scaled = (g.to(opmath) * torch.tensor(1 / 0.7, dtype=opmath, device=device)).to(dtype)
+    assert torch.equal(x.grad, torch.where(kept, scaled, 0.0).to(dtype))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_backward_with_gradient_in_another_layout(layout):
+    x = make_layout(torch.rand(2, 4, 6, 6) + 0.5, layout).requires_grad_()
+    y = MF.dropout(x, 0.5)
+    g = torch.randn(2, 4, 6, 6)  # contiguous, whatever y's layout
+    y.backward(g)
+    kept = y.detach() != 0
+    torch.testing.assert_close(x.grad, torch.where(kept, g * 2, 0.0), atol=0, rtol=0)
+
+
+def test_nan_and_inf_propagate_like_torch():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0] * 64)
+    ours = MF.dropout(x, 1.0)
+    theirs = torch.nn.functional.dropout(x, 1.0)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_p0_and_empty_return_the_input_itself(device):
+    x = torch.randn(4, 5, device=device)
+    for m in (modekernels.Dropout(0.5).eval(), modekernels.Dropout(0.0)):
+        assert m(x) is x
+    assert MF.dropout(x, 0.5, training=False, inplace=True) is x
+    empty = torch.randn(0, 3, device=device)
+    assert MF.dropout(empty, 0.5) is empty
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_p_one_gives_zeros(device):
+    x = torch.randn(100, device=device, requires_grad=True)
+    y = MF.dropout(x, 1.0)
+    assert torch.equal(y, torch.zeros_like(y))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5])
+def test_p_out_of_range_is_torch_value_error(p):
+    x = torch.randn(4)
+    with pytest.raises(ValueError) as ours:
+        MF.dropout(x, p)
+    with pytest.raises(ValueError) as theirs:
+        torch.nn.functional.dropout(x, p)
+    assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+        modekernels.Dropout(p)
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+        mkops.dropout(x, p)
+
+
+def test_p_nan_is_a_value_error_with_torch_message():
+    # torch lets NaN through its Python check and raises a RuntimeError from C++; we raise the
+    # same message as a ValueError, like every other p outside [0, 1].
+    x = torch.randn(4)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.functional.dropout(x, float("nan"))
+    with pytest.raises(ValueError) as ours:
+        MF.dropout(x, float("nan"))
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_unsupported_dtype_is_clear_error_and_mutates_nothing(dtype, inplace):
+    x = torch.ones(8, dtype=dtype)
+    before = x.clone()
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+        MF.dropout(x, 0.5, inplace=inplace)
+    assert torch.equal(x, before)
+
+
+@cuda
+def test_generator_on_the_wrong_device_is_an_error():
+    x = torch.randn(8)
+    with pytest.raises(RuntimeError, match="generator"):
+        MF.dropout(x, 0.5, generator=torch.Generator(device="cuda"))
+    with pytest.raises(RuntimeError, match="generator"):
+        MF.dropout(x.cuda(), 0.5, generator=torch.Generator())
+
+
+def test_backward_rejects_a_bad_rng_state():
+    g = torch.ones(8)
+    with pytest.raises(RuntimeError, match="rng_state"):
+        mkops.dropout_backward(g, torch.zeros(3, dtype=torch.int64), 0.5)
+    with pytest.raises(RuntimeError, match="rng_state"):
+        mkops.dropout_backward(g, torch.zeros(2, dtype=torch.float32), 0.5)
+
+
+# ---------------------------------------------------------------------------- randomness
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_manual_seed_reproduces_and_successive_calls_differ(device):
+    x = torch.randn(4096, device=device)
+    torch.manual_seed(7)
+    a, b = MF.dropout(x, 0.5), MF.dropout(x, 0.5)
+    torch.manual_seed(7)
+    assert torch.equal(MF.dropout(x, 0.5), a)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_explicit_generator_reproduces_independently_of_global_seed(device):
+    x = torch.randn(4096, device=device)
+    a = MF.dropout(x, 0.5, generator=torch.Generator(device=device).manual_seed(3))
+    torch.manual_seed(99)
+    b = MF.dropout(x, 0.5, generator=torch.Generator(device=device).manual_seed(3))
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------- in place
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inplace_equals_out_of_place_and_keeps_autograd(device, layout):
+    base = torch.rand(2, 4, 6, 6, device=device) + 0.5
+    torch.manual_seed(11)
+    expected = MF.dropout(make_layout(base, layout), 0.3)
+    w = torch.ones((), device=device, requires_grad=True)
+    x = make_layout(base, layout) * w  # a non-leaf, as in a real model
+    torch.manual_seed(11)
+    y = MF.dropout(x, 0.3, inplace=True)
+    assert y is x
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+    y.sum().backward()
+    kept = expected != 0
+    torch.testing.assert_close(w.grad, (base * kept / 0.7).sum(), rtol=1e-5, atol=1e-4)
+
+
+def test_inplace_on_a_leaf_that_requires_grad_is_torch_error():
+    leaf = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        MF.dropout(leaf, 0.5, inplace=True)
+
+
+# ---------------------------------------------------------------------- torch integration
+
+def test_module_is_a_torch_dropout():
+    ours, theirs = modekernels.Dropout(0.25, inplace=True), torch.nn.Dropout(0.25, inplace=True)
+    assert isinstance(ours, torch.nn.Dropout)
+    assert repr(ours) == repr(theirs)
+    assert ours.state_dict() == theirs.state_dict() == {}
+    assert type(ours).forward is not torch.nn.Dropout.forward
+    assert [k for k in vars(ours) if not k.startswith("_")] == [k for k in vars(theirs) if not k.startswith("_")]
+
+
+def test_gradcheck_and_gradgradcheck_float64():
+    def f(x):
+        return MF.dropout(x, 0.4, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(3, 17, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward(device):
+    x = torch.randn(3, 5, 7, device=device, requires_grad=True)
+    state = torch.tensor([5, 8], device=device)
+    torch.library.opcheck(mkops.dropout_backward.default, (x, state, 0.3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["dropout", "dropout_"])
+def test_opcheck_forward(device, op):
+    # The op draws a new mask on every call, so opcheck's checks that compare two runs (the
+    # aot_dispatch ones) do not apply; schema, fake tensor and autograd registration do.
+    x = torch.randn(3, 5, 7, device=device, requires_grad=(op == "dropout"))
+    torch.library.opcheck(getattr(mkops, op).default, (x, 0.3, None),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), modekernels.Dropout(0.5, inplace=True),
+                                torch.nn.ReLU(), modekernels.Dropout(0.2),
+                                torch.nn.Linear(32, 4)).to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(8, 16, device=device)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        torch.manual_seed(0)
+        eager_out = model(x)
+        eager_out.sum().backward()
+        eager_grad = model[0].weight.grad.clone()
+        model.zero_grad()
+        torch.manual_seed(0)
+        comp_out = compiled(x)
+        comp_out.sum().backward()
+        torch.testing.assert_close(comp_out, eager_out)
+        torch.testing.assert_close(model[0].weight.grad, eager_grad)
+        model.zero_grad()
+
+
+def test_saved_state_is_16_bytes():
+    x = torch.randn(8, 256, 56, 56, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        MF.dropout(x, 0.5)
+    ours = sum(t.numel() * t.element_size() for t in saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.nn.functional.dropout(x, 0.5)
+    theirs = sum(t.numel() * t.element_size() for t in saved)
+    assert ours == 16
+    assert theirs >= 8 * ours
+
+
+# --------------------------------------------------------------------------------- CUDA only
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_cuda_graph_replay_draws_fresh_masks(dtype):
+    x = torch.rand(1 << 16, device="cuda", dtype=dtype) + 0.5
+    static_x = x.clone().requires_grad_()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up outside capture
+        MF.dropout(static_x, 0.5).sum().backward()
+    torch.cuda.current_stream().wait_stream(s)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = MF.dropout(static_x, 0.5)
+        static_y.sum().backward()
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        kept = static_y != 0
+        torch.testing.assert_close(static_x.grad, torch.where(kept, 2.0, 0.0).to(dtype), atol=0, rtol=0)
+        masks.append(kept.clone())
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+@cuda
+def test_cuda_64bit_indexing():
+    n = 2**31 + 37
+    x = torch.ones(n, device="cuda", dtype=torch.float16)
+    y = MF.dropout(x, 0.5, inplace=True)
+    tail = y[-1000:]
+    assert set(tail.unique().tolist()) <= {0.0, 2.0}
+    state = torch.tensor([1, 0], device="cuda")
+    z = mkops.dropout_backward(torch.ones(n, device="cuda", dtype=torch.float16)[-(2**20):], state, 0.5)
+    assert torch.equal(z.cpu(), reference.dropout_keep_mask(2**20, 1, 0, 0.5).half() * 2)
