@@ -23,4 +23,14 @@ TORCH_LIBRARY(modekernels, m) {
         {at::Tag::nondeterministic_seeded});
   // Deterministic: multiplies by the mask and scale of the saved rng_state.
   m.def("dropout_backward(Tensor grad_output, Tensor rng_state, float p) -> Tensor");
+
+  // BatchNorm (csrc/batch_norm). Statistics come out in the opmath dtype (float32, or float64
+  // for float64 inputs); `var` is the biased batch variance. The running-statistics update is its
+  // own mutating op so that the compute ops stay functional (and differentiable).
+  m.def("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor output, Tensor mean, Tensor var)");
+  m.def("batch_norm_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor? weight, float eps, bool training, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // momentum=None: cumulative average 1 / num_batches_tracked, read on the device (no sync).
+  // num_batches_tracked, when given, is incremented.
+  m.def("batch_norm_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, SymInt count, float? momentum, Tensor(c!)? num_batches_tracked) -> ()");
 }

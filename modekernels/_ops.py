@@ -100,3 +100,104 @@ class _DropoutInplace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _apply_saved_mask(ctx, grad), None, None
+
+
+# -------------------------------------------------------------------------------- batch norm
+# batch_norm_train and batch_norm_eval are functional and differentiable; the running statistics
+# are updated by the separate mutating op batch_norm_update_stats_, which autograd never sees.
+
+def _opmath(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channels_format(input):
+    if input.dim() == 2:
+        return torch.contiguous_format
+    return torch._prims_common.suggest_memory_format(input)
+
+
+def batch_norm_train(input, weight, bias, eps):
+    """(output, mean, biased var) with the batch statistics; mean/var in the opmath dtype."""
+    return _ops.batch_norm_train.default(input, weight, bias, eps)
+
+
+def batch_norm_eval(input, running_mean, running_var, weight, bias, eps):
+    return _ops.batch_norm_eval.default(input, running_mean, running_var, weight, bias, eps)
+
+
+def batch_norm_update_stats_(running_mean, running_var, mean, var, count, momentum,
+                             num_batches_tracked=None):
+    _ops.batch_norm_update_stats_.default(running_mean, running_var, mean, var, count, momentum,
+                                          num_batches_tracked)
+
+
+@torch.library.register_fake("modekernels::batch_norm_train")
+def _(input, weight, bias, eps):
+    torch._check(input.dim() >= 2)
+    stats = input.new_empty((input.shape[1],), dtype=_opmath(input.dtype))
+    out = torch.empty_like(input, memory_format=_channels_format(input))
+    return out, stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("modekernels::batch_norm_eval")
+def _(input, running_mean, running_var, weight, bias, eps):
+    return torch.empty_like(input, memory_format=_channels_format(input))
+
+
+@torch.library.register_fake("modekernels::batch_norm_backward")
+def _(grad_output, input, mean, var, weight, eps, training, output_mask):
+    param_dtype = weight.dtype if weight is not None else _opmath(input.dtype)
+    C = input.shape[1]
+    gi = (torch.empty_like(input, memory_format=_channels_format(input)) if output_mask[0]
+          else input.new_empty((0,)))
+    gw = input.new_empty((C,), dtype=param_dtype) if output_mask[1] and weight is not None else input.new_empty((0,))
+    gb = input.new_empty((C,), dtype=param_dtype) if output_mask[2] else input.new_empty((0,))
+    return gi, gw, gb
+
+
+@torch.library.register_fake("modekernels::batch_norm_update_stats_")
+def _(running_mean, running_var, mean, var, count, momentum, num_batches_tracked):
+    return None
+
+
+def _bn_backward(ctx, grad_out, training, mean, var):
+    input, weight = ctx.saved_tensors[:2]
+    mask = [ctx.needs_input_grad[0], ctx.weight_index is not None and ctx.needs_input_grad[ctx.weight_index],
+            ctx.bias_index is not None and ctx.needs_input_grad[ctx.bias_index]]
+    gi, gw, gb = _ops.batch_norm_backward.default(grad_out, input, mean, var, weight, ctx.eps,
+                                                  training, mask)
+    return (gi if mask[0] else None), (gw if mask[1] else None), (gb if mask[2] else None)
+
+
+def _bn_train_setup(ctx, inputs, output):
+    input, weight, bias, eps = inputs
+    _, mean, var = output
+    ctx.eps = eps
+    ctx.weight_index, ctx.bias_index = (1 if weight is not None else None), (2 if bias is not None else None)
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(input, weight, mean, var)
+
+
+def _bn_train_grad(ctx, grad_out, _grad_mean, _grad_var):
+    mean, var = ctx.saved_tensors[2:]
+    gi, gw, gb = _bn_backward(ctx, grad_out, True, mean, var)
+    return gi, gw, gb, None
+
+
+def _bn_eval_setup(ctx, inputs, output):
+    input, running_mean, running_var, weight, bias, eps = inputs
+    ctx.eps = eps
+    ctx.weight_index, ctx.bias_index = (3 if weight is not None else None), (4 if bias is not None else None)
+    ctx.save_for_backward(input, weight, running_mean, running_var)
+
+
+def _bn_eval_grad(ctx, grad_out):
+    running_mean, running_var = ctx.saved_tensors[2:]
+    gi, gw, gb = _bn_backward(ctx, grad_out, False, running_mean, running_var)
+    return gi, None, None, gw, gb, None
+
+
+torch.library.register_autograd("modekernels::batch_norm_train", _bn_train_grad,
+                                setup_context=_bn_train_setup)
+torch.library.register_autograd("modekernels::batch_norm_eval", _bn_eval_grad,
+                                setup_context=_bn_eval_setup)

@@ -16,3 +16,22 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     if inplace:
         return _ops.dropout_(input, p, generator)
     return _ops.dropout(input, p, generator)[0]
+
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, num_batches_tracked=None):
+    """torch.nn.functional.batch_norm on modekernels' kernels.
+
+    Beyond torch's signature, `num_batches_tracked` (the module's counter) may be passed: it is
+    incremented on the device in training, and with momentum=None the running statistics become
+    the cumulative average over the batches it counts, without a host synchronization.
+    """
+    if not training:
+        return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    output, mean, var = _ops.batch_norm_train(input, weight, bias, eps)
+    if running_mean is not None or running_var is not None:
+        count = input.numel() // input.shape[1] if input.shape[1] else 0
+        _ops.batch_norm_update_stats_(running_mean, running_var, mean, var, count, momentum,
+                                      num_batches_tracked)
+    return output

@@ -11,3 +11,42 @@ from . import functional as F
 class Dropout(torch.nn.Dropout):
     def forward(self, input):
         return F.dropout(input, self.p, self.training, self.inplace)
+
+
+
+class _BatchNormForward:
+    """forward() of torch's _BatchNorm on our kernels; everything else is torch's own.
+
+    Differences from torch's forward, none visible in results: num_batches_tracked is incremented
+    by the update op (after every check passed, so a failed call changes nothing), and
+    momentum=None reads that counter on the device instead of calling float() on it.
+    """
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        track = self.training and self.track_running_stats
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        momentum = self.momentum
+        counter = self.num_batches_tracked if track else None
+        if momentum is None and counter is None:
+            momentum = 0.0  # torch's exponential_average_factor when nothing is counted
+        keep_buffers = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if keep_buffers else None,
+            self.running_var if keep_buffers else None,
+            self.weight, self.bias, use_batch_stats, momentum, self.eps,
+            num_batches_tracked=counter,
+        )
+
+
+class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
+    pass
+
+
+class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
+    pass
+
+
+class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
+    pass

@@ -1,0 +1,211 @@
+// BatchNorm op bodies shared by the CPU and CUDA backends. Every check is here, written once,
+// and runs before anything is allocated or written; messages follow torch's where torch has one.
+#include "batch_norm/batch_norm.h"
+
+#include <ATen/ATen.h>
+
+namespace modekernels::batch_norm {
+namespace {
+
+bool is_reduced(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16;
+}
+
+at::ScalarType opmath(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_input(const at::Tensor& input, const char* name) {
+  const auto t = input.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || is_reduced(t),
+                   "modekernels batch_norm: expected ", name,
+                   " to be float32, float64, float16 or bfloat16, but got ", t);
+  TORCH_CHECK_VALUE(input.dim() >= 2, "modekernels batch_norm: expected ", name,
+                    " with at least 2 dimensions (N, C, ...), but got ", input.dim(), "D");
+}
+
+// A per-channel tensor: (C,), on input's device, in input's dtype or (for float16/bfloat16
+// inputs) float32.
+void check_channel(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  const int64_t C = input.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.numel() == C, name, " should contain ", C, " elements not ",
+              t.numel());
+  TORCH_CHECK(t.device() == input.device(), "modekernels batch_norm: expected ", name, " on ",
+              input.device(), " like input, but got ", t.device());
+  const auto ok = t.scalar_type() == input.scalar_type() ||
+                  (is_reduced(input.scalar_type()) && t.scalar_type() == at::kFloat);
+  TORCH_CHECK_TYPE(ok, "modekernels batch_norm: expected ", name, " to be ", input.scalar_type(),
+                   is_reduced(input.scalar_type()) ? " or float32" : "", " like input, but got ",
+                   t.scalar_type());
+}
+
+void check_params(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  if (weight && weight->defined()) check_channel(*weight, "weight", input);
+  if (bias && bias->defined()) check_channel(*bias, "bias", input);
+  if (weight && weight->defined() && bias && bias->defined()) {
+    TORCH_CHECK_TYPE(weight->scalar_type() == bias->scalar_type(),
+                     "modekernels batch_norm: expected weight and bias of one dtype, but got ",
+                     weight->scalar_type(), " and ", bias->scalar_type());
+  }
+}
+
+int64_t per_channel_count(const at::Tensor& input) {
+  return input.size(1) == 0 ? 0 : input.numel() / input.size(1);
+}
+
+// The memory format the kernels walk: channels-last for channels_last(_3d) inputs (and every 2-D
+// input, whose channels are innermost), contiguous otherwise. Anything else is copied into it.
+at::MemoryFormat kernel_format(const at::Tensor& t) {
+  return t.dim() == 2 ? at::MemoryFormat::Contiguous : t.suggest_memory_format();
+}
+
+Layout layout_of(const at::Tensor& t) {
+  const int64_t N = t.size(0);
+  const int64_t C = t.size(1);
+  const int64_t S = C == 0 || N == 0 ? 0 : t.numel() / (N * C);
+  const bool cl = t.dim() == 2 || kernel_format(t) != at::MemoryFormat::Contiguous;
+  return {N, C, t.dim() == 2 ? 1 : S, cl};
+}
+
+at::Tensor dense(const at::Tensor& t, at::MemoryFormat fmt) {
+  return t.contiguous(fmt);
+}
+
+at::Tensor opt(const OptTensor& t) {
+  return t && t->defined() ? *t : at::Tensor();
+}
+
+at::Tensor channel_empty(const at::Tensor& input, at::ScalarType dtype, int64_t rows = 0) {
+  const int64_t C = input.size(1);
+  auto options = input.options().dtype(dtype);
+  return rows ? at::empty({rows, C}, options) : at::empty({C}, options);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, const OptTensor& weight,
+                                                     const OptTensor& bias, double eps,
+                                                     const Backend& be) {
+  check_input(input, "input");
+  check_params(input, weight, bias);
+  TORCH_CHECK_VALUE(per_channel_count(input) != 1,
+                    "Expected more than 1 value per channel when training, got input size ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
+  const auto fmt = kernel_format(input);
+  const at::Tensor x = dense(input, fmt);
+  const Layout layout = layout_of(x);
+  const auto acc = opmath(input.scalar_type());
+  at::Tensor mean = channel_empty(input, acc);
+  at::Tensor var = channel_empty(input, acc);
+  at::Tensor out = at::empty_like(x, fmt);
+  if (x.numel() == 0) {
+    mean.zero_();
+    var.zero_();
+    return {out, mean, var};
+  }
+  be.moments(x, layout, mean, var);
+  at::Tensor coeffs = channel_empty(input, acc, 4);
+  be.forward_coeffs(mean, var, opt(weight), opt(bias), eps, coeffs);
+  be.affine(at::Tensor(), x, layout, coeffs, out);
+  return {out, mean, var};
+}
+
+at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
+                const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
+                double eps, const Backend& be) {
+  check_input(input, "input");
+  check_channel(running_mean, "running_mean", input);
+  check_channel(running_var, "running_var", input);
+  check_params(input, weight, bias);
+  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+  const auto fmt = kernel_format(input);
+  const at::Tensor x = dense(input, fmt);
+  at::Tensor out = at::empty_like(x, fmt);
+  if (x.numel() == 0) return out;
+  const auto acc = opmath(input.scalar_type());
+  at::Tensor coeffs = channel_empty(input, acc, 4);
+  be.forward_coeffs(running_mean.to(acc), running_var.to(acc), opt(weight), opt(bias), eps, coeffs);
+  be.affine(at::Tensor(), x, layout_of(x), coeffs, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& var, const OptTensor& weight, double eps, bool training,
+    std::array<bool, 3> output_mask, const Backend& be) {
+  check_input(input, "input");
+  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type() &&
+                  grad_output.device() == input.device(),
+              "modekernels batch_norm: expected grad_output like input (", input.sizes(), ", ",
+              input.scalar_type(), "), but got ", grad_output.sizes(), ", ", grad_output.scalar_type());
+  check_channel(mean, "mean", input);
+  check_channel(var, "var", input);
+  check_params(input, weight, std::nullopt);
+  const at::Tensor w = opt(weight);
+  const bool want_dx = output_mask[0];
+  const bool want_dw = output_mask[1] && w.defined();
+  const bool want_db = output_mask[2];
+  const auto param_dtype = w.defined() ? w.scalar_type() : opmath(input.scalar_type());
+
+  const auto fmt = kernel_format(input);
+  const at::Tensor x = dense(input, fmt);
+  const at::Tensor dy = dense(grad_output, fmt);
+  const Layout layout = layout_of(x);
+  const auto acc = opmath(input.scalar_type());
+  const at::Tensor mean_acc = mean.to(acc);
+  const at::Tensor var_acc = var.to(acc);
+
+  at::Tensor grad_input = want_dx ? at::empty_like(x, fmt) : at::empty({0}, input.options());
+  at::Tensor grad_weight = want_dw ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
+  at::Tensor grad_bias = want_db ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
+  at::Tensor sum_dy = channel_empty(input, acc);
+  at::Tensor sum_dy_xmu = channel_empty(input, acc);
+  const bool need_sums = (training && want_dx) || want_dw || want_db;
+  if (need_sums && x.numel() > 0) {
+    be.grad_sums(dy, x, layout, mean_acc, sum_dy, sum_dy_xmu);
+  } else {
+    sum_dy.zero_();
+    sum_dy_xmu.zero_();
+  }
+  at::Tensor coeffs = channel_empty(input, acc, 4);
+  be.backward_coeffs(training, mean_acc, var_acc, w, eps, sum_dy, sum_dy_xmu,
+                     per_channel_count(input), coeffs, want_dw ? grad_weight : at::Tensor(),
+                     want_db ? grad_bias : at::Tensor());
+  if (want_dx && x.numel() > 0) {
+    be.affine(dy, training ? x : at::Tensor(), layout, coeffs, grad_input);
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                  const at::Tensor& var, int64_t count, std::optional<double> momentum,
+                  const OptTensor& num_batches_tracked, const Backend& be) {
+  const int64_t C = running_mean.numel();
+  TORCH_CHECK(running_mean.dim() == 1 && running_var.dim() == 1 && running_var.numel() == C &&
+                  mean.numel() == C && var.numel() == C,
+              "running_mean should contain ", mean.numel(), " elements not ", running_mean.numel());
+  TORCH_CHECK(running_mean.device() == mean.device() && running_var.device() == mean.device(),
+              "modekernels batch_norm: expected running stats on ", mean.device(), ", but got ",
+              running_mean.device(), " and ", running_var.device());
+  TORCH_CHECK_TYPE(running_mean.scalar_type() == running_var.scalar_type() &&
+                       at::isFloatingType(running_mean.scalar_type()),
+                   "modekernels batch_norm: expected running_mean and running_var of one floating "
+                   "dtype, but got ", running_mean.scalar_type(), " and ", running_var.scalar_type());
+  const bool counter = num_batches_tracked && num_batches_tracked->defined();
+  if (counter) {
+    TORCH_CHECK(num_batches_tracked->numel() == 1 && num_batches_tracked->device() == mean.device(),
+                "modekernels batch_norm: expected num_batches_tracked to be a one-element tensor on ",
+                mean.device());
+  }
+  TORCH_CHECK_VALUE(momentum || counter,
+                    "modekernels batch_norm: momentum=None (a cumulative average) needs num_batches_tracked");
+  TORCH_CHECK_VALUE(count != 1,
+                    "Expected more than 1 value per channel when training, got ", count);
+  if (counter) num_batches_tracked->add_(1);
+  if (count == 0) return;  // an empty batch counts, but has no statistics (as in torch)
+  be.update_running(running_mean, running_var, mean, var, count, momentum ? *momentum : -1.0,
+                    counter ? *num_batches_tracked : at::Tensor());
+}
+
+}  // namespace modekernels::batch_norm

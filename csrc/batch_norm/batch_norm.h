@@ -1,0 +1,91 @@
+// BatchNorm: the layout every kernel sees, the backend interface, and the op bodies both
+// backends reuse (checks, allocation, and the order of passes).
+//
+// Passes over memory (x, dy, y, dx are activation-sized; everything else is per-channel):
+//   train forward:    moments (read x) + affine (read x, write y)          = 2 reads, 1 write
+//   eval forward:     affine (read x, write y)                             = 1 read,  1 write
+//   train backward:   grad_sums (read dy, x) + affine (read dy, x, write dx)
+//   eval backward:    affine (read dy, write dx) [+ grad_sums (read dy, x) if weight/bias need grads]
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace modekernels::batch_norm {
+
+// The input as (N, C, S) with S the product of the spatial sizes. Memory is either (N, C, S)
+// (channels_last == false) or (N, S, C) (channels_last == true: channels_last, channels_last_3d,
+// and every (N, C) input).
+struct Layout {
+  int64_t N, C, S;
+  bool channels_last;
+};
+
+// A backend's kernels. Per-channel tensors are (C,) in the opmath dtype (float for
+// float/half/bfloat16 inputs, double for double); `coeffs` is (4, C), see batch_norm_math.h.
+// p, q, x and dy are dense in `layout`; undefined tensors stand for absent operands.
+struct Backend {
+  void (*moments)(const at::Tensor& x, const Layout& layout, const at::Tensor& mean,
+                  const at::Tensor& var);
+  void (*grad_sums)(const at::Tensor& dy, const at::Tensor& x, const Layout& layout,
+                    const at::Tensor& mean, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu);
+  void (*forward_coeffs)(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                         const at::Tensor& bias, double eps, const at::Tensor& coeffs);
+  void (*backward_coeffs)(bool train, const at::Tensor& mean, const at::Tensor& var,
+                          const at::Tensor& weight, double eps, const at::Tensor& sum_dy,
+                          const at::Tensor& sum_dy_xmu, int64_t count, const at::Tensor& coeffs,
+                          const at::Tensor& grad_weight, const at::Tensor& grad_bias);
+  void (*affine)(const at::Tensor& p, const at::Tensor& q, const Layout& layout,
+                 const at::Tensor& coeffs, const at::Tensor& out);
+  // factor < 0 means the cumulative average 1 / num_batches_tracked (read on the device).
+  void (*update_running)(const at::Tensor& running_mean, const at::Tensor& running_var,
+                         const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                         double factor, const at::Tensor& num_batches_tracked);
+};
+
+using OptTensor = std::optional<at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, const OptTensor& weight,
+                                                     const OptTensor& bias, double eps,
+                                                     const Backend& be);
+at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
+                const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
+                double eps, const Backend& be);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& var, const OptTensor& weight, double eps, bool training,
+    std::array<bool, 3> output_mask, const Backend& be);
+void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                  const at::Tensor& var, int64_t count, std::optional<double> momentum,
+                  const OptTensor& num_batches_tracked, const Backend& be);
+
+// The schema-typed entry points a backend registers with TORCH_LIBRARY_IMPL.
+template <const Backend& be>
+struct Ops {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
+      const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
+    return train(input, weight, bias, eps, be);
+  }
+  static at::Tensor batch_norm_eval(const at::Tensor& input, const at::Tensor& running_mean,
+                                    const at::Tensor& running_var, const OptTensor& weight,
+                                    const OptTensor& bias, double eps) {
+    return eval(input, running_mean, running_var, weight, bias, eps, be);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+      const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+      const at::Tensor& var, const OptTensor& weight, double eps, bool training,
+      std::array<bool, 3> output_mask) {
+    return backward(grad_output, input, mean, var, weight, eps, training, output_mask, be);
+  }
+  static void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
+                                       const at::Tensor& mean, const at::Tensor& var,
+                                       int64_t count, std::optional<double> momentum,
+                                       const OptTensor& num_batches_tracked) {
+    update_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked, be);
+  }
+};
+
+}  // namespace modekernels::batch_norm

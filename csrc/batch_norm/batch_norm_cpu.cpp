@@ -1,0 +1,396 @@
+// BatchNorm on the CPU.
+//
+// moments: the work is cut into tasks that at::parallel_for shares out. Channels-first memory
+//   (N, C, S): a task is one channel over a range of the batch, so few channels still fill every
+//   thread; each (n, c) row of S elements is summed, then centred and squared while still in
+//   cache, and merged into the task's moments with Chan's formula. Channels-last memory (N*S, C):
+//   a task is a range of rows; blocks of rows (~16 KiB) get per-channel sums, then centred
+//   squares from cache, merged per channel. Task results are merged per channel at the end.
+//   One pass over memory.
+// grad_sums: the same task split, accumulating sum(dy) and sum(dy (x - mean)). One pass.
+// affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows.
+// Row-level sums use 8 independent accumulators, which the compiler vectorizes, in the opmath
+// type; task and final merges are in double.
+#include "batch_norm/batch_norm.h"
+#include "batch_norm/batch_norm_math.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace modekernels::batch_norm {
+namespace {
+
+constexpr int64_t kLanes = 8;
+constexpr int64_t kBlockElems = 4096;
+
+int64_t tasks_per_channel(const Layout& l) {
+  const int64_t threads = at::get_num_threads();
+  return l.C >= threads ? 1 : std::min<int64_t>(l.N, (4 * threads + l.C - 1) / l.C);
+}
+
+int64_t row_chunks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
+}
+
+template <typename scalar_t, typename opmath_t>
+opmath_t row_sum(const scalar_t* x, int64_t len) {
+  opmath_t acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += static_cast<opmath_t>(x[i + k]);
+  }
+  opmath_t s = 0;
+  for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
+  for (; i < len; ++i) s += static_cast<opmath_t>(x[i]);
+  return s;
+}
+
+template <typename scalar_t, typename opmath_t>
+opmath_t row_centred_squares(const scalar_t* x, int64_t len, opmath_t mean) {
+  opmath_t acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const opmath_t d = static_cast<opmath_t>(x[i + k]) - mean;
+      acc[k] += d * d;
+    }
+  }
+  opmath_t s = 0;
+  for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
+  for (; i < len; ++i) {
+    const opmath_t d = static_cast<opmath_t>(x[i]) - mean;
+    s += d * d;
+  }
+  return s;
+}
+
+// sum(dy) and sum(dy (x - mean)) of one row.
+template <typename scalar_t, typename opmath_t>
+void row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t len, opmath_t mean,
+                   opmath_t& sdy, opmath_t& sdx) {
+  opmath_t a[kLanes] = {};
+  opmath_t b[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const opmath_t g = static_cast<opmath_t>(dy[i + k]);
+      a[k] += g;
+      b[k] += g * (static_cast<opmath_t>(x[i + k]) - mean);
+    }
+  }
+  sdy = 0;
+  sdx = 0;
+  for (int64_t k = 0; k < kLanes; ++k) {
+    sdy += a[k];
+    sdx += b[k];
+  }
+  for (; i < len; ++i) {
+    const opmath_t g = static_cast<opmath_t>(dy[i]);
+    sdy += g;
+    sdx += g * (static_cast<opmath_t>(x[i]) - mean);
+  }
+}
+
+// ------------------------------------------------------------------------------- moments
+
+template <typename scalar_t>
+void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& mean_t,
+                    const at::Tensor& var_t) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = x_t.const_data_ptr<scalar_t>();
+  const int64_t C = l.C;
+  std::vector<Moments<double>> total(C);
+  if (!l.channels_last) {
+    const int64_t per = tasks_per_channel(l);
+    std::vector<Moments<double>> part(C * per);
+    at::parallel_for(0, C * per, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c = t / per;
+        const int64_t k = t % per;
+        Moments<double> m;
+        for (int64_t n = l.N * k / per; n < l.N * (k + 1) / per; ++n) {
+          const scalar_t* row = x + (n * C + c) * l.S;
+          const opmath_t mu = row_sum<scalar_t, opmath_t>(row, l.S) / static_cast<opmath_t>(l.S);
+          m.merge(static_cast<double>(l.S), mu, row_centred_squares<scalar_t, opmath_t>(row, l.S, mu));
+        }
+        part[t] = m;
+      }
+    });
+    for (int64_t t = 0; t < C * per; ++t) total[t / per].merge(part[t]);
+  } else {
+    const int64_t rows = l.N * l.S;
+    const int64_t chunks = row_chunks(rows);
+    const int64_t block_rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(C, 1));
+    std::vector<Moments<double>> part(chunks * C);
+    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<opmath_t> sum(C), sq(C);
+      for (int64_t k = k0; k < k1; ++k) {
+        Moments<double>* acc = part.data() + k * C;
+        const int64_t end = rows * (k + 1) / chunks;
+        for (int64_t r0 = rows * k / chunks; r0 < end; r0 += block_rows) {
+          const int64_t nr = std::min(block_rows, end - r0);
+          std::fill(sum.begin(), sum.end(), opmath_t(0));
+          std::fill(sq.begin(), sq.end(), opmath_t(0));
+          for (int64_t r = r0; r < r0 + nr; ++r) {
+            const scalar_t* row = x + r * C;
+            for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<opmath_t>(row[c]);
+          }
+          for (int64_t c = 0; c < C; ++c) sum[c] /= static_cast<opmath_t>(nr);
+          for (int64_t r = r0; r < r0 + nr; ++r) {
+            const scalar_t* row = x + r * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const opmath_t d = static_cast<opmath_t>(row[c]) - sum[c];
+              sq[c] += d * d;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) acc[c].merge(static_cast<double>(nr), sum[c], sq[c]);
+        }
+      }
+    });
+    for (int64_t k = 0; k < chunks; ++k) {
+      for (int64_t c = 0; c < C; ++c) total[c].merge(part[k * C + c]);
+    }
+  }
+  opmath_t* mean = mean_t.data_ptr<opmath_t>();
+  opmath_t* var = var_t.data_ptr<opmath_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = static_cast<opmath_t>(total[c].mean);
+    var[c] = static_cast<opmath_t>(total[c].n > 0 ? total[c].m2 / total[c].n : 0.0);
+  }
+}
+
+void moments_cpu(const at::Tensor& x, const Layout& l, const at::Tensor& mean, const at::Tensor& var) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modekernels_bn_moments", [&] {
+    moments_kernel<scalar_t>(x, l, mean, var);
+  });
+}
+
+// ----------------------------------------------------------------------------- grad sums
+
+template <typename scalar_t>
+void grad_sums_kernel(const at::Tensor& dy_t, const at::Tensor& x_t, const Layout& l,
+                      const at::Tensor& mean_t, const at::Tensor& sum_dy_t,
+                      const at::Tensor& sum_dy_xmu_t) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* dy = dy_t.const_data_ptr<scalar_t>();
+  const scalar_t* x = x_t.const_data_ptr<scalar_t>();
+  const opmath_t* mean = mean_t.const_data_ptr<opmath_t>();
+  const int64_t C = l.C;
+  std::vector<double> sdy(C, 0.0), sdx(C, 0.0);
+  if (!l.channels_last) {
+    const int64_t per = tasks_per_channel(l);
+    std::vector<double> pdy(C * per), pdx(C * per);
+    at::parallel_for(0, C * per, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c = t / per;
+        const int64_t k = t % per;
+        double a = 0.0, b = 0.0;
+        for (int64_t n = l.N * k / per; n < l.N * (k + 1) / per; ++n) {
+          opmath_t ra, rb;
+          const int64_t off = (n * C + c) * l.S;
+          row_grad_sums<scalar_t, opmath_t>(dy + off, x + off, l.S, mean[c], ra, rb);
+          a += ra;
+          b += rb;
+        }
+        pdy[t] = a;
+        pdx[t] = b;
+      }
+    });
+    for (int64_t t = 0; t < C * per; ++t) {
+      sdy[t / per] += pdy[t];
+      sdx[t / per] += pdx[t];
+    }
+  } else {
+    const int64_t rows = l.N * l.S;
+    const int64_t chunks = row_chunks(rows);
+    const int64_t block_rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(C, 1));
+    std::vector<double> pdy(chunks * C, 0.0), pdx(chunks * C, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<opmath_t> a(C), b(C);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t end = rows * (k + 1) / chunks;
+        for (int64_t r0 = rows * k / chunks; r0 < end; r0 += block_rows) {
+          std::fill(a.begin(), a.end(), opmath_t(0));
+          std::fill(b.begin(), b.end(), opmath_t(0));
+          for (int64_t r = r0; r < std::min(end, r0 + block_rows); ++r) {
+            const scalar_t* g = dy + r * C;
+            const scalar_t* v = x + r * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const opmath_t gc = static_cast<opmath_t>(g[c]);
+              a[c] += gc;
+              b[c] += gc * (static_cast<opmath_t>(v[c]) - mean[c]);
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            pdy[k * C + c] += a[c];
+            pdx[k * C + c] += b[c];
+          }
+        }
+      }
+    });
+    for (int64_t k = 0; k < chunks; ++k) {
+      for (int64_t c = 0; c < C; ++c) {
+        sdy[c] += pdy[k * C + c];
+        sdx[c] += pdx[k * C + c];
+      }
+    }
+  }
+  opmath_t* out_dy = sum_dy_t.data_ptr<opmath_t>();
+  opmath_t* out_dx = sum_dy_xmu_t.data_ptr<opmath_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    out_dy[c] = static_cast<opmath_t>(sdy[c]);
+    out_dx[c] = static_cast<opmath_t>(sdx[c]);
+  }
+}
+
+void grad_sums_cpu(const at::Tensor& dy, const at::Tensor& x, const Layout& l, const at::Tensor& mean,
+                   const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modekernels_bn_grad_sums", [&] {
+    grad_sums_kernel<scalar_t>(dy, x, l, mean, sum_dy, sum_dy_xmu);
+  });
+}
+
+// ------------------------------------------------------------------------------- affine
+
+template <typename scalar_t, bool kHasP, bool kHasQ>
+void affine_kernel(const scalar_t* p, const scalar_t* q, const Layout& l,
+                   const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t C = l.C;
+  const opmath_t* A = coeffs + kA * C;
+  const opmath_t* B = coeffs + kB * C;
+  const opmath_t* M = coeffs + kM * C;
+  const opmath_t* D = coeffs + kD * C;
+  auto element = [&](int64_t i, opmath_t a, opmath_t b, opmath_t m, opmath_t d) {
+    opmath_t v = d;
+    if constexpr (kHasP) v += static_cast<opmath_t>(p[i]) * a;
+    if constexpr (kHasQ) v += (static_cast<opmath_t>(q[i]) - m) * b;
+    out[i] = static_cast<scalar_t>(v);
+  };
+  if (!l.channels_last) {
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(l.S, 1));
+    at::parallel_for(0, l.N * C, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r % C;
+        const opmath_t a = A[c], b = B[c], m = M[c], d = D[c];
+        const int64_t base = r * l.S;
+        for (int64_t s = 0; s < l.S; ++s) element(base + s, a, b, m, d);
+      }
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(C, 1));
+    at::parallel_for(0, l.N * l.S, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t base = r * C;
+        for (int64_t c = 0; c < C; ++c) element(base + c, A[c], B[c], M[c], D[c]);
+      }
+    });
+  }
+}
+
+void affine_cpu(const at::Tensor& p, const at::Tensor& q, const Layout& l, const at::Tensor& coeffs,
+                const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "modekernels_bn_affine", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t* k = coeffs.const_data_ptr<opmath_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* pp = p.defined() ? p.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* qq = q.defined() ? q.const_data_ptr<scalar_t>() : nullptr;
+    if (pp && qq) {
+      affine_kernel<scalar_t, true, true>(pp, qq, l, k, o);
+    } else if (pp) {
+      affine_kernel<scalar_t, true, false>(pp, qq, l, k, o);
+    } else {
+      affine_kernel<scalar_t, false, true>(pp, qq, l, k, o);
+    }
+  });
+}
+
+// -------------------------------------------------------------------------- per channel
+
+template <typename Fn>
+void dispatch_param(const at::Tensor& param, at::ScalarType fallback, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16,
+                                  param.defined() ? param.scalar_type() : fallback,
+                                  "modekernels_bn_params", [&] { fn(static_cast<scalar_t*>(nullptr)); });
+}
+
+template <typename P>
+P* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<P>() : nullptr;
+}
+
+void forward_coeffs_cpu(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                        const at::Tensor& bias, double eps, const at::Tensor& coeffs) {
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "modekernels_bn_forward_coeffs", [&] {
+    using T = scalar_t;
+    dispatch_param(weight.defined() ? weight : bias, mean.scalar_type(), [&](auto tag) {
+      using P = std::remove_pointer_t<decltype(tag)>;
+      const int64_t C = mean.numel();
+      for (int64_t c = 0; c < C; ++c) {
+        forward_coeffs<T, P>(c, C, mean.const_data_ptr<T>(), var.const_data_ptr<T>(),
+                             ptr_or_null<P>(weight), ptr_or_null<P>(bias), eps, coeffs.data_ptr<T>());
+      }
+    });
+  });
+}
+
+void backward_coeffs_cpu(bool train, const at::Tensor& mean, const at::Tensor& var,
+                         const at::Tensor& weight, double eps, const at::Tensor& sum_dy,
+                         const at::Tensor& sum_dy_xmu, int64_t count, const at::Tensor& coeffs,
+                         const at::Tensor& grad_weight, const at::Tensor& grad_bias) {
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "modekernels_bn_backward_coeffs", [&] {
+    using T = scalar_t;
+    const at::Tensor& typed = weight.defined() ? weight : grad_bias;
+    dispatch_param(typed, mean.scalar_type(), [&](auto tag) {
+      using P = std::remove_pointer_t<decltype(tag)>;
+      const int64_t C = mean.numel();
+      for (int64_t c = 0; c < C; ++c) {
+        backward_coeffs<T, P>(c, C, train, mean.const_data_ptr<T>(), var.const_data_ptr<T>(),
+                              ptr_or_null<P>(weight), eps, sum_dy.const_data_ptr<T>(),
+                              sum_dy_xmu.const_data_ptr<T>(), static_cast<T>(count),
+                              coeffs.data_ptr<T>(), ptr_or_null<P>(grad_weight),
+                              ptr_or_null<P>(grad_bias));
+      }
+    });
+  });
+}
+
+void update_running_cpu(const at::Tensor& running_mean, const at::Tensor& running_var,
+                        const at::Tensor& mean, const at::Tensor& var, int64_t count, double factor,
+                        const at::Tensor& num_batches_tracked) {
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "modekernels_bn_update", [&] {
+    using T = scalar_t;
+    dispatch_param(running_mean, mean.scalar_type(), [&](auto tag) {
+      using P = std::remove_pointer_t<decltype(tag)>;
+      const T f = factor >= 0.0 ? static_cast<T>(factor)
+                                : T(1) / static_cast<T>(num_batches_tracked.item<int64_t>());
+      for (int64_t c = 0; c < mean.numel(); ++c) {
+        update_running<T, P>(c, mean.const_data_ptr<T>(), var.const_data_ptr<T>(),
+                             static_cast<T>(count), f, running_mean.data_ptr<P>(),
+                             running_var.data_ptr<P>());
+      }
+    });
+  });
+}
+
+const Backend kCpu = {moments_cpu,        grad_sums_cpu,  forward_coeffs_cpu,
+                      backward_coeffs_cpu, affine_cpu,    update_running_cpu};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(modekernels, CPU, m) {
+  using CpuOps = Ops<kCpu>;
+  m.impl("batch_norm_train", &CpuOps::batch_norm_train);
+  m.impl("batch_norm_eval", &CpuOps::batch_norm_eval);
+  m.impl("batch_norm_backward", &CpuOps::batch_norm_backward);
+  m.impl("batch_norm_update_stats_", &CpuOps::batch_norm_update_stats_);
+}
+
+}  // namespace modekernels::batch_norm

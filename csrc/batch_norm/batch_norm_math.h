@@ -1,0 +1,91 @@
+// BatchNorm per-channel math, shared by the CPU loops and the CUDA kernels.
+//
+// Every elementwise pass of this family is one formula with per-channel coefficients:
+//     out = p * a + (q - m) * b + d
+// where p and/or q are present depending on the pass:
+//     forward (train and eval):  q = x, m = mean, b = weight * invstd, d = bias          (no p)
+//     backward, train:           p = dy, q = x, m = mean, a = weight * invstd,
+//                                b = -a * invstd^2 * sum(dy (x - mean)) / n, d = -a * sum(dy) / n
+//     backward, eval:            p = dy, a = weight * invstd                             (no q)
+// Centering with (q - m) before scaling keeps full precision when |mean| >> std.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace modekernels::batch_norm {
+
+// Coefficients are stored as a (4, C) opmath tensor: rows a, b, m, d.
+enum CoeffRow : int64_t { kA = 0, kB = 1, kM = 2, kD = 3 };
+
+template <typename T>
+MK_HOST_DEVICE T invstd_of(T var, double eps) {
+  return T(1) / static_cast<T>(sqrt(static_cast<double>(var) + eps));
+}
+
+// Forward coefficients for channel c; `weight`/`bias` may be null (affine=False, bias=False).
+template <typename T, typename P>
+MK_HOST_DEVICE void forward_coeffs(int64_t c, int64_t C, const T* mean, const T* var,
+                                   const P* weight, const P* bias, double eps, T* coeffs) {
+  const T invstd = invstd_of(var[c], eps);
+  coeffs[kA * C + c] = T(0);
+  coeffs[kB * C + c] = weight ? static_cast<T>(weight[c]) * invstd : invstd;
+  coeffs[kM * C + c] = mean[c];
+  coeffs[kD * C + c] = bias ? static_cast<T>(bias[c]) : T(0);
+}
+
+// Backward coefficients for channel c from the per-channel sums of dy and dy (x - mean) over
+// `count` elements, plus grad_weight = sum(dy xhat) and grad_bias = sum(dy) where wanted.
+template <typename T, typename P>
+MK_HOST_DEVICE void backward_coeffs(int64_t c, int64_t C, bool train, const T* mean, const T* var,
+                                    const P* weight, double eps, const T* sum_dy,
+                                    const T* sum_dy_xmu, T count, T* coeffs, P* grad_weight,
+                                    P* grad_bias) {
+  const T invstd = invstd_of(var[c], eps);
+  const T a = weight ? static_cast<T>(weight[c]) * invstd : invstd;
+  coeffs[kA * C + c] = a;
+  coeffs[kM * C + c] = mean[c];
+  if (train && count > T(0)) {
+    coeffs[kB * C + c] = -a * invstd * invstd * sum_dy_xmu[c] / count;
+    coeffs[kD * C + c] = -a * sum_dy[c] / count;
+  } else {
+    coeffs[kB * C + c] = T(0);
+    coeffs[kD * C + c] = T(0);
+  }
+  if (grad_weight) grad_weight[c] = static_cast<P>(sum_dy_xmu[c] * invstd);
+  if (grad_bias) grad_bias[c] = static_cast<P>(sum_dy[c]);
+}
+
+// running = factor * batch + (1 - factor) * running, with the unbiased variance M2 / (n - 1),
+// in torch's order of operations.
+template <typename T, typename P>
+MK_HOST_DEVICE void update_running(int64_t c, const T* mean, const T* var, T count, T factor,
+                                   P* running_mean, P* running_var) {
+  const T unbiased = var[c] * count / (count - T(1));
+  running_mean[c] = static_cast<P>(factor * mean[c] + (T(1) - factor) * static_cast<T>(running_mean[c]));
+  running_var[c] = static_cast<P>(factor * unbiased + (T(1) - factor) * static_cast<T>(running_var[c]));
+}
+
+// Chan et al.'s pairwise combination of (count, mean, M2) moments: exact in exact arithmetic
+// and stable in floating point, so partial moments can be merged in any order.
+template <typename T>
+struct Moments {
+  T n = T(0);
+  T mean = T(0);
+  T m2 = T(0);
+
+  MK_HOST_DEVICE void merge(T nb, T mean_b, T m2_b) {
+    const T total = n + nb;
+    if (total == T(0)) return;
+    const T delta = mean_b - mean;
+    const T wb = nb / total;
+    mean += delta * wb;
+    m2 += m2_b + delta * delta * n * wb;
+    n = total;
+  }
+  MK_HOST_DEVICE void merge(const Moments& o) { merge(o.n, o.mean, o.m2); }
+};
+
+}  // namespace modekernels::batch_norm

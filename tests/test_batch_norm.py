@@ -1,0 +1,289 @@
+import copy
+
+import pytest
+import torch
+
+import modekernels
+import modekernels.functional as MF
+
+from helpers import DEVICES, FLOAT_DTYPES, cuda, dtype_id
+
+mkops = torch.ops.modekernels
+
+# (torch class, our class, input shape, memory formats that apply)
+CASES = {
+    "1d-NC": (torch.nn.BatchNorm1d, modekernels.BatchNorm1d, (16, 7), ["contiguous"]),
+    "1d-NCL": (torch.nn.BatchNorm1d, modekernels.BatchNorm1d, (4, 5, 13), ["contiguous", "strided"]),
+    "2d": (torch.nn.BatchNorm2d, modekernels.BatchNorm2d, (4, 6, 7, 9), ["contiguous", "channels_last", "strided"]),
+    "2d-C1": (torch.nn.BatchNorm2d, modekernels.BatchNorm2d, (3, 1, 5, 5), ["contiguous", "channels_last"]),
+    "3d": (torch.nn.BatchNorm3d, modekernels.BatchNorm3d, (2, 3, 4, 5, 6), ["contiguous", "channels_last", "strided"]),
+}
+
+VARIANTS = {
+    "default": {},
+    "no-affine": dict(affine=False),
+    "no-bias": dict(bias=False),
+    "momentum-None": dict(momentum=None),
+    "momentum-0.3-eps-1e-3": dict(momentum=0.3, eps=1e-3),
+    "untracked": dict(track_running_stats=False),
+}
+
+# Tolerances against torch's own layer; float16/bfloat16 outputs differ by input-dtype rounding.
+BN_TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=8e-2, rtol=5e-2),
+}
+
+
+def layout(x, fmt):
+    if fmt == "contiguous":
+        return x.contiguous()
+    if fmt == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    if fmt == "strided":
+        return torch.stack([x, x], dim=-1)[..., 1]
+    raise ValueError(fmt)
+
+
+def twin_modules(case, variant, device, param_dtype=torch.float32):
+    theirs_cls, ours_cls, shape, _ = CASES[case]
+    theirs = theirs_cls(shape[1], **VARIANTS[variant]).to(device=device, dtype=param_dtype)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.uniform_(0.5, 1.5)
+        if theirs.running_mean is not None:
+            theirs.running_mean.uniform_(-1, 1)
+            theirs.running_var.uniform_(0.5, 2)
+    ours = ours_cls(shape[1], **VARIANTS[variant]).to(device=device, dtype=param_dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def assert_same_state(theirs, ours, tol):
+    for (name, a), (_, b) in zip(theirs.state_dict().items(), ours.state_dict().items()):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(b, a, **tol, msg=name)
+
+
+def params_dtype_for(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def cases_with_formats():
+    return [pytest.param(c, f, id=f"{c}-{f}") for c, spec in CASES.items() for f in spec[3]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case,fmt", cases_with_formats())
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matches_torch_over_steps_in_both_modes(device, dtype, case, fmt, variant):
+    theirs, ours = twin_modules(case, variant, device, params_dtype_for(dtype))
+    tol = BN_TOL[dtype]
+    shape = CASES[case][2]
+    for step in range(3):
+        for module in (theirs, ours):
+            module.train(step < 2)
+        base = (torch.randn(shape, device=device) * 2 + 3).to(dtype)
+        x_t = layout(base, fmt).requires_grad_()
+        x_o = layout(base, fmt).requires_grad_()
+        y_t, y_o = theirs(x_t), ours(x_o)
+        torch.testing.assert_close(y_o, y_t, **tol)
+        if fmt == "channels_last":
+            cl = torch.channels_last if y_o.dim() == 4 else torch.channels_last_3d
+            assert y_o.is_contiguous(memory_format=cl)
+        grad = torch.randn_like(y_t)
+        y_t.backward(grad)
+        y_o.backward(grad)
+        torch.testing.assert_close(x_o.grad, x_t.grad, **tol)
+        for (name, p_t), (_, p_o) in zip(theirs.named_parameters(), ours.named_parameters()):
+            torch.testing.assert_close(p_o.grad, p_t.grad, **tol, msg=name)
+            p_t.grad = p_o.grad = None
+        assert_same_state(theirs, ours, tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_stay_accurate_with_a_large_mean(device):
+    x = torch.randn(64, 8, 32, 32, device=device, dtype=torch.float64) + 1e4
+    ours, theirs = modekernels.BatchNorm2d(8).to(device), torch.nn.BatchNorm2d(8).to(device)
+    ours(x.float())
+    reference = torch.nn.BatchNorm2d(8).to(device).double()
+    reference(x)
+    torch.testing.assert_close(ours.running_var, reference.running_var.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.running_mean, reference.running_mean.float(), rtol=1e-6, atol=1e-3)
+    assert theirs.running_var is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_size_batch_behaves_like_torch(device):
+    theirs, ours = twin_modules("2d", "default", device)
+    x = torch.randn(0, 6, 7, 9, device=device, requires_grad=True)
+    y_t, y_o = theirs(x), ours(x)
+    assert y_o.shape == y_t.shape
+    y_o.sum().backward()
+    assert x.grad.shape == x.shape
+    assert_same_state(theirs, ours, BN_TOL[torch.float32])
+
+
+def test_momentum_none_is_cumulative_average_without_float_on_the_counter(monkeypatch):
+    theirs, ours = twin_modules("2d", "momentum-None", "cpu")
+    calls = []
+    original = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: calls.append(t) or original(t))
+    for _ in range(4):
+        ours(torch.randn(4, 6, 7, 9))
+    assert calls == []
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    xs = [torch.randn(4, 6, 7, 9) for _ in range(4)]
+    theirs.reset_running_stats()
+    ours.reset_running_stats()
+    for x in xs:
+        theirs(x)
+        ours(x)
+    assert_same_state(theirs, ours, BN_TOL[torch.float32])
+
+
+def test_functional_matches_torch():
+    x = torch.randn(8, 4, 5, 5)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    rm2, rv2 = rm.clone(), rv.clone()
+    w, b = torch.rand(4), torch.rand(4)
+    for training in (True, False):
+        y_t = torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.2, 1e-3)
+        y_o = MF.batch_norm(x, rm2, rv2, w, b, training, 0.2, 1e-3)
+        torch.testing.assert_close(y_o, y_t)
+        torch.testing.assert_close(rm2, rm)
+        torch.testing.assert_close(rv2, rv)
+
+
+def test_module_is_a_torch_batchnorm_and_checkpoints_cross_load():
+    for name, (theirs_cls, ours_cls, shape, _) in CASES.items():
+        theirs, ours = theirs_cls(shape[1], momentum=None, bias=False), ours_cls(shape[1], momentum=None, bias=False)
+        assert isinstance(ours, theirs_cls)
+        assert repr(ours) == repr(theirs)
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+        theirs(torch.randn(shape))
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        assert_same_state(theirs, ours, BN_TOL[torch.float32])
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), modekernels.BatchNorm2d(4))
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert isinstance(synced[1], torch.nn.SyncBatchNorm)
+    torch.testing.assert_close(synced[1].running_var, model[1].running_var)
+
+
+# ------------------------------------------------------------------------------- errors
+
+def state_of(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+ERRORS = {
+    "3d-input-to-2d": (torch.nn.BatchNorm2d, (4, 6, 7), ValueError, r"expected 4D input \(got 3D input\)"),
+    "wrong-channels": (torch.nn.BatchNorm2d, (4, 5, 7, 7), RuntimeError, "should contain 5 elements not 6"),
+    "one-value-per-channel": (torch.nn.BatchNorm1d, (1, 6), ValueError, "Expected more than 1 value per channel when training"),
+    "integer-input": (torch.nn.BatchNorm2d, (4, 6, 3, 3), TypeError, "float32, float64, float16 or bfloat16"),
+}
+
+
+@pytest.mark.parametrize("error", list(ERRORS))
+def test_errors_are_clear_and_change_nothing(error):
+    torch_cls, shape, exc, match = ERRORS[error]
+    ours_cls = {torch.nn.BatchNorm1d: modekernels.BatchNorm1d, torch.nn.BatchNorm2d: modekernels.BatchNorm2d}[torch_cls]
+    ours = ours_cls(6)
+    ours(torch.randn((4, 6) + (() if torch_cls is torch.nn.BatchNorm1d else (3, 3))))
+    before = state_of(ours)
+    x = torch.ones(shape, dtype=torch.int64) if error == "integer-input" else torch.randn(shape)
+    with pytest.raises(exc, match=match):
+        ours(x)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_non_positive_eps_is_torch_error_and_changes_nothing():
+    ours = modekernels.BatchNorm2d(6, eps=0.0)
+    before = state_of(ours)
+    with pytest.raises(ValueError, match="batch_norm eps must be positive during training, but got 0"):
+        ours(torch.randn(4, 6, 3, 3))
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_mismatched_param_dtype_is_an_error():
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(TypeError, match="expected weight to be Float"):
+        mkops.batch_norm_train(x, torch.ones(3, dtype=torch.float64), None, 1e-5)
+    with pytest.raises(TypeError, match="expected running_mean to be Double"):
+        mkops.batch_norm_eval(x.double(), torch.zeros(3), torch.ones(3, dtype=torch.float64), None, None, 1e-5)
+
+
+@cuda
+def test_device_mismatch_is_an_error():
+    with pytest.raises(RuntimeError, match="weight on cuda"):
+        mkops.batch_norm_train(torch.randn(4, 3, 5, 5, device="cuda"), torch.ones(3), None, 1e-5)
+
+
+# ---------------------------------------------------------------------- torch integration
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_gradcheck_float64(training, affine):
+    C = 3
+    x = torch.randn(4, C, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(C, dtype=torch.float64, requires_grad=True) if affine else None
+    b = torch.rand(C, dtype=torch.float64, requires_grad=True) if affine else None
+    rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+
+    def f(x, w, b):
+        return MF.batch_norm(x, None if training else rm, None if training else rv, w, b, training)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck(device, channels_last):
+    x = torch.randn(4, 3, 5, 5, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.rand(3, device=device, requires_grad=True)
+    b = torch.rand(3, device=device, requires_grad=True)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    torch.library.opcheck(mkops.batch_norm_train.default, (x, w, b, 1e-5))
+    torch.library.opcheck(mkops.batch_norm_eval.default, (x, rm, rv, w, b, 1e-5))
+    torch.library.opcheck(mkops.batch_norm_backward.default,
+                          (torch.randn_like(x), x.detach(), rm, rv, w.detach(), 1e-5, True, [True, True, True]))
+    mean, var = torch.randn(3, device=device), torch.rand(3, device=device)
+    torch.library.opcheck(mkops.batch_norm_update_stats_.default,
+                          (rm, rv, mean, var, 100, None, torch.tensor(3, device=device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_conv_bn_both_modes(device):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+
+    def make(bn):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), bn(8), torch.nn.ReLU()).to(device)
+
+    ours, theirs = make(modekernels.BatchNorm2d), make(torch.nn.BatchNorm2d)
+    theirs.load_state_dict(ours.state_dict())
+    compiled = torch.compile(ours, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8, device=device)
+    for mode in ("train", "eval", "train"):
+        for m in (ours, theirs):
+            getattr(m, mode)()
+        y_c, y_t = compiled(x), theirs(x)
+        torch.testing.assert_close(y_c, y_t, atol=1e-4, rtol=1e-4)
+        y_c.sum().backward()
+        y_t.sum().backward()
+        torch.testing.assert_close(ours[0].weight.grad, theirs[0].weight.grad, atol=1e-3, rtol=1e-3)
+        ours.zero_grad()
+        theirs.zero_grad()
+        assert_same_state(theirs, ours, BN_TOL[torch.float32])
