@@ -29,7 +29,12 @@ TORCH_LIBRARY(modekernels, m) {
   // own mutating op so that the compute ops stay functional (and differentiable).
   m.def("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor output, Tensor mean, Tensor var)");
   m.def("batch_norm_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps) -> Tensor");
-  m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor? weight, float eps, bool training, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Gradients; outputs not asked for in output_mask are returned empty. For a batch spread over
+  // several processes, pass the all-reduced sum_dy, sum_dy_xmu and the global per-channel count.
+  m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor? weight, float eps, bool training, bool[3] output_mask, Tensor? sum_dy=None, Tensor? sum_dy_xmu=None, SymInt? count=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The building blocks of a distributed BatchNorm: local statistics and local gradient sums.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def("batch_norm_grad_sums(Tensor grad_output, Tensor input, Tensor mean) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
   // momentum=None: cumulative average 1 / num_batches_tracked, read on the device (no sync).
   // num_batches_tracked, when given, is incremented.
   m.def("batch_norm_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, SymInt count, float? momentum, Tensor(c!)? num_batches_tracked) -> ()");

@@ -116,6 +116,12 @@ def _channels_format(input):
     return torch._prims_common.suggest_memory_format(input)
 
 
+def _channel_stats_fake(input):
+    torch._check(input.dim() >= 2)
+    stats = input.new_empty((input.shape[1],), dtype=_opmath(input.dtype))
+    return stats, torch.empty_like(stats)
+
+
 def batch_norm_train(input, weight, bias, eps):
     """(output, mean, biased var) with the batch statistics; mean/var in the opmath dtype."""
     return _ops.batch_norm_train.default(input, weight, bias, eps)
@@ -133,10 +139,8 @@ def batch_norm_update_stats_(running_mean, running_var, mean, var, count, moment
 
 @torch.library.register_fake("modekernels::batch_norm_train")
 def _(input, weight, bias, eps):
-    torch._check(input.dim() >= 2)
-    stats = input.new_empty((input.shape[1],), dtype=_opmath(input.dtype))
-    out = torch.empty_like(input, memory_format=_channels_format(input))
-    return out, stats, torch.empty_like(stats)
+    mean, var = _channel_stats_fake(input)
+    return torch.empty_like(input, memory_format=_channels_format(input)), mean, var
 
 
 @torch.library.register_fake("modekernels::batch_norm_eval")
@@ -144,8 +148,41 @@ def _(input, running_mean, running_var, weight, bias, eps):
     return torch.empty_like(input, memory_format=_channels_format(input))
 
 
+def batch_norm_stats(input):
+    """Per-channel (mean, biased var) of this batch, in the opmath dtype."""
+    return _ops.batch_norm_stats.default(input)
+
+
+def batch_norm_grad_sums(grad_output, input, mean):
+    """Per-channel (sum(dy), sum(dy * (x - mean))), in the opmath dtype."""
+    return _ops.batch_norm_grad_sums.default(grad_output, input, mean)
+
+
+def batch_norm_backward(grad_output, input, mean, var, weight, eps, training, output_mask,
+                        sum_dy=None, sum_dy_xmu=None, count=None):
+    """(grad_input, grad_weight, grad_bias), None where output_mask is False.
+
+    With sum_dy, sum_dy_xmu and count given (all-reduced over processes), the training-mode
+    gradient is that of the whole distributed batch.
+    """
+    grads = _ops.batch_norm_backward.default(grad_output, input, mean, var, weight, eps, training,
+                                             output_mask, sum_dy, sum_dy_xmu, count)
+    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
+
+
+@torch.library.register_fake("modekernels::batch_norm_stats")
+def _(input):
+    return _channel_stats_fake(input)
+
+
+@torch.library.register_fake("modekernels::batch_norm_grad_sums")
+def _(grad_output, input, mean):
+    return _channel_stats_fake(input)
+
+
 @torch.library.register_fake("modekernels::batch_norm_backward")
-def _(grad_output, input, mean, var, weight, eps, training, output_mask):
+def _(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy=None,
+      sum_dy_xmu=None, count=None):
     param_dtype = weight.dtype if weight is not None else _opmath(input.dtype)
     C = input.shape[1]
     gi = (torch.empty_like(input, memory_format=_channels_format(input)) if output_mask[0]
@@ -164,9 +201,7 @@ def _bn_backward(ctx, grad_out, training, mean, var):
     input, weight = ctx.saved_tensors[:2]
     mask = [ctx.needs_input_grad[0], ctx.weight_index is not None and ctx.needs_input_grad[ctx.weight_index],
             ctx.bias_index is not None and ctx.needs_input_grad[ctx.bias_index]]
-    gi, gw, gb = _ops.batch_norm_backward.default(grad_out, input, mean, var, weight, ctx.eps,
-                                                  training, mask)
-    return (gi if mask[0] else None), (gw if mask[1] else None), (gb if mask[2] else None)
+    return batch_norm_backward(grad_out, input, mean, var, weight, ctx.eps, training, mask)
 
 
 def _bn_train_setup(ctx, inputs, output):

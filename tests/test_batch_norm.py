@@ -287,3 +287,35 @@ def test_torch_compile_fullgraph_conv_bn_both_modes(device):
         ours.zero_grad()
         theirs.zero_grad()
         assert_same_state(theirs, ours, BN_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_building_blocks_compose_over_a_split_batch(device, channels_last):
+    # What a distributed BatchNorm does: local statistics merged into global ones, local gradient
+    # sums added up, and each shard's input gradient from the global sums and count.
+    x = torch.randn(10, 4, 5, 5, device=device, dtype=torch.float64) * 3 + 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    w = torch.rand(4, device=device, dtype=torch.float64)
+    shards = [x[:3], x[3:]]
+    counts = [s.numel() // 4 for s in shards]
+    stats = [mkops.batch_norm_stats(s) for s in shards]
+    total = sum(counts)
+    mean = sum(n * m for n, (m, _) in zip(counts, stats)) / total
+    var = sum(n * (v + (m - mean) ** 2) for n, (m, v) in zip(counts, stats)) / total
+    full_mean, full_var = mkops.batch_norm_stats(x)
+    torch.testing.assert_close(mean, full_mean)
+    torch.testing.assert_close(var, full_var)
+    sums = [mkops.batch_norm_grad_sums(g, s, mean) for g, s in zip([dy[:3], dy[3:]], shards)]
+    sum_dy = sum(a for a, _ in sums)
+    sum_dy_xmu = sum(b for _, b in sums)
+    full = mkops.batch_norm_backward(dy, x, mean, var, w, 1e-5, True, [True, True, True])
+    parts = [mkops.batch_norm_backward(g, s, mean, var, w, 1e-5, True, [True, False, False],
+                                       sum_dy, sum_dy_xmu, total)[0]
+             for g, s in zip([dy[:3], dy[3:]], shards)]
+    torch.testing.assert_close(torch.cat(parts), full[0])
+    torch.testing.assert_close(sum_dy, full[2])
+    torch.library.opcheck(mkops.batch_norm_stats.default, (x,))
+    torch.library.opcheck(mkops.batch_norm_grad_sums.default, (dy, x, mean))

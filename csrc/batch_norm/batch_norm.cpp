@@ -49,6 +49,14 @@ void check_params(const at::Tensor& input, const OptTensor& weight, const OptTen
   }
 }
 
+void check_grad(const at::Tensor& grad_output, const at::Tensor& input) {
+  check_input(input, "input");
+  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type() &&
+                  grad_output.device() == input.device(),
+              "modekernels batch_norm: expected grad_output like input (", input.sizes(), ", ",
+              input.scalar_type(), "), but got ", grad_output.sizes(), ", ", grad_output.scalar_type());
+}
+
 int64_t per_channel_count(const at::Tensor& input) {
   return input.size(1) == 0 ? 0 : input.numel() / input.size(1);
 }
@@ -83,6 +91,39 @@ at::Tensor channel_empty(const at::Tensor& input, at::ScalarType dtype, int64_t 
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& input, const Backend& be) {
+  check_input(input, "input");
+  const at::Tensor x = dense(input, kernel_format(input));
+  const auto acc = opmath(input.scalar_type());
+  at::Tensor mean = channel_empty(input, acc);
+  at::Tensor var = channel_empty(input, acc);
+  if (x.numel() == 0) {
+    mean.zero_();
+    var.zero_();
+  } else {
+    be.moments(x, layout_of(x), mean, var);
+  }
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, const at::Tensor& input,
+                                             const at::Tensor& mean, const Backend& be) {
+  check_grad(grad_output, input);
+  check_channel(mean, "mean", input);
+  const auto fmt = kernel_format(input);
+  const at::Tensor x = dense(input, fmt);
+  const auto acc = opmath(input.scalar_type());
+  at::Tensor sum_dy = channel_empty(input, acc);
+  at::Tensor sum_dy_xmu = channel_empty(input, acc);
+  if (x.numel() == 0) {
+    sum_dy.zero_();
+    sum_dy_xmu.zero_();
+  } else {
+    be.grad_sums(dense(grad_output, fmt), x, layout_of(x), mean.to(acc), sum_dy, sum_dy_xmu);
+  }
+  return {sum_dy, sum_dy_xmu};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, const OptTensor& weight,
                                                      const OptTensor& bias, double eps,
                                                      const Backend& be) {
@@ -94,20 +135,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, co
   TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
   const auto fmt = kernel_format(input);
   const at::Tensor x = dense(input, fmt);
-  const Layout layout = layout_of(x);
-  const auto acc = opmath(input.scalar_type());
-  at::Tensor mean = channel_empty(input, acc);
-  at::Tensor var = channel_empty(input, acc);
+  auto [mean, var] = stats(x, be);
   at::Tensor out = at::empty_like(x, fmt);
-  if (x.numel() == 0) {
-    mean.zero_();
-    var.zero_();
-    return {out, mean, var};
-  }
-  be.moments(x, layout, mean, var);
-  at::Tensor coeffs = channel_empty(input, acc, 4);
+  if (x.numel() == 0) return {out, mean, var};
+  at::Tensor coeffs = channel_empty(input, mean.scalar_type(), 4);
   be.forward_coeffs(mean, var, opt(weight), opt(bias), eps, coeffs);
-  be.affine(at::Tensor(), x, layout, coeffs, out);
+  be.affine(at::Tensor(), x, layout_of(x), coeffs, out);
   return {out, mean, var};
 }
 
@@ -133,12 +166,9 @@ at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const OptTensor& weight, double eps, bool training,
-    std::array<bool, 3> output_mask, const Backend& be) {
-  check_input(input, "input");
-  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type() &&
-                  grad_output.device() == input.device(),
-              "modekernels batch_norm: expected grad_output like input (", input.sizes(), ", ",
-              input.scalar_type(), "), but got ", grad_output.sizes(), ", ", grad_output.scalar_type());
+    std::array<bool, 3> output_mask, const OptTensor& sum_dy_given,
+    const OptTensor& sum_dy_xmu_given, std::optional<int64_t> count_given, const Backend& be) {
+  check_grad(grad_output, input);
   check_channel(mean, "mean", input);
   check_channel(var, "var", input);
   check_params(input, weight, std::nullopt);
@@ -159,18 +189,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor grad_input = want_dx ? at::empty_like(x, fmt) : at::empty({0}, input.options());
   at::Tensor grad_weight = want_dw ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
   at::Tensor grad_bias = want_db ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
-  at::Tensor sum_dy = channel_empty(input, acc);
-  at::Tensor sum_dy_xmu = channel_empty(input, acc);
-  const bool need_sums = (training && want_dx) || want_dw || want_db;
-  if (need_sums && x.numel() > 0) {
-    be.grad_sums(dy, x, layout, mean_acc, sum_dy, sum_dy_xmu);
+  // Sums over the whole (possibly distributed) batch may be given; otherwise they are this batch's.
+  const bool given = sum_dy_given && sum_dy_given->defined();
+  TORCH_CHECK(given == (sum_dy_xmu_given && sum_dy_xmu_given->defined()) && given == count_given.has_value(),
+              "modekernels batch_norm: sum_dy, sum_dy_xmu and count go together");
+  at::Tensor sum_dy;
+  at::Tensor sum_dy_xmu;
+  if (given) {
+    check_channel(*sum_dy_given, "sum_dy", input);
+    check_channel(*sum_dy_xmu_given, "sum_dy_xmu", input);
+    sum_dy = sum_dy_given->to(acc);
+    sum_dy_xmu = sum_dy_xmu_given->to(acc);
   } else {
-    sum_dy.zero_();
-    sum_dy_xmu.zero_();
+    sum_dy = channel_empty(input, acc);
+    sum_dy_xmu = channel_empty(input, acc);
+    const bool need_sums = (training && want_dx) || want_dw || want_db;
+    if (need_sums && x.numel() > 0) {
+      be.grad_sums(dy, x, layout, mean_acc, sum_dy, sum_dy_xmu);
+    } else {
+      sum_dy.zero_();
+      sum_dy_xmu.zero_();
+    }
   }
   at::Tensor coeffs = channel_empty(input, acc, 4);
   be.backward_coeffs(training, mean_acc, var_acc, w, eps, sum_dy, sum_dy_xmu,
-                     per_channel_count(input), coeffs, want_dw ? grad_weight : at::Tensor(),
+                     given ? *count_given : per_channel_count(input), coeffs, want_dw ? grad_weight : at::Tensor(),
                      want_db ? grad_bias : at::Tensor());
   if (want_dx && x.numel() > 0) {
     be.affine(dy, training ? x : at::Tensor(), layout, coeffs, grad_input);

@@ -54,10 +54,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, co
 at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
                 const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
                 double eps, const Backend& be);
+std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& input, const Backend& be);
+std::tuple<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, const at::Tensor& input,
+                                             const at::Tensor& mean, const Backend& be);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const OptTensor& weight, double eps, bool training,
-    std::array<bool, 3> output_mask, const Backend& be);
+    std::array<bool, 3> output_mask, const OptTensor& sum_dy, const OptTensor& sum_dy_xmu,
+    std::optional<int64_t> count, const Backend& be);
 void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                   const at::Tensor& var, int64_t count, std::optional<double> momentum,
                   const OptTensor& num_batches_tracked, const Backend& be);
@@ -74,11 +78,21 @@ struct Ops {
                                     const OptTensor& bias, double eps) {
     return eval(input, running_mean, running_var, weight, bias, eps, be);
   }
+  static std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
+    return stats(input, be);
+  }
+  static std::tuple<at::Tensor, at::Tensor> batch_norm_grad_sums(const at::Tensor& grad_output,
+                                                                 const at::Tensor& input,
+                                                                 const at::Tensor& mean) {
+    return grad_sums(grad_output, input, mean, be);
+  }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
       const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
       const at::Tensor& var, const OptTensor& weight, double eps, bool training,
-      std::array<bool, 3> output_mask) {
-    return backward(grad_output, input, mean, var, weight, eps, training, output_mask, be);
+      std::array<bool, 3> output_mask, const OptTensor& sum_dy, const OptTensor& sum_dy_xmu,
+      std::optional<int64_t> count) {
+    return backward(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy,
+                    sum_dy_xmu, count, be);
   }
   static void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
                                        const at::Tensor& mean, const at::Tensor& var,

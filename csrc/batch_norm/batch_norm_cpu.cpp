@@ -390,6 +390,8 @@ TORCH_LIBRARY_IMPL(modekernels, CPU, m) {
   m.impl("batch_norm_train", &CpuOps::batch_norm_train);
   m.impl("batch_norm_eval", &CpuOps::batch_norm_eval);
   m.impl("batch_norm_backward", &CpuOps::batch_norm_backward);
+  m.impl("batch_norm_stats", &CpuOps::batch_norm_stats);
+  m.impl("batch_norm_grad_sums", &CpuOps::batch_norm_grad_sums);
   m.impl("batch_norm_update_stats_", &CpuOps::batch_norm_update_stats_);
 }
 

@@ -373,6 +373,8 @@ TORCH_LIBRARY_IMPL(modekernels, CUDA, m) {
   m.impl("batch_norm_train", &CudaOps::batch_norm_train);
   m.impl("batch_norm_eval", &CudaOps::batch_norm_eval);
   m.impl("batch_norm_backward", &CudaOps::batch_norm_backward);
+  m.impl("batch_norm_stats", &CudaOps::batch_norm_stats);
+  m.impl("batch_norm_grad_sums", &CudaOps::batch_norm_grad_sums);
   m.impl("batch_norm_update_stats_", &CudaOps::batch_norm_update_stats_);
 }
 
