@@ -2,14 +2,16 @@
 //
 // moments: the work is cut into tasks that at::parallel_for shares out. Channels-first memory
 //   (N, C, S): a task is one channel over a range of the batch, so few channels still fill every
-//   thread; each (n, c) row of S elements is summed, then centred and squared while still in
-//   cache, and merged into the task's moments with Chan's formula. Channels-last memory (N*S, C):
-//   a task is a range of rows; blocks of rows (~16 KiB) get per-channel sums, then centred
-//   squares from cache, merged per channel. Task results are merged per channel at the end.
-//   One pass over memory.
+//   thread; each (n, c) row of S elements gets its mean and M2 in one sweep (shifted sums, below)
+//   and is merged into the task's moments with Chan's formula. Channels-last memory (N*S, C):
+//   a task is a range of rows; blocks of rows (~128 KiB) get per-channel sums of (x - K) and
+//   (x - K)^2 in one sweep, K being the task's first row, so the squares never lose precision to
+//   a large mean; each block is merged per channel. Task results are merged per channel at the
+//   end. One pass over memory.
 // grad_sums: the same task split, accumulating sum(dy) and sum(dy (x - mean)). One pass.
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows.
-// Row-level sums use 8 independent accumulators, which the compiler vectorizes, in the opmath
+// Row-level sums use 32 independent accumulators (vectorized, and enough to hide the add
+// latency), in the opmath
 // type; task and final merges are in double.
 #include "batch_norm/batch_norm.h"
 #include "batch_norm/batch_norm_math.h"
@@ -26,8 +28,8 @@
 namespace modekernels::batch_norm {
 namespace {
 
-constexpr int64_t kLanes = 8;
-constexpr int64_t kBlockElems = 4096;
+constexpr int64_t kLanes = 32;
+constexpr int64_t kBlockElems = 1 << 15;
 
 int64_t tasks_per_channel(const Layout& l) {
   const int64_t threads = at::get_num_threads();
@@ -38,36 +40,35 @@ int64_t row_chunks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
 }
 
+// Mean and M2 of one row in one sweep, from sums of (x - K) and (x - K)^2 with K the row's first
+// element: close enough to the mean that the squares keep their precision.
 template <typename scalar_t, typename opmath_t>
-opmath_t row_sum(const scalar_t* x, int64_t len) {
-  opmath_t acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) acc[k] += static_cast<opmath_t>(x[i + k]);
-  }
-  opmath_t s = 0;
-  for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
-  for (; i < len; ++i) s += static_cast<opmath_t>(x[i]);
-  return s;
-}
-
-template <typename scalar_t, typename opmath_t>
-opmath_t row_centred_squares(const scalar_t* x, int64_t len, opmath_t mean) {
-  opmath_t acc[kLanes] = {};
+void row_moments(const scalar_t* x, int64_t len, opmath_t& mean, opmath_t& m2) {
+  const opmath_t shift = static_cast<opmath_t>(x[0]);
+  opmath_t s1[kLanes] = {};
+  opmath_t s2[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     for (int64_t k = 0; k < kLanes; ++k) {
-      const opmath_t d = static_cast<opmath_t>(x[i + k]) - mean;
-      acc[k] += d * d;
+      const opmath_t d = static_cast<opmath_t>(x[i + k]) - shift;
+      s1[k] += d;
+      s2[k] += d * d;
     }
   }
-  opmath_t s = 0;
-  for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
-  for (; i < len; ++i) {
-    const opmath_t d = static_cast<opmath_t>(x[i]) - mean;
-    s += d * d;
+  opmath_t a = 0;
+  opmath_t b = 0;
+  for (int64_t k = 0; k < kLanes; ++k) {
+    a += s1[k];
+    b += s2[k];
   }
-  return s;
+  for (; i < len; ++i) {
+    const opmath_t d = static_cast<opmath_t>(x[i]) - shift;
+    a += d;
+    b += d * d;
+  }
+  const opmath_t mean_d = a / static_cast<opmath_t>(len);
+  mean = shift + mean_d;
+  m2 = std::max(opmath_t(0), b - mean_d * a);
 }
 
 // sum(dy) and sum(dy (x - mean)) of one row.
@@ -115,9 +116,9 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
         const int64_t k = t % per;
         Moments<double> m;
         for (int64_t n = l.N * k / per; n < l.N * (k + 1) / per; ++n) {
-          const scalar_t* row = x + (n * C + c) * l.S;
-          const opmath_t mu = row_sum<scalar_t, opmath_t>(row, l.S) / static_cast<opmath_t>(l.S);
-          m.merge(static_cast<double>(l.S), mu, row_centred_squares<scalar_t, opmath_t>(row, l.S, mu));
+          opmath_t mu, m2;
+          row_moments<scalar_t, opmath_t>(x + (n * C + c) * l.S, l.S, mu, m2);
+          m.merge(static_cast<double>(l.S), mu, m2);
         }
         part[t] = m;
       }
@@ -129,25 +130,30 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
     const int64_t block_rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(C, 1));
     std::vector<Moments<double>> part(chunks * C);
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-      std::vector<opmath_t> sum(C), sq(C);
+      std::vector<opmath_t> shift(C), sum(C), sq(C);
       for (int64_t k = k0; k < k1; ++k) {
         Moments<double>* acc = part.data() + k * C;
+        const int64_t begin = rows * k / chunks;
         const int64_t end = rows * (k + 1) / chunks;
-        for (int64_t r0 = rows * k / chunks; r0 < end; r0 += block_rows) {
+        if (begin == end) continue;
+        for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(x[begin * C + c]);
+        for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
           const int64_t nr = std::min(block_rows, end - r0);
           std::fill(sum.begin(), sum.end(), opmath_t(0));
           std::fill(sq.begin(), sq.end(), opmath_t(0));
           for (int64_t r = r0; r < r0 + nr; ++r) {
             const scalar_t* row = x + r * C;
-            for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<opmath_t>(row[c]);
-          }
-          for (int64_t c = 0; c < C; ++c) sum[c] /= static_cast<opmath_t>(nr);
-          for (int64_t r = r0; r < r0 + nr; ++r) {
-            const scalar_t* row = x + r * C;
             for (int64_t c = 0; c < C; ++c) {
-              const opmath_t d = static_cast<opmath_t>(row[c]) - sum[c];
+              const opmath_t d = static_cast<opmath_t>(row[c]) - shift[c];
+              sum[c] += d;
               sq[c] += d * d;
             }
+          }
+          const opmath_t n = static_cast<opmath_t>(nr);
+          for (int64_t c = 0; c < C; ++c) {
+            const opmath_t mean_d = sum[c] / n;
+            sum[c] = shift[c] + mean_d;
+            sq[c] = std::max(opmath_t(0), sq[c] - mean_d * mean_d * n);
           }
           for (int64_t c = 0; c < C; ++c) acc[c].merge(static_cast<double>(nr), sum[c], sq[c]);
         }
