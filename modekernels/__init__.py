@@ -1,6 +1,10 @@
 """modekernels: drop-in Dropout and BatchNorm layers on hand-written CPU and CUDA kernels."""
 from . import _ops, functional, reference
 from ._load import built_with
-from .nn import Dropout
+from .models import (ModeError, ModeReport, check_modes, convert, evaluating, freeze_batchnorm,
+                     modes, revert, training, unfreeze_batchnorm)
+from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, Dropout
 
-__all__ = ["Dropout", "built_with", "functional", "reference"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Dropout", "ModeError", "ModeReport",
+           "built_with", "check_modes", "convert", "evaluating", "freeze_batchnorm", "functional",
+           "modes", "reference", "revert", "training", "unfreeze_batchnorm"]

@@ -1,0 +1,290 @@
+"""Tools for whole models: convert to modekernels' layers and back, and inspect or control modes.
+
+`convert` and `revert` swap the class of each layer in place. modekernels' layers subclass
+torch's and override `forward` only, so a layer's state (parameters, buffers, hooks, `training`)
+is the same under either class and nothing has to be copied.
+
+The mode tools work on any model. `modes` reports every module's `training` flag,
+`check_modes` asserts one, and `training` / `evaluating` switch a whole model for a block and
+then give each module its previous flag back. `freeze_batchnorm` keeps BatchNorm layers on their
+running statistics while the rest of the model trains.
+"""
+import contextlib
+import copy
+import dataclasses
+import functools
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import nn as _nn
+
+# torch's layer -> modekernels' drop-in subclass.
+_DROPOUT = {torch.nn.Dropout: _nn.Dropout}
+_BATCHNORM = {
+    torch.nn.BatchNorm1d: _nn.BatchNorm1d,
+    torch.nn.BatchNorm2d: _nn.BatchNorm2d,
+    torch.nn.BatchNorm3d: _nn.BatchNorm3d,
+}
+_OURS = _DROPOUT | _BATCHNORM
+_TORCH_OF = {ours: theirs for theirs, ours in _OURS.items()}
+_OUR_CLASSES = tuple(_TORCH_OF)
+_ROOT = "(root)"
+
+
+# ------------------------------------------------------------------------------- conversion
+
+def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=False):
+    """Replaces torch's Dropout and BatchNorm1d/2d/3d in `model` with modekernels' layers.
+
+    Each matching module (the root included, every shared module once) gets modekernels' class
+    in place of its own. The objects are kept rather than rebuilt: modekernels' classes only
+    override `forward`, so the state a layer holds is valid under either class, and nothing is
+    copied or re-registered. Everything on them stays as it was: the same Parameter objects (an
+    optimizer made before keeps working), buffers (running statistics, num_batches_tracked),
+    requires_grad, device, dtype, hooks and each module's `training` flag; a layer held in two
+    places stays one shared layer, and references held outside the model stay valid. The
+    state_dict keys and values do not change, so state_dicts move freely between a converted
+    model and the original architecture.
+
+    Only the exact torch classes are converted, unless `subclasses` is true. A user subclass
+    then gets a class deriving from both itself and modekernels' layer: its own methods still
+    win, and where it calls `super().forward` it reaches modekernels' kernels. Layers that are
+    modekernels' already are left alone.
+
+    In training mode, Dropout draws its masks from modekernels' random stream, not torch's, so
+    the masks (not their distribution) differ from the original model's.
+
+    Returns the converted model: `model` itself, or a converted deep copy if `inplace` is false.
+    """
+    torch_classes = tuple((_DROPOUT if dropout else {}) | (_BATCHNORM if batchnorm else {}))
+
+    def ours(cls):
+        if issubclass(cls, _OUR_CLASSES):
+            return None
+        if cls in torch_classes:
+            return _OURS[cls]
+        if subclasses and issubclass(cls, torch_classes):
+            return _converted_subclass(cls)
+        return None
+
+    return _swap_classes(model, ours, inplace)
+
+
+def revert(model, *, inplace=True):
+    """The inverse of `convert`: modekernels' layers become torch's (or the user's subclass).
+
+    The result holds no reference to modekernels, so it can be pickled whole and loaded where
+    modekernels is not installed (as long as no BatchNorm is frozen, see `freeze_batchnorm`).
+    """
+    def theirs(cls):
+        return _TORCH_OF.get(cls) or vars(cls).get("_mk_source")
+
+    return _swap_classes(model, theirs, inplace)
+
+
+def _swap_classes(model, new_class, inplace):
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in model.modules():
+        cls = new_class(type(module))
+        if cls is not None:
+            module.__class__ = cls
+    return model
+
+
+@functools.cache
+def _converted_subclass(source):
+    """The class `convert(subclasses=True)` gives to instances of the user's class `source`."""
+    ours = next(_OURS[cls] for cls in source.__mro__ if cls in _OURS)
+    namespace = {"__module__": source.__module__, "_mk_source": source,
+                 "__reduce_ex__": _reduce_converted_subclass}
+    return type(source.__name__, (source, ours), namespace)
+
+
+def _reduce_converted_subclass(self, protocol):
+    # A class made at run time cannot be pickled by name: pickle the user's class instead, and
+    # rebuild the converted class from it when loading.
+    _, _, *state = object.__reduce_ex__(self, protocol)
+    return (_new_converted_subclass, (self._mk_source,), *state)
+
+
+def _new_converted_subclass(source):
+    return object.__new__(_converted_subclass(source))
+
+
+# ------------------------------------------------------------------------------------ modes
+
+@dataclasses.dataclass
+class ModeReport:
+    """The `training` flag of every module of a model; str() gives a readable report.
+
+    Names are those of `model.named_modules()` ("" for the root; a shared module appears once).
+    `mixed` lists the modules whose flag differs from their parent's (the tops of the subtrees
+    in another mode), frozen BatchNorm layers excepted: those are listed in `frozen`.
+    """
+
+    training: dict  # name -> bool
+    classes: dict  # name -> class name
+    frozen: list
+    mixed: list
+
+    def __str__(self):
+        root = "train" if self.training[""] else "eval"
+        head = f"{self.classes['']}: {root} mode"
+        if self.mixed:
+            head += "; MIXED, in another mode than their parent: " + ", ".join(self.mixed)
+        else:
+            head += "; all modules alike"
+        if self.frozen:
+            head += f"; {len(self.frozen)} BatchNorm layer(s) frozen"
+        width = max(len(_display(name)) for name in self.training)
+        cls_width = max(len(cls) for cls in self.classes.values())
+        lines = [head]
+        for name, flag in self.training.items():
+            line = f"  {_display(name):<{width}}  {self.classes[name]:<{cls_width}}  "
+            line += "train" if flag else "eval "
+            if name in self.frozen:
+                line += "  frozen BatchNorm: uses and keeps its running statistics"
+            elif name in self.mixed:
+                line += f"  <- differs from its parent ({'eval' if flag else 'train'})"
+            lines.append(line.rstrip())
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return (f"<ModeReport of {self.classes['']}: {len(self.training)} modules, "
+                f"{len(self.mixed)} mixed, {len(self.frozen)} frozen>")
+
+
+def modes(model):
+    """A ModeReport of every module's `training` flag in `model`."""
+    named = dict(model.named_modules())
+    training = {name: module.training for name, module in named.items()}
+    frozen = [name for name, module in named.items() if _is_frozen(module)]
+    mixed = [name for name, flag in training.items()
+             if name and name not in frozen and flag != training[_parent(name)]]
+    classes = {name: type(module).__name__ for name, module in named.items()}
+    return ModeReport(training, classes, frozen, mixed)
+
+
+class ModeError(ValueError):
+    """A model is not in the mode it was expected to be in. `modules` names the offenders."""
+
+    def __init__(self, message, modules):
+        super().__init__(message)
+        self.modules = modules
+
+
+def check_modes(model, expect):
+    """Raises ModeError naming every module of `model` not in the `expect`ed mode.
+
+    `expect` is "eval" or "train". Frozen BatchNorm layers count as being in training mode:
+    they are meant to stay in eval while the model trains.
+    """
+    if expect not in ("eval", "train"):
+        raise ValueError(f'expect must be "eval" or "train", got {expect!r}')
+    report = modes(model)
+    wanted = expect == "train"
+    offenders = [name for name, flag in report.training.items()
+                 if flag != wanted and not (wanted and name in report.frozen)]
+    if offenders:
+        raise ModeError(f"expected {report.classes['']} in {expect} mode, but "
+                        f"{len(offenders)} module(s) are not: {_subtrees(offenders)}", offenders)
+
+
+def _subtrees(names, limit=10):
+    """The tops of the subtrees that `names` (from named_modules) make up, for a message."""
+    inside = set(names)
+    tops = [name for name in names if not name or _parent(name) not in inside]
+    shown = []
+    for top in tops[:limit]:
+        prefix = top + "." if top else ""
+        below = sum(1 for name in names if name != top and name.startswith(prefix))
+        shown.append(_display(top) + (f" (and {below} inside)" if below else ""))
+    more = f" and {len(tops) - limit} more" if len(tops) > limit else ""
+    return ", ".join(shown) + more
+
+
+def training(model):
+    """A context manager: `model` in training mode (model.train()) for the block, then every
+    module's previous flag back, also on an exception. Frozen BatchNorm layers stay in eval."""
+    return _switched(model, True)
+
+
+def evaluating(model):
+    """A context manager: `model` in eval mode (model.eval()) for the block, then every module's
+    previous flag back, also on an exception, so a partly frozen model comes back as it was.
+
+    Gradients stay on: combine with torch.no_grad() or torch.inference_mode()."""
+    return _switched(model, False)
+
+
+@contextlib.contextmanager
+def _switched(model, mode):
+    before = {module: module.training for module in model.modules()}
+    try:
+        model.train(mode)
+        yield model
+    finally:
+        for module, flag in before.items():
+            module.training = flag
+
+
+def _display(name):
+    return name or _ROOT
+
+
+def _parent(name):
+    return name.rpartition(".")[0]
+
+
+# ------------------------------------------------------------------------ frozen BatchNorm
+
+class _FrozenTrain:
+    """Stands in for `train` on one BatchNorm instance: the layer stays in eval mode.
+
+    model.train() calls each child's `train`, which finds this instance attribute before the
+    class's method. Freezing is thus a plain `training = False` that torch (and torch.compile)
+    already understands: running statistics are used and never updated.
+    """
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, mode=True):
+        self.module.training = False
+        return self.module
+
+
+def _is_frozen(module):
+    return isinstance(vars(module).get("train"), _FrozenTrain)
+
+
+def freeze_batchnorm(model):
+    """Freezes every BatchNorm layer (any _BatchNorm, torch's or modekernels') in `model`.
+
+    A frozen layer normalizes with its running statistics and leaves them, and
+    num_batches_tracked, unchanged, while the rest of the model trains; later model.train()
+    calls keep it so. Its affine parameters still receive gradients: set their requires_grad
+    to freeze them too. Undo with `unfreeze_batchnorm`. Returns `model`.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    stateless = [_display(name) for name, m in layers if not m.track_running_stats]
+    if stateless:
+        raise ValueError("cannot freeze BatchNorm layers without running statistics "
+                         f"(track_running_stats=False): {', '.join(stateless)}")
+    for _, layer in layers:
+        layer.train = _FrozenTrain(layer)
+        layer.training = False
+    return model
+
+
+def unfreeze_batchnorm(model):
+    """Undoes `freeze_batchnorm`: frozen layers take their parent's mode again. Returns `model`."""
+    parents = [(model, model)] + [(parent, child) for parent in model.modules()
+                                  for child in parent.children()]
+    for parent, child in parents:
+        if _is_frozen(child):
+            del child.train
+            child.training = parent.training
+    return model

@@ -1,0 +1,469 @@
+import contextlib
+import copy
+import importlib.util
+import io
+import pathlib
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import modekernels
+
+from helpers import DEVICES, TOL
+
+OUR_LAYERS = (modekernels.Dropout, modekernels.BatchNorm1d, modekernels.BatchNorm2d,
+        modekernels.BatchNorm3d)
+TORCH_LAYERS = (nn.Dropout, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def classes(model):
+    return {name: type(m) for name, m in model.named_modules()}
+
+
+def converted_names(model):
+    return sorted(name for name, m in model.named_modules() if type(m) in OUR_LAYERS)
+
+
+def targets(model):
+    return sorted(name for name, m in model.named_modules() if isinstance(m, TORCH_LAYERS))
+
+
+def randomize_running_stats(model, generator):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.1, generator=generator)
+            m.running_var.uniform_(0.5, 2.0, generator=generator)
+            m.num_batches_tracked.fill_(7)
+
+
+# ------------------------------------------------------------------------------ torchvision
+
+@pytest.fixture(scope="module", params=["resnet18", "resnet50"])
+def resnet(request):
+    """A torchvision ResNet with random weights and non-trivial running statistics."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, request.param)(weights=None)
+    randomize_running_stats(model, torch.Generator().manual_seed(1))
+    return model
+
+
+def test_resnet_converts_every_batchnorm_and_leaves_the_original(resnet):
+    converted = modekernels.convert(resnet, inplace=False)
+    assert converted is not resnet
+    assert converted_names(converted) == targets(resnet) != []
+    assert converted_names(resnet) == []
+    assert all(type(m) is not t for m in converted.modules() for t in TORCH_LAYERS)
+
+
+def one_step(model, x, mode):
+    """What one forward (and, in training, backward) pass gives, each flattened in float64."""
+    model.train(mode == "train")
+    output = model(x.to(model.conv1.weight.dtype))
+    result = {"output": output}
+    if mode == "train":
+        output.square().mean().backward()
+        result["running statistics"] = torch.cat(
+            [b.flatten() for name, b in model.named_buffers() if "running" in name])
+        result["num_batches_tracked"] = torch.stack(
+            [b for name, b in model.named_buffers() if "num_batches" in name])
+        result["gradients"] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return {kind: value.detach().double() for kind, value in result.items()}
+
+
+def relative_error(value, exact):
+    return ((value - exact).norm() / exact.norm()).item()
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_resnet_converted_gives_the_same_step_as_torch(resnet, device, mode):
+    # Compared in float64: in float32, rounding differences grow through a deep network in
+    # training mode (torch's own float32 gradients of a random ResNet-50 are a few percent off its
+    # float64 ones), so two correct float32 runs need not agree to float32 tolerance.
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)).to(device)
+    theirs = one_step(copy.deepcopy(resnet).to(device, torch.float64), x, mode)
+    ours = one_step(modekernels.convert(copy.deepcopy(resnet).to(device, torch.float64)), x, mode)
+    assert set(ours) == ({"output"} if mode == "eval" else
+                         {"output", "running statistics", "num_batches_tracked", "gradients"})
+    for kind, reference in theirs.items():
+        assert relative_error(ours[kind], reference) <= 1e-9, kind
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resnet_converted_eval_output_float32(resnet, device):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)).to(device)
+    theirs = one_step(copy.deepcopy(resnet).to(device), x, "eval")["output"]
+    ours = one_step(modekernels.convert(copy.deepcopy(resnet).to(device)), x, "eval")["output"]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["converted_into_torch", "torch_into_converted"])
+def test_state_dict_round_trip_strict(direction):
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(weights=None)
+    randomize_running_stats(source, torch.Generator().manual_seed(4))
+    target = torchvision.models.resnet18(weights=None)  # other random weights
+    if direction == "converted_into_torch":
+        modekernels.convert(source)
+    else:
+        modekernels.convert(target)
+    target.load_state_dict(source.state_dict(), strict=True)
+    loaded, saved = target.state_dict(), source.state_dict()
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[key], saved[key]) for key in saved)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target.eval()(x), source.eval()(x), **TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------------- containers
+
+class Pair(nn.Module):
+    """Holds the same BatchNorm twice, once directly and once inside a Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.block = nn.Sequential(nn.Linear(4, 4), self.bn, nn.Dropout(0.2))
+
+    def forward(self, x):
+        return self.block(self.bn(x))
+
+
+class Listed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.BatchNorm2d(3), nn.Dropout(0.1), nn.ReLU()])
+
+
+CONTAINERS = {
+    "Sequential": lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.3)),
+    "ModuleList": lambda: nn.ModuleList([nn.BatchNorm2d(3), nn.Dropout(0.1),
+                                         nn.Sequential(nn.BatchNorm3d(2))]),
+    "ModuleList_in_module": Listed,
+    "ModuleDict": lambda: nn.ModuleDict({"bn": nn.BatchNorm3d(2), "drop": nn.Dropout(),
+                                         "inner": nn.ModuleDict({"bn1d": nn.BatchNorm1d(5)})}),
+    "shared_layer": Pair,
+    "root_is_a_layer": lambda: nn.BatchNorm2d(3),
+}
+
+
+@pytest.mark.parametrize("make", CONTAINERS.values(), ids=CONTAINERS.keys())
+def test_convert_and_revert_containers(make):
+    model = make()
+    before = classes(model)
+    assert modekernels.convert(model) is model
+    assert converted_names(model) == targets(model) != []
+    assert modekernels.revert(model) is model
+    assert classes(model) == before
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "copy"])
+def test_shared_layer_stays_shared(inplace):
+    original = Pair()
+    model = modekernels.convert(original, inplace=inplace)
+    assert model.bn is model.block[1]
+    assert type(model.bn) is modekernels.BatchNorm1d
+    assert (model is original) == inplace
+    assert type(original.bn) is (modekernels.BatchNorm1d if inplace else nn.BatchNorm1d)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_convert_preserves_state_hooks_and_flags(device):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5),
+                          nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4 * 9)))
+    model.to(device, torch.float64)
+    model[1].weight.requires_grad_(False)
+    model[3].eval()
+    model[2].eval()
+    params = {name: p for name, p in model.named_parameters()}
+    buffers = {name: b for name, b in model.named_buffers()}
+    flags = modekernels.modes(model).training
+    calls = []
+    model[1].register_forward_hook(lambda *_: calls.append("bn"))
+
+    modekernels.convert(model)
+    assert converted_names(model) == ["1", "2", "3.1"]
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same objects
+    assert all(b is buffers[n] for n, b in model.named_buffers())
+    assert not model[1].weight.requires_grad and model[1].bias.requires_grad
+    assert modekernels.modes(model).training == flags
+    output = model(torch.randn(2, 3, 3, 3, dtype=torch.float64, device=device))
+    assert output.dtype == torch.float64 and output.device.type == device
+    assert calls == ["bn"]
+
+
+def test_optimizer_made_before_conversion_still_trains():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    modekernels.convert(model)
+    weight = model[1].weight.detach().clone()
+    model(torch.randn(8, 3)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model[1].weight, weight)
+
+
+@pytest.mark.parametrize("dropout,batchnorm,expected", [
+    (True, False, ["2"]), (False, True, ["1"]), (False, False, [])],
+    ids=["dropout_only", "batchnorm_only", "nothing"])
+def test_convert_selects_layer_kinds(dropout, batchnorm, expected):
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout())
+    modekernels.convert(model, dropout=dropout, batchnorm=batchnorm)
+    assert converted_names(model) == expected
+
+
+class PlusOneBatchNorm(nn.BatchNorm2d):
+    def forward(self, input):
+        return super().forward(input) + 1
+
+
+def test_subclasses_only_on_request():
+    model = nn.Sequential(PlusOneBatchNorm(3), nn.BatchNorm2d(3))
+    modekernels.convert(model)
+    assert type(model[0]) is PlusOneBatchNorm and type(model[1]) is modekernels.BatchNorm2d
+
+    modekernels.convert(model, subclasses=True)
+    layer = model[0]
+    assert isinstance(layer, PlusOneBatchNorm) and isinstance(layer, modekernels.BatchNorm2d)
+    assert type(layer).__name__ == "PlusOneBatchNorm"
+    x = torch.randn(2, 3, 4, 4)
+    expected = nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True) + 1
+    torch.testing.assert_close(layer(x), expected, **TOL[torch.float32])
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert type(loaded[0]) is type(layer)
+
+    modekernels.revert(model)
+    assert type(model[0]) is PlusOneBatchNorm and type(model[1]) is nn.BatchNorm2d
+
+
+def test_convert_twice_changes_nothing():
+    model = modekernels.convert(Pair(), subclasses=True)
+    before = classes(model)
+    modekernels.convert(model, subclasses=True)
+    assert classes(model) == before
+
+
+def test_reverted_model_pickles_without_modekernels():
+    model = modekernels.convert(torchvision.models.resnet18(weights=None))
+    pickled = io.BytesIO()
+    torch.save(model, pickled)
+    assert b"modekernels" in pickled.getvalue()
+
+    modekernels.revert(model)
+    pickled = io.BytesIO()
+    torch.save(model, pickled)
+    assert b"modekernels" not in pickled.getvalue()
+    assert converted_names(model) == []
+
+
+# ------------------------------------------------------------------------------------ modes
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 36, 8), nn.BatchNorm1d(8),
+                                  nn.Dropout(0.5), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def partly_frozen():
+    """A Net in train mode whose backbone is in eval and whose head's BatchNorm is frozen."""
+    model = Net()
+    modekernels.freeze_batchnorm(model.head)
+    model.backbone.eval()
+    return model
+
+
+def test_modes_report_data():
+    report = modekernels.modes(partly_frozen())
+    assert report.training == {
+        "": True, "backbone": False, "backbone.0": False, "backbone.1": False,
+        "backbone.2": False, "head": True, "head.0": True, "head.1": True, "head.2": False,
+        "head.3": True, "head.4": True}
+    assert report.mixed == ["backbone"]
+    assert report.frozen == ["head.2"]
+    assert report.classes["head.2"] == "BatchNorm1d"
+
+
+def test_modes_report_text():
+    text = str(modekernels.modes(partly_frozen()))
+    head, *rows = text.splitlines()
+    assert head.startswith("Net: train mode; MIXED") and "backbone" in head
+    assert len(rows) == 11
+    by_name = {row.split()[0]: row for row in rows}
+    assert by_name["backbone"].split()[1:3] == ["Sequential", "eval"]
+    assert "differs from its parent" in by_name["backbone"]
+    assert "frozen" in by_name["head.2"]
+    assert "differs" not in by_name["backbone.1"]
+
+
+def test_modes_report_uniform():
+    report = modekernels.modes(Net().eval())
+    assert report.mixed == [] and report.frozen == [] and not any(report.training.values())
+    assert "all modules alike" in str(report).splitlines()[0]
+
+
+@pytest.mark.parametrize("expect", ["eval", "train"])
+def test_check_modes_names_offenders(expect):
+    model = Net().train(expect == "eval")  # the opposite mode...
+    model.head[1].train(expect == "train")  # ...but for one layer
+    with pytest.raises(modekernels.ModeError) as error:
+        modekernels.check_modes(model, expect)
+    assert isinstance(error.value, ValueError)
+    assert "10 module(s) are not: (root) (and 9 inside)" in str(error.value)
+    assert set(error.value.modules) == set(dict(model.named_modules())) - {"head.1"}
+
+    model.train(expect == "train")
+    modekernels.check_modes(model, expect)
+
+
+def test_check_modes_accepts_frozen_batchnorm_when_training():
+    model = partly_frozen()
+    model.train()
+    modekernels.check_modes(model, "train")
+    model.backbone.eval()
+    with pytest.raises(modekernels.ModeError, match=r"backbone \(and 3 inside\)") as error:
+        modekernels.check_modes(model, "train")
+    assert "head.2" not in error.value.modules
+    with pytest.raises(ValueError, match="expect"):
+        modekernels.check_modes(model, "training")
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("raises", [False, True], ids=["normal_exit", "exception"])
+@pytest.mark.parametrize("switch", ["training", "evaluating"])
+def test_context_managers_restore_mixed_modes(switch, raises):
+    model = partly_frozen()
+    before = modekernels.modes(model).training
+    mode = switch == "training"
+
+    with pytest.raises(Boom) if raises else contextlib.nullcontext():
+        with getattr(modekernels, switch)(model) as inside:
+            assert inside is model
+            flags = modekernels.modes(model).training
+            assert flags.pop("head.2") is False  # frozen: eval whatever the model's mode
+            assert set(flags.values()) == {mode}
+            if raises:
+                raise Boom
+    assert modekernels.modes(model).training == before
+
+
+# ------------------------------------------------------------------------- frozen BatchNorm
+
+@pytest.mark.parametrize("layers", ["torch", "modekernels"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_batchnorm_keeps_statistics_while_training(device, layers):
+    torch.manual_seed(0)
+    model = Net()
+    if layers == "modekernels":
+        modekernels.convert(model)
+    randomize_running_stats(model, torch.Generator().manual_seed(5))
+    model.to(device)
+    bns = [model.backbone[1], model.head[2]]
+    stats = copy.deepcopy([b.state_dict() for b in bns])
+    modekernels.freeze_batchnorm(model)
+    model.train()
+    assert [b.training for b in bns] == [False, False] and model.head[3].training
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    conv = model.backbone[0].weight.detach().clone()
+    x = torch.randn(4, 1, 8, 8, device=device)
+    features = model.backbone[0](x)
+    expected = nn.functional.batch_norm(features, bns[0].running_mean, bns[0].running_var,
+                                        bns[0].weight, bns[0].bias, training=False)
+    torch.testing.assert_close(bns[0](features), expected, **TOL[torch.float32])
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0, 1], device=device)).backward()
+    optimizer.step()
+
+    for bn, before in zip(bns, stats):
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(bn, name), before[name]), name
+        assert bn.weight.grad.abs().sum() > 0 and bn.bias.grad.abs().sum() > 0
+    assert not torch.equal(model.backbone[0].weight, conv)
+
+    modekernels.unfreeze_batchnorm(model)
+    model.train()
+    model(x)
+    assert all(int(b.num_batches_tracked) == 8 for b in bns)
+
+
+def test_freeze_survives_train_deepcopy_and_unfreeze_follows_parent():
+    model = modekernels.freeze_batchnorm(Net())
+    for switch in (model.train, model.eval, model.train):
+        switch()
+        assert not model.backbone[1].training
+    twin = copy.deepcopy(model)
+    twin.backbone[1].training = True
+    twin.train()
+    assert not twin.backbone[1].training  # the copy's override acts on the copy
+    assert modekernels.modes(twin).frozen == ["backbone.1", "head.2"]
+
+    model.backbone.eval()
+    modekernels.unfreeze_batchnorm(model)
+    assert modekernels.modes(model).frozen == []
+    assert not model.backbone[1].training and model.head[2].training
+    model.train()
+    assert model.backbone[1].training
+
+
+def test_freeze_refuses_layers_without_running_stats():
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm1d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"\(track_running_stats=False\): 1$"):
+        modekernels.freeze_batchnorm(model)
+    assert modekernels.modes(model).frozen == []  # nothing changed
+
+
+def test_frozen_batchnorm_under_compile():
+    torch.manual_seed(0)
+    model = modekernels.freeze_batchnorm(modekernels.convert(Net()))
+    randomize_running_stats(model, torch.Generator().manual_seed(6))
+    stats = copy.deepcopy(model.state_dict())
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 1, 8, 8)
+    with modekernels.evaluating(model.head[3]):  # no dropout: eager and compiled comparable
+        out = compiled(x)
+        out.sum().backward()
+        torch.testing.assert_close(out, model(x), **TOL[torch.float32])
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(model.backbone[1].get_buffer(name), stats[f"backbone.1.{name}"])
+    assert model.backbone[1].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------- example
+
+@pytest.fixture(scope="module")
+def train_digits():
+    path = pathlib.Path(__file__).parents[1] / "examples" / "train_digits.py"
+    spec = importlib.util.spec_from_file_location("train_digits", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_quick_run_reaches_the_bar(train_digits, tmp_path, capsys):
+    out = tmp_path / "curves.png"
+    assert train_digits.main(["--quick", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    final = capsys.readouterr().out.splitlines()[-2]
+    assert final.startswith("final test accuracy: torch ") and "modekernels" in final
+
+
+def test_example_failures_are_reported(train_digits):
+    def history(accuracy, deterministic=True):
+        return train_digits.History(test_accuracy=[accuracy], eval_deterministic=deterministic)
+
+    assert train_digits.failures({"a": history(0.97), "b": history(0.98)}) == []
+    problems = train_digits.failures({"a": history(0.94), "b": history(0.99, False)})
+    assert len(problems) == 3
+    assert "a: test accuracy 94.00%" in problems[0] and "5.00 points" in problems[1]
