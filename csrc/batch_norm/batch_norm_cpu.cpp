@@ -10,8 +10,8 @@
 //   end. One pass over memory.
 // grad_sums: the same task split, accumulating sum(dy) and sum(dy (x - mean)). One pass.
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows.
-// Row-level sums use 32 independent accumulators (vectorized, and enough to hide the add
-// latency), in the opmath
+// Row-level sums use 16 independent accumulators held in one GCC vector (SIMD, and enough to
+// hide the add latency), in the opmath
 // type; task and final merges are in double.
 #include "batch_norm/batch_norm.h"
 #include "batch_norm/batch_norm_math.h"
@@ -23,12 +23,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace modekernels::batch_norm {
 namespace {
 
-constexpr int64_t kLanes = 32;
+constexpr int64_t kLanes = 16;
 constexpr int64_t kBlockElems = 1 << 15;
 
 int64_t tasks_per_channel(const Layout& l) {
@@ -40,27 +42,47 @@ int64_t row_chunks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
 }
 
+// kLanes values of type T as one GCC/Clang vector: arithmetic on it compiles to SIMD
+// instructions of whatever width the target has, with kLanes independent accumulators.
+template <typename T>
+struct Lanes {
+  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
+};
+
+template <typename T, typename scalar_t>
+void load_lanes(const scalar_t* p, typename Lanes<T>::type& v) {
+  if constexpr (std::is_same_v<T, scalar_t>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    for (int64_t k = 0; k < kLanes; ++k) v[k] = static_cast<T>(p[k]);
+  }
+}
+
+template <typename T>
+T sum_lanes(const typename Lanes<T>::type& v) {
+  T s = 0;
+  for (int64_t k = 0; k < kLanes; ++k) s += v[k];
+  return s;
+}
+
 // Mean and M2 of one row in one sweep, from sums of (x - K) and (x - K)^2 with K the row's first
 // element: close enough to the mean that the squares keep their precision.
 template <typename scalar_t, typename opmath_t>
 void row_moments(const scalar_t* x, int64_t len, opmath_t& mean, opmath_t& m2) {
+  using V = typename Lanes<opmath_t>::type;
   const opmath_t shift = static_cast<opmath_t>(x[0]);
-  opmath_t s1[kLanes] = {};
-  opmath_t s2[kLanes] = {};
+  V s1 = {};
+  V s2 = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) {
-      const opmath_t d = static_cast<opmath_t>(x[i + k]) - shift;
-      s1[k] += d;
-      s2[k] += d * d;
-    }
+    V d;
+    load_lanes<opmath_t>(x + i, d);
+    d -= shift;
+    s1 += d;
+    s2 += d * d;
   }
-  opmath_t a = 0;
-  opmath_t b = 0;
-  for (int64_t k = 0; k < kLanes; ++k) {
-    a += s1[k];
-    b += s2[k];
-  }
+  opmath_t a = sum_lanes<opmath_t>(s1);
+  opmath_t b = sum_lanes<opmath_t>(s2);
   for (; i < len; ++i) {
     const opmath_t d = static_cast<opmath_t>(x[i]) - shift;
     a += d;
@@ -75,22 +97,19 @@ void row_moments(const scalar_t* x, int64_t len, opmath_t& mean, opmath_t& m2) {
 template <typename scalar_t, typename opmath_t>
 void row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t len, opmath_t mean,
                    opmath_t& sdy, opmath_t& sdx) {
-  opmath_t a[kLanes] = {};
-  opmath_t b[kLanes] = {};
+  using V = typename Lanes<opmath_t>::type;
+  V a = {};
+  V b = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) {
-      const opmath_t g = static_cast<opmath_t>(dy[i + k]);
-      a[k] += g;
-      b[k] += g * (static_cast<opmath_t>(x[i + k]) - mean);
-    }
+    V g, v;
+    load_lanes<opmath_t>(dy + i, g);
+    load_lanes<opmath_t>(x + i, v);
+    a += g;
+    b += g * (v - mean);
   }
-  sdy = 0;
-  sdx = 0;
-  for (int64_t k = 0; k < kLanes; ++k) {
-    sdy += a[k];
-    sdx += b[k];
-  }
+  sdy = sum_lanes<opmath_t>(a);
+  sdx = sum_lanes<opmath_t>(b);
   for (; i < len; ++i) {
     const opmath_t g = static_cast<opmath_t>(dy[i]);
     sdy += g;
