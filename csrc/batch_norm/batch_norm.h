@@ -8,6 +8,7 @@
 //   eval backward:    affine (read dy, write dx) [+ grad_sums (read dy, x) if weight/bias need grads]
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
 #include <array>
@@ -47,6 +48,20 @@ struct Backend {
 };
 
 using OptTensor = std::optional<at::Tensor>;
+
+// For the backends' per-channel kernels: a typed pointer or null for an absent tensor, and a call
+// of fn((P*)nullptr) with P the dtype of `param` (or of `fallback` when param is absent).
+template <typename P>
+P* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<P>() : nullptr;
+}
+
+template <typename Fn>
+void dispatch_param(const at::Tensor& param, at::ScalarType fallback, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16,
+                                  param.defined() ? param.scalar_type() : fallback,
+                                  "modekernels_bn_params", [&] { fn(static_cast<scalar_t*>(nullptr)); });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, const OptTensor& weight,
                                                      const OptTensor& bias, double eps,

@@ -339,18 +339,6 @@ void affine_cpu(const at::Tensor& p, const at::Tensor& q, const Layout& l, const
 
 // -------------------------------------------------------------------------- per channel
 
-template <typename Fn>
-void dispatch_param(const at::Tensor& param, at::ScalarType fallback, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16,
-                                  param.defined() ? param.scalar_type() : fallback,
-                                  "modekernels_bn_params", [&] { fn(static_cast<scalar_t*>(nullptr)); });
-}
-
-template <typename P>
-P* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<P>() : nullptr;
-}
-
 void forward_coeffs_cpu(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
                         const at::Tensor& bias, double eps, const at::Tensor& coeffs) {
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "modekernels_bn_forward_coeffs", [&] {

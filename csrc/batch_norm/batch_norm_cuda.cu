@@ -265,18 +265,6 @@ void affine_cuda(const at::Tensor& p, const at::Tensor& q, const Layout& l, cons
 
 // -------------------------------------------------------------------------- per channel
 
-template <typename P>
-P* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<P>() : nullptr;
-}
-
-template <typename Fn>
-void dispatch_param(const at::Tensor& param, at::ScalarType fallback, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16,
-                                  param.defined() ? param.scalar_type() : fallback,
-                                  "modekernels_bn_params", [&] { fn(static_cast<scalar_t*>(nullptr)); });
-}
-
 unsigned int channel_blocks(int64_t C) {
   return static_cast<unsigned int>(std::max<int64_t>(1, (C + cuda::kThreads - 1) / cuda::kThreads));
 }
