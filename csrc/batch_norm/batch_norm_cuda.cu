@@ -9,8 +9,8 @@
 // Each thread keeps Welford moments (or plain sums), merged across the block with Chan's formula
 // and written as one partial per (channel, split); the second launch merges the partials of each
 // channel. One pass over memory.
-// affine: out = p a + (q - m) b + d (batch_norm_math.h), one grid-stride pass, 32-bit indexing
-// when it fits. Per-channel coefficients and the running-statistics update are one small launch
+// affine: out = p a + (q - m) b + d (batch_norm_math.h), one grid-stride pass, 128-bit loads and
+// stores when the innermost dimension allows, 32-bit indexing when it fits. Per-channel coefficients and the running-statistics update are one small launch
 // each, reading num_batches_tracked on the device, so nothing synchronizes with the host.
 #include "batch_norm/batch_norm.h"
 #include "batch_norm/batch_norm_math.h"
@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -27,6 +28,10 @@ namespace {
 
 constexpr int kLanesCL = 32;   // channels per block in the channels-last reduction
 constexpr int kRowsCL = 8;     // rows per block step in the channels-last reduction
+
+// Division by a fixed divisor: multiply-shift for 32-bit indices, plain division for 64-bit.
+template <typename index_t>
+using Divider = at::cuda::detail::IntDivider<index_t>;
 
 // What a reduction accumulates per channel: Welford moments of x, or sums of dy and dy (x - mean).
 template <typename T>
@@ -98,20 +103,23 @@ __device__ Acc block_merge(Acc acc) {
   return acc;
 }
 
-// Channels-first partials: block (c, split) covers rows [split * N / splits, (split+1) * N / splits).
-template <typename scalar_t, typename Acc>
+// Channels-first partials: block (c, split) covers the positions (n, s) with n in
+// [split * N / splits, (split+1) * N / splits), flattened so that every thread has work even when
+// S is small (7x7), and split with a multiply-shift division (IntDivider) when 32 bits suffice.
+template <typename scalar_t, typename Acc, typename index_t>
 __global__ void __launch_bounds__(cuda::kThreads)
-    reduce_cf(const scalar_t* dy, const scalar_t* x, int64_t N, int64_t C, int64_t S,
+    reduce_cf(const scalar_t* dy, const scalar_t* x, index_t N, int64_t C, Divider<index_t> s_div,
               const at::opmath_type<scalar_t>* center, Acc* partial) {
   const int64_t c = blockIdx.x;
-  const int64_t splits = gridDim.y;
-  const int64_t n0 = N * blockIdx.y / splits;
-  const int64_t n1 = N * (blockIdx.y + 1) / splits;
+  const index_t S = s_div.divisor;
+  const index_t splits = gridDim.y;
+  const index_t e0 = static_cast<index_t>(static_cast<uint64_t>(N) * blockIdx.y / splits) * S;
+  const index_t e1 = static_cast<index_t>(static_cast<uint64_t>(N) * (blockIdx.y + 1) / splits) * S;
   const auto ctr = center ? center[c] : at::opmath_type<scalar_t>(0);
   Acc acc;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t base = (n * C + c) * S;
-    for (int64_t s = threadIdx.x; s < S; s += blockDim.x) acc.push(dy, x, base + s, ctr);
+  for (index_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
+    const auto ns = s_div.divmod(e);
+    acc.push(dy, x, (static_cast<int64_t>(ns.div) * C + c) * S + ns.mod, ctr);
   }
   acc = block_merge(acc);
   if (threadIdx.x == 0) partial[blockIdx.y * C + c] = acc;
@@ -177,8 +185,14 @@ void reduce(const at::Tensor& dy, const at::Tensor& x, const Layout& l, const at
   if (!l.channels_last) {
     splits = row_splits(C, l.N);
     partial = at::empty({static_cast<int64_t>(splits * C * sizeof(Acc))}, x.options().dtype(at::kByte));
-    reduce_cf<scalar_t, Acc><<<dim3(C, splits), cuda::kThreads, 0, stream>>>(
-        dyp, xp, l.N, C, l.S, cp, reinterpret_cast<Acc*>(partial.data_ptr()));
+    auto* out = reinterpret_cast<Acc*>(partial.data_ptr());
+    if (cuda::fits_int32(l.N * l.S)) {
+      reduce_cf<scalar_t, Acc, uint32_t><<<dim3(C, splits), cuda::kThreads, 0, stream>>>(
+          dyp, xp, static_cast<uint32_t>(l.N), C, Divider<uint32_t>(l.S), cp, out);
+    } else {
+      reduce_cf<scalar_t, Acc, uint64_t><<<dim3(C, splits), cuda::kThreads, 0, stream>>>(
+          dyp, xp, static_cast<uint64_t>(l.N), C, Divider<uint64_t>(l.S), cp, out);
+    }
   } else {
     const int64_t rows = l.N * l.S;
     const int64_t tiles = (C + kLanesCL - 1) / kLanesCL;
@@ -210,40 +224,81 @@ void grad_sums_cuda(const at::Tensor& dy, const at::Tensor& x, const Layout& l, 
 
 // ------------------------------------------------------------------------------- affine
 
-template <typename scalar_t, typename index_t, bool kHasP, bool kHasQ>
+// Each thread of a grid-stride loop takes kVec consecutive elements: with kVec > 1 (the innermost
+// dimension, S or C, a multiple of kVec and 16-byte aligned pointers) as 128-bit loads and stores,
+// all in one channel (channels-first) or in kVec consecutive channels (channels-last), so the
+// channel is found once per vector.
+template <typename scalar_t, typename index_t, int kVec, bool kHasP, bool kHasQ>
 __global__ void __launch_bounds__(cuda::kThreads)
-    affine_kernel(const scalar_t* p, const scalar_t* q, index_t n, index_t C, index_t S,
-                  bool channels_last, const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
+    affine_kernel(const scalar_t* p, const scalar_t* q, index_t nvec, Divider<index_t> s_div,
+                  Divider<index_t> c_div, bool channels_last,
+                  const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
   using T = at::opmath_type<scalar_t>;
+  using V = cuda::Vec<scalar_t, kVec>;
+  const index_t C = c_div.divisor;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const index_t c = channels_last ? i % C : (i / S) % C;
-    T v = coeffs[kD * C + c];
-    if constexpr (kHasP) v += static_cast<T>(p[i]) * coeffs[kA * C + c];
-    if constexpr (kHasQ) v += (static_cast<T>(q[i]) - coeffs[kM * C + c]) * coeffs[kB * C + c];
-    out[i] = static_cast<scalar_t>(v);
+  for (index_t v = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
+    const index_t first = v * kVec;
+    const index_t c0 = channels_last ? c_div.mod(first) : c_div.mod(s_div.div(first));
+    scalar_t pv[kVec];
+    scalar_t qv[kVec];
+    scalar_t ov[kVec];
+    if constexpr (kVec == 1) {
+      if constexpr (kHasP) pv[0] = p[first];
+      if constexpr (kHasQ) qv[0] = q[first];
+    } else {
+      if constexpr (kHasP) *reinterpret_cast<V*>(pv) = reinterpret_cast<const V*>(p)[v];
+      if constexpr (kHasQ) *reinterpret_cast<V*>(qv) = reinterpret_cast<const V*>(q)[v];
+    }
+    MK_UNROLL
+    for (int k = 0; k < kVec; ++k) {
+      const index_t c = channels_last ? c0 + k : c0;
+      T r = coeffs[kD * C + c];
+      if constexpr (kHasP) r += static_cast<T>(pv[k]) * coeffs[kA * C + c];
+      if constexpr (kHasQ) r += (static_cast<T>(qv[k]) - coeffs[kM * C + c]) * coeffs[kB * C + c];
+      ov[k] = static_cast<scalar_t>(r);
+    }
+    if constexpr (kVec == 1) {
+      out[first] = ov[0];
+    } else {
+      reinterpret_cast<V*>(out)[v] = *reinterpret_cast<V*>(ov);
+    }
   }
 }
 
-template <typename scalar_t, typename index_t, bool kHasP, bool kHasQ>
+template <typename scalar_t, typename index_t, int kVec>
 void launch_affine(const scalar_t* p, const scalar_t* q, const Layout& l, int64_t n,
                    const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
-  affine_kernel<scalar_t, index_t, kHasP, kHasQ>
-      <<<cuda::grid_size(n), cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          p, q, static_cast<index_t>(n), static_cast<index_t>(l.C), static_cast<index_t>(l.S),
-          l.channels_last, coeffs, out);
+  const int64_t nvec = n / kVec;
+  const auto grid = cuda::grid_size(nvec);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Divider<index_t> s_div(static_cast<index_t>(l.S));
+  const Divider<index_t> c_div(static_cast<index_t>(l.C));
+  const auto nv = static_cast<index_t>(nvec);
+  if (p && q) {
+    affine_kernel<scalar_t, index_t, kVec, true, true><<<grid, cuda::kThreads, 0, stream>>>(
+        p, q, nv, s_div, c_div, l.channels_last, coeffs, out);
+  } else if (p) {
+    affine_kernel<scalar_t, index_t, kVec, true, false><<<grid, cuda::kThreads, 0, stream>>>(
+        p, q, nv, s_div, c_div, l.channels_last, coeffs, out);
+  } else {
+    affine_kernel<scalar_t, index_t, kVec, false, true><<<grid, cuda::kThreads, 0, stream>>>(
+        p, q, nv, s_div, c_div, l.channels_last, coeffs, out);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename index_t>
 void launch_affine(const scalar_t* p, const scalar_t* q, const Layout& l, int64_t n,
                    const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
-  if (p && q) {
-    launch_affine<scalar_t, index_t, true, true>(p, q, l, n, coeffs, out);
-  } else if (p) {
-    launch_affine<scalar_t, index_t, true, false>(p, q, l, n, coeffs, out);
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int64_t inner = l.channels_last ? l.C : l.S;
+  const bool vectorize = inner % kVec == 0 && cuda::aligned16(out) && (!p || cuda::aligned16(p)) &&
+                         (!q || cuda::aligned16(q));
+  if (vectorize) {
+    launch_affine<scalar_t, index_t, kVec>(p, q, l, n, coeffs, out);
   } else {
-    launch_affine<scalar_t, index_t, false, true>(p, q, l, n, coeffs, out);
+    launch_affine<scalar_t, index_t, 1>(p, q, l, n, coeffs, out);
   }
 }
 
@@ -256,9 +311,9 @@ void affine_cuda(const at::Tensor& p, const at::Tensor& q, const Layout& l, cons
     const scalar_t* qq = q.defined() ? q.const_data_ptr<scalar_t>() : nullptr;
     const int64_t n = out.numel();
     if (cuda::fits_int32(n)) {
-      launch_affine<scalar_t, int32_t>(pp, qq, l, n, coeffs.const_data_ptr<T>(), out.data_ptr<scalar_t>());
+      launch_affine<scalar_t, uint32_t>(pp, qq, l, n, coeffs.const_data_ptr<T>(), out.data_ptr<scalar_t>());
     } else {
-      launch_affine<scalar_t, int64_t>(pp, qq, l, n, coeffs.const_data_ptr<T>(), out.data_ptr<scalar_t>());
+      launch_affine<scalar_t, uint64_t>(pp, qq, l, n, coeffs.const_data_ptr<T>(), out.data_ptr<scalar_t>());
     }
   });
 }
