@@ -27,11 +27,13 @@ TORCH_LIBRARY(modekernels, m) {
   // BatchNorm (csrc/batch_norm). Statistics come out in the opmath dtype (float32, or float64
   // for float64 inputs); `var` is the biased batch variance. The running-statistics update is its
   // own mutating op so that the compute ops stay functional (and differentiable).
-  m.def("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor output, Tensor mean, Tensor var)");
-  m.def("batch_norm_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  // With `residual` and/or `relu`, the output is relu(batch_norm(input) + residual), in one pass.
+  m.def("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps, Tensor? residual=None, bool relu=False) -> (Tensor output, Tensor mean, Tensor var)");
+  m.def("batch_norm_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps, Tensor? residual=None, bool relu=False) -> Tensor");
   // Gradients; outputs not asked for in output_mask are returned empty. For a batch spread over
   // several processes, pass the all-reduced sum_dy, sum_dy_xmu and the global per-channel count.
-  m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor? weight, float eps, bool training, bool[3] output_mask, Tensor? sum_dy=None, Tensor? sum_dy_xmu=None, SymInt? count=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // After a fused ReLU, pass the forward output as relu_output: grad_output is zero where it is not > 0.
+  m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor? weight, float eps, bool training, bool[3] output_mask, Tensor? sum_dy=None, Tensor? sum_dy_xmu=None, SymInt? count=None, Tensor? relu_output=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // The building blocks of a distributed BatchNorm: local statistics and local gradient sums.
   m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
   m.def("batch_norm_grad_sums(Tensor grad_output, Tensor input, Tensor mean) -> (Tensor sum_dy, Tensor sum_dy_xmu)");

@@ -122,13 +122,18 @@ def _channel_stats_fake(input):
     return stats, torch.empty_like(stats)
 
 
-def batch_norm_train(input, weight, bias, eps):
-    """(output, mean, biased var) with the batch statistics; mean/var in the opmath dtype."""
-    return _ops.batch_norm_train.default(input, weight, bias, eps)
+def batch_norm_train(input, weight, bias, eps, residual=None, relu=False):
+    """(output, mean, biased var) with the batch statistics; mean/var in the opmath dtype.
+
+    output = relu?(batch_norm(input) + residual?) in one pass.
+    """
+    return _ops.batch_norm_train.default(input, weight, bias, eps, residual, relu)
 
 
-def batch_norm_eval(input, running_mean, running_var, weight, bias, eps):
-    return _ops.batch_norm_eval.default(input, running_mean, running_var, weight, bias, eps)
+def batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual=None, relu=False):
+    """relu?(batch_norm(input) + residual?) with the given (running) statistics."""
+    return _ops.batch_norm_eval.default(input, running_mean, running_var, weight, bias, eps,
+                                        residual, relu)
 
 
 def batch_norm_update_stats_(running_mean, running_var, mean, var, count, momentum,
@@ -138,13 +143,13 @@ def batch_norm_update_stats_(running_mean, running_var, mean, var, count, moment
 
 
 @torch.library.register_fake("modekernels::batch_norm_train")
-def _(input, weight, bias, eps):
+def _(input, weight, bias, eps, residual=None, relu=False):
     mean, var = _channel_stats_fake(input)
     return torch.empty_like(input, memory_format=_channels_format(input)), mean, var
 
 
 @torch.library.register_fake("modekernels::batch_norm_eval")
-def _(input, running_mean, running_var, weight, bias, eps):
+def _(input, running_mean, running_var, weight, bias, eps, residual=None, relu=False):
     return torch.empty_like(input, memory_format=_channels_format(input))
 
 
@@ -159,14 +164,15 @@ def batch_norm_grad_sums(grad_output, input, mean):
 
 
 def batch_norm_backward(grad_output, input, mean, var, weight, eps, training, output_mask,
-                        sum_dy=None, sum_dy_xmu=None, count=None):
+                        sum_dy=None, sum_dy_xmu=None, count=None, relu_output=None):
     """(grad_input, grad_weight, grad_bias), None where output_mask is False.
 
     With sum_dy, sum_dy_xmu and count given (all-reduced over processes), the training-mode
-    gradient is that of the whole distributed batch.
+    gradient is that of the whole distributed batch. After a fused ReLU, relu_output (the forward
+    output) gates grad_output.
     """
     grads = _ops.batch_norm_backward.default(grad_output, input, mean, var, weight, eps, training,
-                                             output_mask, sum_dy, sum_dy_xmu, count)
+                                             output_mask, sum_dy, sum_dy_xmu, count, relu_output)
     return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
 
 
@@ -182,7 +188,7 @@ def _(grad_output, input, mean):
 
 @torch.library.register_fake("modekernels::batch_norm_backward")
 def _(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy=None,
-      sum_dy_xmu=None, count=None):
+      sum_dy_xmu=None, count=None, relu_output=None):
     param_dtype = weight.dtype if weight is not None else _opmath(input.dtype)
     C = input.shape[1]
     gi = (torch.empty_like(input, memory_format=_channels_format(input)) if output_mask[0]
@@ -197,39 +203,47 @@ def _(running_mean, running_var, mean, var, count, momentum, num_batches_tracked
     return None
 
 
-def _bn_backward(ctx, grad_out, training, mean, var):
-    input, weight = ctx.saved_tensors[:2]
-    mask = [ctx.needs_input_grad[0], ctx.weight_index is not None and ctx.needs_input_grad[ctx.weight_index],
-            ctx.bias_index is not None and ctx.needs_input_grad[ctx.bias_index]]
-    return batch_norm_backward(grad_out, input, mean, var, weight, ctx.eps, training, mask)
+def _bn_save(ctx, training, inputs, output, stats, param_index):
+    """What both modes' backward needs. inputs[param_index:] = weight, bias, eps, residual, relu."""
+    weight, bias, eps, residual, relu = inputs[param_index:]
+    ctx.training, ctx.eps = training, eps
+    ctx.indices = param_index, param_index + 1, param_index + 3
+    ctx.save_for_backward(inputs[0], weight, *stats, output if relu else None)
+
+
+def _bn_grads(ctx, grad_out):
+    """(grad_input, grad_weight, grad_bias, grad_residual)."""
+    input, weight, mean, var, gate = ctx.saved_tensors
+    w, b, r = ctx.indices
+    # Arguments left at their defaults (residual=None, relu=False) have no entry here.
+    need = tuple(ctx.needs_input_grad) + (False, False)
+    mask = [need[0], weight is not None and need[w], need[b]]
+    gi, gw, gb = batch_norm_backward(grad_out, input, mean, var, weight, ctx.eps, ctx.training,
+                                     mask, relu_output=gate)
+    gr = None
+    if need[r]:
+        gr = grad_out if gate is None else torch.where(gate > 0, grad_out, 0)
+    return gi, gw, gb, gr
 
 
 def _bn_train_setup(ctx, inputs, output):
-    input, weight, bias, eps = inputs
-    _, mean, var = output
-    ctx.eps = eps
-    ctx.weight_index, ctx.bias_index = (1 if weight is not None else None), (2 if bias is not None else None)
+    out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
-    ctx.save_for_backward(input, weight, mean, var)
+    _bn_save(ctx, True, inputs, out, (mean, var), 1)
 
 
 def _bn_train_grad(ctx, grad_out, _grad_mean, _grad_var):
-    mean, var = ctx.saved_tensors[2:]
-    gi, gw, gb = _bn_backward(ctx, grad_out, True, mean, var)
-    return gi, gw, gb, None
+    gi, gw, gb, gr = _bn_grads(ctx, grad_out)
+    return gi, gw, gb, None, gr, None
 
 
 def _bn_eval_setup(ctx, inputs, output):
-    input, running_mean, running_var, weight, bias, eps = inputs
-    ctx.eps = eps
-    ctx.weight_index, ctx.bias_index = (3 if weight is not None else None), (4 if bias is not None else None)
-    ctx.save_for_backward(input, weight, running_mean, running_var)
+    _bn_save(ctx, False, inputs, output, inputs[1:3], 3)
 
 
 def _bn_eval_grad(ctx, grad_out):
-    running_mean, running_var = ctx.saved_tensors[2:]
-    gi, gw, gb = _bn_backward(ctx, grad_out, False, running_mean, running_var)
-    return gi, None, None, gw, gb, None
+    gi, gw, gb, gr = _bn_grads(ctx, grad_out)
+    return gi, None, None, gw, gb, None, gr, None
 
 
 torch.library.register_autograd("modekernels::batch_norm_train", _bn_train_grad,

@@ -27,9 +27,30 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     incremented on the device in training, and with momentum=None the running statistics become
     the cumulative average over the batches it counts, without a host synchronization.
     """
+    return _batch_norm(input, None, False, running_mean, running_var, weight, bias, training,
+                       momentum, eps, num_batches_tracked)
+
+
+def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5, *, num_batches_tracked=None):
+    """relu(batch_norm(input, ...)) in one pass over memory, forward and backward."""
+    return _batch_norm(input, None, True, running_mean, running_var, weight, bias, training,
+                       momentum, eps, num_batches_tracked)
+
+
+def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None, bias=None,
+                        training=False, momentum=0.1, eps=1e-5, *, num_batches_tracked=None):
+    """relu(batch_norm(input, ...) + residual), the tail of a ResNet block, in one pass."""
+    return _batch_norm(input, residual, True, running_mean, running_var, weight, bias, training,
+                       momentum, eps, num_batches_tracked)
+
+
+def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, training, momentum,
+                eps, num_batches_tracked):
     if not training:
-        return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
-    output, mean, var = _ops.batch_norm_train(input, weight, bias, eps)
+        return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,
+                                    relu)
+    output, mean, var = _ops.batch_norm_train(input, weight, bias, eps, residual, relu)
     if running_mean is not None or running_var is not None:
         count = input.numel() // input.shape[1] if input.shape[1] else 0
         _ops.batch_norm_update_stats_(running_mean, running_var, mean, var, count, momentum,

@@ -23,6 +23,9 @@ class _BatchNormForward:
     """
 
     def forward(self, input):
+        return self._batch_norm(F.batch_norm, input)
+
+    def _batch_norm(self, fn, input, *residual):
         self._check_input_dim(input)
         track = self.training and self.track_running_stats
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -31,8 +34,9 @@ class _BatchNormForward:
         if momentum is None and counter is None:
             momentum = 0.0  # torch's exponential_average_factor when nothing is counted
         keep_buffers = not self.training or self.track_running_stats
-        return F.batch_norm(
+        return fn(
             input,
+            *residual,
             self.running_mean if keep_buffers else None,
             self.running_var if keep_buffers else None,
             self.weight, self.bias, use_batch_stats, momentum, self.eps,
@@ -49,4 +53,42 @@ class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
 
 
 class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
+    pass
+
+
+class _BatchNormReLUForward(_BatchNormForward):
+    """relu(BatchNorm(input)) in one pass; a BatchNorm in every other respect (state, isinstance)."""
+
+    def forward(self, input):
+        return self._batch_norm(F.batch_norm_relu, input)
+
+
+class _BatchNormAddReLUForward(_BatchNormForward):
+    """relu(BatchNorm(input) + residual) in one pass: forward(input, residual)."""
+
+    def forward(self, input, residual):
+        return self._batch_norm(F.batch_norm_add_relu, input, residual)
+
+
+class BatchNormReLU1d(_BatchNormReLUForward, BatchNorm1d):
+    pass
+
+
+class BatchNormReLU2d(_BatchNormReLUForward, BatchNorm2d):
+    pass
+
+
+class BatchNormReLU3d(_BatchNormReLUForward, BatchNorm3d):
+    pass
+
+
+class BatchNormAddReLU1d(_BatchNormAddReLUForward, BatchNorm1d):
+    pass
+
+
+class BatchNormAddReLU2d(_BatchNormAddReLUForward, BatchNorm2d):
+    pass
+
+
+class BatchNormAddReLU3d(_BatchNormAddReLUForward, BatchNorm3d):
     pass

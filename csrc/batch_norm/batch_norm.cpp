@@ -83,6 +83,18 @@ at::Tensor opt(const OptTensor& t) {
   return t && t->defined() ? *t : at::Tensor();
 }
 
+// A tensor shaped like input (a residual, a saved output) in the kernels' memory format.
+at::Tensor like_input(const OptTensor& t, const char* name, const at::Tensor& input,
+                      at::MemoryFormat fmt) {
+  if (!t || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->sizes() == input.sizes() && t->scalar_type() == input.scalar_type() &&
+                  t->device() == input.device(),
+              "modekernels batch_norm: expected ", name, " like input (", input.sizes(), ", ",
+              input.scalar_type(), ", ", input.device(), "), but got ", t->sizes(), ", ",
+              t->scalar_type(), ", ", t->device());
+  return dense(*t, fmt);
+}
+
 at::Tensor channel_empty(const at::Tensor& input, at::ScalarType dtype, int64_t rows = 0) {
   const int64_t C = input.size(1);
   auto options = input.options().dtype(dtype);
@@ -119,13 +131,15 @@ std::tuple<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, cons
     sum_dy.zero_();
     sum_dy_xmu.zero_();
   } else {
-    be.grad_sums(dense(grad_output, fmt), x, layout_of(x), mean.to(acc), sum_dy, sum_dy_xmu);
+    be.grad_sums(dense(grad_output, fmt), at::Tensor(), x, layout_of(x), mean.to(acc), sum_dy,
+                 sum_dy_xmu);
   }
   return {sum_dy, sum_dy_xmu};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, const OptTensor& weight,
                                                      const OptTensor& bias, double eps,
+                                                     const OptTensor& residual, bool relu,
                                                      const Backend& be) {
   check_input(input, "input");
   check_params(input, weight, bias);
@@ -134,32 +148,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, co
                     input.sizes());
   TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
   const auto fmt = kernel_format(input);
+  const at::Tensor r = like_input(residual, "residual", input, fmt);
   const at::Tensor x = dense(input, fmt);
   auto [mean, var] = stats(x, be);
   at::Tensor out = at::empty_like(x, fmt);
   if (x.numel() == 0) return {out, mean, var};
   at::Tensor coeffs = channel_empty(input, mean.scalar_type(), 4);
   be.forward_coeffs(mean, var, opt(weight), opt(bias), eps, coeffs);
-  be.affine(at::Tensor(), x, layout_of(x), coeffs, out);
+  be.affine({at::Tensor(), x, at::Tensor(), r, relu}, layout_of(x), coeffs, out);
   return {out, mean, var};
 }
 
 at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
                 const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
-                double eps, const Backend& be) {
+                double eps, const OptTensor& residual, bool relu, const Backend& be) {
   check_input(input, "input");
   check_channel(running_mean, "running_mean", input);
   check_channel(running_var, "running_var", input);
   check_params(input, weight, bias);
   TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
   const auto fmt = kernel_format(input);
+  const at::Tensor r = like_input(residual, "residual", input, fmt);
   const at::Tensor x = dense(input, fmt);
   at::Tensor out = at::empty_like(x, fmt);
   if (x.numel() == 0) return out;
   const auto acc = opmath(input.scalar_type());
   at::Tensor coeffs = channel_empty(input, acc, 4);
   be.forward_coeffs(running_mean.to(acc), running_var.to(acc), opt(weight), opt(bias), eps, coeffs);
-  be.affine(at::Tensor(), x, layout_of(x), coeffs, out);
+  be.affine({at::Tensor(), x, at::Tensor(), r, relu}, layout_of(x), coeffs, out);
   return out;
 }
 
@@ -167,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const OptTensor& weight, double eps, bool training,
     std::array<bool, 3> output_mask, const OptTensor& sum_dy_given,
-    const OptTensor& sum_dy_xmu_given, std::optional<int64_t> count_given, const Backend& be) {
+    const OptTensor& sum_dy_xmu_given, std::optional<int64_t> count_given,
+    const OptTensor& relu_output, const Backend& be) {
   check_grad(grad_output, input);
   check_channel(mean, "mean", input);
   check_channel(var, "var", input);
@@ -181,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const auto fmt = kernel_format(input);
   const at::Tensor x = dense(input, fmt);
   const at::Tensor dy = dense(grad_output, fmt);
+  const at::Tensor gate = like_input(relu_output, "relu_output", input, fmt);
   const Layout layout = layout_of(x);
   const auto acc = opmath(input.scalar_type());
   const at::Tensor mean_acc = mean.to(acc);
@@ -205,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     sum_dy_xmu = channel_empty(input, acc);
     const bool need_sums = (training && want_dx) || want_dw || want_db;
     if (need_sums && x.numel() > 0) {
-      be.grad_sums(dy, x, layout, mean_acc, sum_dy, sum_dy_xmu);
+      be.grad_sums(dy, gate, x, layout, mean_acc, sum_dy, sum_dy_xmu);
     } else {
       sum_dy.zero_();
       sum_dy_xmu.zero_();
@@ -216,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                      given ? *count_given : per_channel_count(input), coeffs, want_dw ? grad_weight : at::Tensor(),
                      want_db ? grad_bias : at::Tensor());
   if (want_dx && x.numel() > 0) {
-    be.affine(dy, training ? x : at::Tensor(), layout, coeffs, grad_input);
+    be.affine({dy, training ? x : at::Tensor(), gate, at::Tensor(), false}, layout, coeffs, grad_input);
   }
   return {grad_input, grad_weight, grad_bias};
 }

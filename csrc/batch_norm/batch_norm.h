@@ -6,6 +6,8 @@
 //   eval forward:     affine (read x, write y)                             = 1 read,  1 write
 //   train backward:   grad_sums (read dy, x) + affine (read dy, x, write dx)
 //   eval backward:    affine (read dy, write dx) [+ grad_sums (read dy, x) if weight/bias need grads]
+// The fused variants add the residual to the forward's elementwise read, and the saved output
+// (the ReLU gate) to each backward read.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -25,22 +27,33 @@ struct Layout {
   bool channels_last;
 };
 
+// The operands of the elementwise pass (batch_norm_math.h), any of them undefined when absent:
+//   out = relu?(gated(p) * a + (q - m) * b + d + residual),  gated(p) = p where gate > 0, else 0.
+// The forward of BN+ReLU and BN+add+ReLU uses residual and relu; their backward uses gate (the
+// forward output), so the pre-activation tensor is never stored.
+struct Operands {
+  at::Tensor p, q, gate, residual;
+  bool relu = false;
+};
+
 // A backend's kernels. Per-channel tensors are (C,) in the opmath dtype (float for
 // float/half/bfloat16 inputs, double for double); `coeffs` is (4, C), see batch_norm_math.h.
 // p, q, x and dy are dense in `layout`; undefined tensors stand for absent operands.
 struct Backend {
   void (*moments)(const at::Tensor& x, const Layout& layout, const at::Tensor& mean,
                   const at::Tensor& var);
-  void (*grad_sums)(const at::Tensor& dy, const at::Tensor& x, const Layout& layout,
-                    const at::Tensor& mean, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu);
+  // Sums of dy, with dy taken as 0 where `gate` (if defined) is not > 0: the ReLU backward.
+  void (*grad_sums)(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& x,
+                    const Layout& layout, const at::Tensor& mean, const at::Tensor& sum_dy,
+                    const at::Tensor& sum_dy_xmu);
   void (*forward_coeffs)(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
                          const at::Tensor& bias, double eps, const at::Tensor& coeffs);
   void (*backward_coeffs)(bool train, const at::Tensor& mean, const at::Tensor& var,
                           const at::Tensor& weight, double eps, const at::Tensor& sum_dy,
                           const at::Tensor& sum_dy_xmu, int64_t count, const at::Tensor& coeffs,
                           const at::Tensor& grad_weight, const at::Tensor& grad_bias);
-  void (*affine)(const at::Tensor& p, const at::Tensor& q, const Layout& layout,
-                 const at::Tensor& coeffs, const at::Tensor& out);
+  void (*affine)(const Operands& in, const Layout& layout, const at::Tensor& coeffs,
+                 const at::Tensor& out);
   // factor < 0 means the cumulative average 1 / num_batches_tracked (read on the device).
   void (*update_running)(const at::Tensor& running_mean, const at::Tensor& running_var,
                          const at::Tensor& mean, const at::Tensor& var, int64_t count,
@@ -65,10 +78,11 @@ void dispatch_param(const at::Tensor& param, at::ScalarType fallback, const Fn& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, const OptTensor& weight,
                                                      const OptTensor& bias, double eps,
+                                                     const OptTensor& residual, bool relu,
                                                      const Backend& be);
 at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
                 const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
-                double eps, const Backend& be);
+                double eps, const OptTensor& residual, bool relu, const Backend& be);
 std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& input, const Backend& be);
 std::tuple<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, const at::Tensor& input,
                                              const at::Tensor& mean, const Backend& be);
@@ -76,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const OptTensor& weight, double eps, bool training,
     std::array<bool, 3> output_mask, const OptTensor& sum_dy, const OptTensor& sum_dy_xmu,
-    std::optional<int64_t> count, const Backend& be);
+    std::optional<int64_t> count, const OptTensor& relu_output, const Backend& be);
 void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                   const at::Tensor& var, int64_t count, std::optional<double> momentum,
                   const OptTensor& num_batches_tracked, const Backend& be);
@@ -85,13 +99,15 @@ void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::T
 template <const Backend& be>
 struct Ops {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
-      const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
-    return train(input, weight, bias, eps, be);
+      const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps,
+      const OptTensor& residual, bool relu) {
+    return train(input, weight, bias, eps, residual, relu, be);
   }
   static at::Tensor batch_norm_eval(const at::Tensor& input, const at::Tensor& running_mean,
                                     const at::Tensor& running_var, const OptTensor& weight,
-                                    const OptTensor& bias, double eps) {
-    return eval(input, running_mean, running_var, weight, bias, eps, be);
+                                    const OptTensor& bias, double eps, const OptTensor& residual,
+                                    bool relu) {
+    return eval(input, running_mean, running_var, weight, bias, eps, residual, relu, be);
   }
   static std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
     return stats(input, be);
@@ -105,9 +121,9 @@ struct Ops {
       const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
       const at::Tensor& var, const OptTensor& weight, double eps, bool training,
       std::array<bool, 3> output_mask, const OptTensor& sum_dy, const OptTensor& sum_dy_xmu,
-      std::optional<int64_t> count) {
+      std::optional<int64_t> count, const OptTensor& relu_output) {
     return backward(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy,
-                    sum_dy_xmu, count, be);
+                    sum_dy_xmu, count, relu_output, be);
   }
   static void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
                                        const at::Tensor& mean, const at::Tensor& var,

@@ -65,6 +65,13 @@ T sum_lanes(const typename Lanes<T>::type& v) {
   return s;
 }
 
+// dy[i] in opmath, or 0 where a gate is given and gate[i] is not > 0 (ReLU's backward).
+template <typename opmath_t, typename scalar_t>
+opmath_t gated(const scalar_t* dy, const scalar_t* gate, int64_t i) {
+  const opmath_t g = static_cast<opmath_t>(dy[i]);
+  return gate && !(static_cast<opmath_t>(gate[i]) > opmath_t(0)) ? opmath_t(0) : g;
+}
+
 // Mean and M2 of one row in one sweep, from sums of (x - K) and (x - K)^2 with K the row's first
 // element: close enough to the mean that the squares keep their precision.
 template <typename scalar_t, typename opmath_t>
@@ -93,10 +100,10 @@ void row_moments(const scalar_t* x, int64_t len, opmath_t& mean, opmath_t& m2) {
   m2 = std::max(opmath_t(0), b - mean_d * a);
 }
 
-// sum(dy) and sum(dy (x - mean)) of one row.
+// sum(dy) and sum(dy (x - mean)) of one row; with a gate, dy counts only where gate > 0.
 template <typename scalar_t, typename opmath_t>
-void row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t len, opmath_t mean,
-                   opmath_t& sdy, opmath_t& sdx) {
+void row_grad_sums(const scalar_t* dy, const scalar_t* gate, const scalar_t* x, int64_t len,
+                   opmath_t mean, opmath_t& sdy, opmath_t& sdx) {
   using V = typename Lanes<opmath_t>::type;
   V a = {};
   V b = {};
@@ -105,13 +112,18 @@ void row_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t len, opmath_t 
     V g, v;
     load_lanes<opmath_t>(dy + i, g);
     load_lanes<opmath_t>(x + i, v);
+    if (gate) {
+      V open;
+      load_lanes<opmath_t>(gate + i, open);
+      g = open > opmath_t(0) ? g : V{};
+    }
     a += g;
     b += g * (v - mean);
   }
   sdy = sum_lanes<opmath_t>(a);
   sdx = sum_lanes<opmath_t>(b);
   for (; i < len; ++i) {
-    const opmath_t g = static_cast<opmath_t>(dy[i]);
+    const opmath_t g = gated<opmath_t>(dy, gate, i);
     sdy += g;
     sdx += g * (static_cast<opmath_t>(x[i]) - mean);
   }
@@ -199,11 +211,13 @@ void moments_cpu(const at::Tensor& x, const Layout& l, const at::Tensor& mean, c
 // ----------------------------------------------------------------------------- grad sums
 
 template <typename scalar_t>
-void grad_sums_kernel(const at::Tensor& dy_t, const at::Tensor& x_t, const Layout& l,
+void grad_sums_kernel(const at::Tensor& dy_t, const at::Tensor& gate_t, const at::Tensor& x_t,
+                      const Layout& l,
                       const at::Tensor& mean_t, const at::Tensor& sum_dy_t,
                       const at::Tensor& sum_dy_xmu_t) {
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* dy = dy_t.const_data_ptr<scalar_t>();
+  const scalar_t* gate = gate_t.defined() ? gate_t.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* x = x_t.const_data_ptr<scalar_t>();
   const opmath_t* mean = mean_t.const_data_ptr<opmath_t>();
   const int64_t C = l.C;
@@ -219,7 +233,8 @@ void grad_sums_kernel(const at::Tensor& dy_t, const at::Tensor& x_t, const Layou
         for (int64_t n = l.N * k / per; n < l.N * (k + 1) / per; ++n) {
           opmath_t ra, rb;
           const int64_t off = (n * C + c) * l.S;
-          row_grad_sums<scalar_t, opmath_t>(dy + off, x + off, l.S, mean[c], ra, rb);
+          row_grad_sums<scalar_t, opmath_t>(dy + off, gate ? gate + off : nullptr, x + off, l.S,
+                                            mean[c], ra, rb);
           a += ra;
           b += rb;
         }
@@ -244,10 +259,9 @@ void grad_sums_kernel(const at::Tensor& dy_t, const at::Tensor& x_t, const Layou
           std::fill(a.begin(), a.end(), opmath_t(0));
           std::fill(b.begin(), b.end(), opmath_t(0));
           for (int64_t r = r0; r < std::min(end, r0 + block_rows); ++r) {
-            const scalar_t* g = dy + r * C;
             const scalar_t* v = x + r * C;
             for (int64_t c = 0; c < C; ++c) {
-              const opmath_t gc = static_cast<opmath_t>(g[c]);
+              const opmath_t gc = gated<opmath_t>(dy, gate, r * C + c);
               a[c] += gc;
               b[c] += gc * (static_cast<opmath_t>(v[c]) - mean[c]);
             }
@@ -274,17 +288,27 @@ void grad_sums_kernel(const at::Tensor& dy_t, const at::Tensor& x_t, const Layou
   }
 }
 
-void grad_sums_cpu(const at::Tensor& dy, const at::Tensor& x, const Layout& l, const at::Tensor& mean,
-                   const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
+void grad_sums_cpu(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& x, const Layout& l,
+                   const at::Tensor& mean, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modekernels_bn_grad_sums", [&] {
-    grad_sums_kernel<scalar_t>(dy, x, l, mean, sum_dy, sum_dy_xmu);
+    grad_sums_kernel<scalar_t>(dy, gate, x, l, mean, sum_dy, sum_dy_xmu);
   });
 }
 
 // ------------------------------------------------------------------------------- affine
 
-template <typename scalar_t, bool kHasP, bool kHasQ>
-void affine_kernel(const scalar_t* p, const scalar_t* q, const Layout& l,
+template <typename scalar_t>
+struct AffinePtrs {
+  const scalar_t* p;
+  const scalar_t* q;
+  const scalar_t* gate;
+  const scalar_t* residual;
+  bool relu;
+};
+
+// kFused: gate, residual and relu are looked at (the plain BatchNorm passes skip them).
+template <typename scalar_t, bool kHasP, bool kHasQ, bool kFused>
+void affine_kernel(const AffinePtrs<scalar_t>& in, const Layout& l,
                    const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = l.C;
@@ -292,10 +316,18 @@ void affine_kernel(const scalar_t* p, const scalar_t* q, const Layout& l,
   const opmath_t* B = coeffs + kB * C;
   const opmath_t* M = coeffs + kM * C;
   const opmath_t* D = coeffs + kD * C;
+  const scalar_t* p = in.p;
+  const scalar_t* q = in.q;
   auto element = [&](int64_t i, opmath_t a, opmath_t b, opmath_t m, opmath_t d) {
     opmath_t v = d;
-    if constexpr (kHasP) v += static_cast<opmath_t>(p[i]) * a;
+    if constexpr (kHasP) {
+      v += (kFused ? gated<opmath_t>(p, in.gate, i) : static_cast<opmath_t>(p[i])) * a;
+    }
     if constexpr (kHasQ) v += (static_cast<opmath_t>(q[i]) - m) * b;
+    if constexpr (kFused) {
+      if (in.residual) v += static_cast<opmath_t>(in.residual[i]);
+      if (in.relu && v < opmath_t(0)) v = opmath_t(0);  // NaN stays NaN, as in torch.relu
+    }
     out[i] = static_cast<scalar_t>(v);
   };
   if (!l.channels_last) {
@@ -319,20 +351,34 @@ void affine_kernel(const scalar_t* p, const scalar_t* q, const Layout& l,
   }
 }
 
-void affine_cpu(const at::Tensor& p, const at::Tensor& q, const Layout& l, const at::Tensor& coeffs,
-                const at::Tensor& out) {
+template <typename scalar_t, bool kFused>
+void affine_dispatch(const AffinePtrs<scalar_t>& in, const Layout& l,
+                     const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
+  if (in.p && in.q) {
+    affine_kernel<scalar_t, true, true, kFused>(in, l, coeffs, out);
+  } else if (in.p) {
+    affine_kernel<scalar_t, true, false, kFused>(in, l, coeffs, out);
+  } else {
+    affine_kernel<scalar_t, false, true, kFused>(in, l, coeffs, out);
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
+void affine_cpu(const Operands& in, const Layout& l, const at::Tensor& coeffs, const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "modekernels_bn_affine", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    const AffinePtrs<scalar_t> ptrs{ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), ptr<scalar_t>(in.gate),
+                                    ptr<scalar_t>(in.residual), in.relu};
     const opmath_t* k = coeffs.const_data_ptr<opmath_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t* pp = p.defined() ? p.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* qq = q.defined() ? q.const_data_ptr<scalar_t>() : nullptr;
-    if (pp && qq) {
-      affine_kernel<scalar_t, true, true>(pp, qq, l, k, o);
-    } else if (pp) {
-      affine_kernel<scalar_t, true, false>(pp, qq, l, k, o);
+    if (ptrs.gate || ptrs.residual || ptrs.relu) {
+      affine_dispatch<scalar_t, true>(ptrs, l, k, o);
     } else {
-      affine_kernel<scalar_t, false, true>(pp, qq, l, k, o);
+      affine_dispatch<scalar_t, false>(ptrs, l, k, o);
     }
   });
 }

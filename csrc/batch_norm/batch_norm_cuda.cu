@@ -33,12 +33,19 @@ constexpr int kRowsCL = 8;     // rows per block step in the channels-last reduc
 template <typename index_t>
 using Divider = at::cuda::detail::IntDivider<index_t>;
 
+// dy[i], or 0 where a gate is given and gate[i] is not > 0 (ReLU's backward).
+template <typename T, typename scalar_t>
+__device__ __forceinline__ T gated(const scalar_t* dy, const scalar_t* gate, int64_t i) {
+  return gate && !(static_cast<T>(gate[i]) > T(0)) ? T(0) : static_cast<T>(dy[i]);
+}
+
 // What a reduction accumulates per channel: Welford moments of x, or sums of dy and dy (x - mean).
 template <typename T>
 struct MomentsAcc {
   Moments<T> m;
   template <typename scalar_t>
-  __device__ void push(const scalar_t* /*dy*/, const scalar_t* x, int64_t i, T /*center*/) {
+  __device__ void push(const scalar_t* /*dy*/, const scalar_t* /*gate*/, const scalar_t* x,
+                       int64_t i, T /*center*/) {
     const T v = static_cast<T>(x[i]);
     m.n += T(1);
     const T delta = v - m.mean;
@@ -65,8 +72,9 @@ struct GradAcc {
   T sdy = T(0);
   T sdx = T(0);
   template <typename scalar_t>
-  __device__ void push(const scalar_t* dy, const scalar_t* x, int64_t i, T center) {
-    const T g = static_cast<T>(dy[i]);
+  __device__ void push(const scalar_t* dy, const scalar_t* gate, const scalar_t* x, int64_t i,
+                       T center) {
+    const T g = gated<T>(dy, gate, i);
     sdy += g;
     sdx += g * (static_cast<T>(x[i]) - center);
   }
@@ -108,7 +116,8 @@ __device__ Acc block_merge(Acc acc) {
 // S is small (7x7), and split with a multiply-shift division (IntDivider) when 32 bits suffice.
 template <typename scalar_t, typename Acc, typename index_t>
 __global__ void __launch_bounds__(cuda::kThreads)
-    reduce_cf(const scalar_t* dy, const scalar_t* x, index_t N, int64_t C, Divider<index_t> s_div,
+    reduce_cf(const scalar_t* dy, const scalar_t* gate, const scalar_t* x, index_t N, int64_t C,
+              Divider<index_t> s_div,
               const at::opmath_type<scalar_t>* center, Acc* partial) {
   const int64_t c = blockIdx.x;
   const index_t S = s_div.divisor;
@@ -119,7 +128,7 @@ __global__ void __launch_bounds__(cuda::kThreads)
   Acc acc;
   for (index_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
     const auto ns = s_div.divmod(e);
-    acc.push(dy, x, (static_cast<int64_t>(ns.div) * C + c) * S + ns.mod, ctr);
+    acc.push(dy, gate, x, (static_cast<int64_t>(ns.div) * C + c) * S + ns.mod, ctr);
   }
   acc = block_merge(acc);
   if (threadIdx.x == 0) partial[blockIdx.y * C + c] = acc;
@@ -128,7 +137,7 @@ __global__ void __launch_bounds__(cuda::kThreads)
 // Channels-last partials: block (tile, split), threads (lane = channel in tile, row).
 template <typename scalar_t, typename Acc>
 __global__ void __launch_bounds__(kLanesCL * kRowsCL)
-    reduce_cl(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C,
+    reduce_cl(const scalar_t* dy, const scalar_t* gate, const scalar_t* x, int64_t rows, int64_t C,
               const at::opmath_type<scalar_t>* center, Acc* partial) {
   __shared__ char smem[sizeof(Acc) * kLanesCL * kRowsCL];
   Acc* accs = reinterpret_cast<Acc*>(smem);
@@ -141,7 +150,7 @@ __global__ void __launch_bounds__(kLanesCL * kRowsCL)
   Acc acc;
   if (c < C) {
     const auto ctr = center ? center[c] : at::opmath_type<scalar_t>(0);
-    for (int64_t r = r0 + row; r < r1; r += kRowsCL) acc.push(dy, x, r * C + c, ctr);
+    for (int64_t r = r0 + row; r < r1; r += kRowsCL) acc.push(dy, gate, x, r * C + c, ctr);
   }
   accs[threadIdx.x] = acc;
   __syncthreads();
@@ -171,13 +180,14 @@ int64_t row_splits(int64_t columns, int64_t rows) {
 
 // Reduces x (and dy) per channel into out0/out1 (opmath, (C,)) with accumulator Acc.
 template <typename scalar_t, template <typename> class AccT>
-void reduce(const at::Tensor& dy, const at::Tensor& x, const Layout& l, const at::Tensor& center,
-            const at::Tensor& out0, const at::Tensor& out1) {
+void reduce(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& x, const Layout& l,
+            const at::Tensor& center, const at::Tensor& out0, const at::Tensor& out1) {
   using T = at::opmath_type<scalar_t>;
   using Acc = AccT<T>;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* dyp = dy.defined() ? dy.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* gp = gate.defined() ? gate.const_data_ptr<scalar_t>() : nullptr;
   const T* cp = center.defined() ? center.const_data_ptr<T>() : nullptr;
   const int64_t C = l.C;
   int64_t splits;
@@ -188,10 +198,10 @@ void reduce(const at::Tensor& dy, const at::Tensor& x, const Layout& l, const at
     auto* out = reinterpret_cast<Acc*>(partial.data_ptr());
     if (cuda::fits_int32(l.N * l.S)) {
       reduce_cf<scalar_t, Acc, uint32_t><<<dim3(C, splits), cuda::kThreads, 0, stream>>>(
-          dyp, xp, static_cast<uint32_t>(l.N), C, Divider<uint32_t>(l.S), cp, out);
+          dyp, gp, xp, static_cast<uint32_t>(l.N), C, Divider<uint32_t>(l.S), cp, out);
     } else {
       reduce_cf<scalar_t, Acc, uint64_t><<<dim3(C, splits), cuda::kThreads, 0, stream>>>(
-          dyp, xp, static_cast<uint64_t>(l.N), C, Divider<uint64_t>(l.S), cp, out);
+          dyp, gp, xp, static_cast<uint64_t>(l.N), C, Divider<uint64_t>(l.S), cp, out);
     }
   } else {
     const int64_t rows = l.N * l.S;
@@ -199,7 +209,7 @@ void reduce(const at::Tensor& dy, const at::Tensor& x, const Layout& l, const at
     splits = row_splits(tiles, (rows + kRowsCL - 1) / kRowsCL);
     partial = at::empty({static_cast<int64_t>(splits * C * sizeof(Acc))}, x.options().dtype(at::kByte));
     reduce_cl<scalar_t, Acc><<<dim3(tiles, splits), kLanesCL * kRowsCL, 0, stream>>>(
-        dyp, xp, rows, C, cp, reinterpret_cast<Acc*>(partial.data_ptr()));
+        dyp, gp, xp, rows, C, cp, reinterpret_cast<Acc*>(partial.data_ptr()));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finalize<T, Acc><<<(C + cuda::kThreads - 1) / cuda::kThreads, cuda::kThreads, 0, stream>>>(
@@ -210,27 +220,56 @@ void reduce(const at::Tensor& dy, const at::Tensor& x, const Layout& l, const at
 void moments_cuda(const at::Tensor& x, const Layout& l, const at::Tensor& mean, const at::Tensor& var) {
   c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modekernels_bn_moments", [&] {
-    reduce<scalar_t, MomentsAcc>(at::Tensor(), x, l, at::Tensor(), mean, var);
+    reduce<scalar_t, MomentsAcc>(at::Tensor(), at::Tensor(), x, l, at::Tensor(), mean, var);
   });
 }
 
-void grad_sums_cuda(const at::Tensor& dy, const at::Tensor& x, const Layout& l, const at::Tensor& mean,
-                    const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
+void grad_sums_cuda(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& x, const Layout& l,
+                    const at::Tensor& mean, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
   c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modekernels_bn_grad_sums", [&] {
-    reduce<scalar_t, GradAcc>(dy, x, l, mean, sum_dy, sum_dy_xmu);
+    reduce<scalar_t, GradAcc>(dy, gate, x, l, mean, sum_dy, sum_dy_xmu);
   });
 }
 
 // ------------------------------------------------------------------------------- affine
 
+// Vector v of kVec elements: one 16-byte access when kVec > 1, a plain element otherwise.
+template <int kVec, typename scalar_t, typename index_t>
+__device__ __forceinline__ void load(const scalar_t* src, index_t v, cuda::Vec<scalar_t, kVec>& dst) {
+  if constexpr (kVec == 1) {
+    dst.v[0] = src[v];
+  } else {
+    dst = reinterpret_cast<const cuda::Vec<scalar_t, kVec>*>(src)[v];
+  }
+}
+
+template <int kVec, typename scalar_t, typename index_t>
+__device__ __forceinline__ void store(scalar_t* dst, index_t v, const cuda::Vec<scalar_t, kVec>& src) {
+  if constexpr (kVec == 1) {
+    dst[v] = src.v[0];
+  } else {
+    reinterpret_cast<cuda::Vec<scalar_t, kVec>*>(dst)[v] = src;
+  }
+}
+
 // Each thread of a grid-stride loop takes kVec consecutive elements: with kVec > 1 (the innermost
 // dimension, S or C, a multiple of kVec and 16-byte aligned pointers) as 128-bit loads and stores,
 // all in one channel (channels-first) or in kVec consecutive channels (channels-last), so the
 // channel is found once per vector.
-template <typename scalar_t, typename index_t, int kVec, bool kHasP, bool kHasQ>
+template <typename scalar_t>
+struct AffinePtrs {
+  const scalar_t* p;
+  const scalar_t* q;
+  const scalar_t* gate;
+  const scalar_t* residual;
+  bool relu;
+};
+
+// kFused: gate, residual and relu are looked at (the plain BatchNorm passes skip them).
+template <typename scalar_t, typename index_t, int kVec, bool kHasP, bool kHasQ, bool kFused>
 __global__ void __launch_bounds__(cuda::kThreads)
-    affine_kernel(const scalar_t* p, const scalar_t* q, index_t nvec, Divider<index_t> s_div,
+    affine_kernel(AffinePtrs<scalar_t> in, index_t nvec, Divider<index_t> s_div,
                   Divider<index_t> c_div, bool channels_last,
                   const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
   using T = at::opmath_type<scalar_t>;
@@ -240,34 +279,34 @@ __global__ void __launch_bounds__(cuda::kThreads)
   for (index_t v = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
     const index_t first = v * kVec;
     const index_t c0 = channels_last ? c_div.mod(first) : c_div.mod(s_div.div(first));
-    scalar_t pv[kVec];
-    scalar_t qv[kVec];
-    scalar_t ov[kVec];
-    if constexpr (kVec == 1) {
-      if constexpr (kHasP) pv[0] = p[first];
-      if constexpr (kHasQ) qv[0] = q[first];
-    } else {
-      if constexpr (kHasP) *reinterpret_cast<V*>(pv) = reinterpret_cast<const V*>(p)[v];
-      if constexpr (kHasQ) *reinterpret_cast<V*>(qv) = reinterpret_cast<const V*>(q)[v];
+    V pv, qv, gv, rv, ov;
+    if constexpr (kHasP) load<kVec>(in.p, v, pv);
+    if constexpr (kHasQ) load<kVec>(in.q, v, qv);
+    if constexpr (kFused) {
+      if (in.gate) load<kVec>(in.gate, v, gv);
+      if (in.residual) load<kVec>(in.residual, v, rv);
     }
     MK_UNROLL
     for (int k = 0; k < kVec; ++k) {
       const index_t c = channels_last ? c0 + k : c0;
       T r = coeffs[kD * C + c];
-      if constexpr (kHasP) r += static_cast<T>(pv[k]) * coeffs[kA * C + c];
-      if constexpr (kHasQ) r += (static_cast<T>(qv[k]) - coeffs[kM * C + c]) * coeffs[kB * C + c];
-      ov[k] = static_cast<scalar_t>(r);
+      if constexpr (kHasP) {
+        const bool open = !kFused || !in.gate || static_cast<T>(gv.v[k]) > T(0);
+        r += (open ? static_cast<T>(pv.v[k]) : T(0)) * coeffs[kA * C + c];
+      }
+      if constexpr (kHasQ) r += (static_cast<T>(qv.v[k]) - coeffs[kM * C + c]) * coeffs[kB * C + c];
+      if constexpr (kFused) {
+        if (in.residual) r += static_cast<T>(rv.v[k]);
+        if (in.relu && r < T(0)) r = T(0);  // NaN stays NaN, as in torch.relu
+      }
+      ov.v[k] = static_cast<scalar_t>(r);
     }
-    if constexpr (kVec == 1) {
-      out[first] = ov[0];
-    } else {
-      reinterpret_cast<V*>(out)[v] = *reinterpret_cast<V*>(ov);
-    }
+    store<kVec>(out, v, ov);
   }
 }
 
-template <typename scalar_t, typename index_t, int kVec>
-void launch_affine(const scalar_t* p, const scalar_t* q, const Layout& l, int64_t n,
+template <typename scalar_t, typename index_t, int kVec, bool kFused>
+void launch_affine(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t n,
                    const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
   const int64_t nvec = n / kVec;
   const auto grid = cuda::grid_size(nvec);
@@ -275,45 +314,60 @@ void launch_affine(const scalar_t* p, const scalar_t* q, const Layout& l, int64_
   const Divider<index_t> s_div(static_cast<index_t>(l.S));
   const Divider<index_t> c_div(static_cast<index_t>(l.C));
   const auto nv = static_cast<index_t>(nvec);
-  if (p && q) {
-    affine_kernel<scalar_t, index_t, kVec, true, true><<<grid, cuda::kThreads, 0, stream>>>(
-        p, q, nv, s_div, c_div, l.channels_last, coeffs, out);
-  } else if (p) {
-    affine_kernel<scalar_t, index_t, kVec, true, false><<<grid, cuda::kThreads, 0, stream>>>(
-        p, q, nv, s_div, c_div, l.channels_last, coeffs, out);
+  if (in.p && in.q) {
+    affine_kernel<scalar_t, index_t, kVec, true, true, kFused><<<grid, cuda::kThreads, 0, stream>>>(
+        in, nv, s_div, c_div, l.channels_last, coeffs, out);
+  } else if (in.p) {
+    affine_kernel<scalar_t, index_t, kVec, true, false, kFused><<<grid, cuda::kThreads, 0, stream>>>(
+        in, nv, s_div, c_div, l.channels_last, coeffs, out);
   } else {
-    affine_kernel<scalar_t, index_t, kVec, false, true><<<grid, cuda::kThreads, 0, stream>>>(
-        p, q, nv, s_div, c_div, l.channels_last, coeffs, out);
+    affine_kernel<scalar_t, index_t, kVec, false, true, kFused><<<grid, cuda::kThreads, 0, stream>>>(
+        in, nv, s_div, c_div, l.channels_last, coeffs, out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, typename index_t>
-void launch_affine(const scalar_t* p, const scalar_t* q, const Layout& l, int64_t n,
+template <typename scalar_t, typename index_t, int kVec>
+void launch_affine(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t n,
                    const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const int64_t inner = l.channels_last ? l.C : l.S;
-  const bool vectorize = inner % kVec == 0 && cuda::aligned16(out) && (!p || cuda::aligned16(p)) &&
-                         (!q || cuda::aligned16(q));
-  if (vectorize) {
-    launch_affine<scalar_t, index_t, kVec>(p, q, l, n, coeffs, out);
+  if (in.gate || in.residual || in.relu) {
+    launch_affine<scalar_t, index_t, kVec, true>(in, l, n, coeffs, out);
   } else {
-    launch_affine<scalar_t, index_t, 1>(p, q, l, n, coeffs, out);
+    launch_affine<scalar_t, index_t, kVec, false>(in, l, n, coeffs, out);
   }
 }
 
-void affine_cuda(const at::Tensor& p, const at::Tensor& q, const Layout& l, const at::Tensor& coeffs,
-                 const at::Tensor& out) {
+template <typename scalar_t, typename index_t>
+void launch_affine(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t n,
+                   const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int64_t inner = l.channels_last ? l.C : l.S;
+  auto fits = [](const scalar_t* operand) { return !operand || cuda::aligned16(operand); };
+  const bool vectorize = inner % kVec == 0 && cuda::aligned16(out) && fits(in.p) && fits(in.q) &&
+                         fits(in.gate) && fits(in.residual);
+  if (vectorize) {
+    launch_affine<scalar_t, index_t, kVec>(in, l, n, coeffs, out);
+  } else {
+    launch_affine<scalar_t, index_t, 1>(in, l, n, coeffs, out);
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
+void affine_cuda(const Operands& in, const Layout& l, const at::Tensor& coeffs, const at::Tensor& out) {
   c10::cuda::CUDAGuard guard(out.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "modekernels_bn_affine", [&] {
     using T = at::opmath_type<scalar_t>;
-    const scalar_t* pp = p.defined() ? p.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* qq = q.defined() ? q.const_data_ptr<scalar_t>() : nullptr;
+    const AffinePtrs<scalar_t> ptrs{ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), ptr<scalar_t>(in.gate),
+                                    ptr<scalar_t>(in.residual), in.relu};
     const int64_t n = out.numel();
     if (cuda::fits_int32(n)) {
-      launch_affine<scalar_t, uint32_t>(pp, qq, l, n, coeffs.const_data_ptr<T>(), out.data_ptr<scalar_t>());
+      launch_affine<scalar_t, uint32_t>(ptrs, l, n, coeffs.const_data_ptr<T>(), out.data_ptr<scalar_t>());
     } else {
-      launch_affine<scalar_t, uint64_t>(pp, qq, l, n, coeffs.const_data_ptr<T>(), out.data_ptr<scalar_t>());
+      launch_affine<scalar_t, uint64_t>(ptrs, l, n, coeffs.const_data_ptr<T>(), out.data_ptr<scalar_t>());
     }
   });
 }
