@@ -3,8 +3,15 @@ from . import _ops, functional, reference
 from ._load import built_with
 from .models import (ModeError, ModeReport, check_modes, convert, evaluating, freeze_batchnorm,
                      modes, revert, training, unfreeze_batchnorm)
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, Dropout
+from .nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAddReLU1d, BatchNormAddReLU2d,
+                 BatchNormAddReLU3d, BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, Dropout)
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Dropout", "ModeError", "ModeReport",
-           "built_with", "check_modes", "convert", "evaluating", "freeze_batchnorm", "functional",
-           "modes", "reference", "revert", "training", "unfreeze_batchnorm"]
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "BatchNormAddReLU1d", "BatchNormAddReLU2d", "BatchNormAddReLU3d",
+    "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
+    "Dropout",
+    "ModeError", "ModeReport", "built_with", "check_modes", "convert", "evaluating",
+    "freeze_batchnorm", "functional", "modes", "reference", "revert", "training",
+    "unfreeze_batchnorm",
+]
