@@ -23,6 +23,18 @@ TORCH_LIBRARY(modekernels, m) {
         {at::Tag::nondeterministic_seeded});
   // Deterministic: multiplies by the mask and scale of the saved rng_state.
   m.def("dropout_backward(Tensor grad_output, Tensor rng_state, float p) -> Tensor");
+  // Fused: residual + dropout(input) and residual + dropout(input + bias), bias over the last
+  // dimension; their gradients are dropout_backward's (and its sum for the bias).
+  m.def("dropout_add(Tensor input, Tensor residual, float p, Generator? generator=None) -> (Tensor output, Tensor rng_state)",
+        {at::Tag::nondeterministic_seeded});
+  m.def("bias_dropout_add(Tensor input, Tensor bias, Tensor residual, float p, Generator? generator=None) -> (Tensor output, Tensor rng_state)",
+        {at::Tag::nondeterministic_seeded});
+  // Channel-wise (Dropout1d/2d/3d): one mask per (n, c) of an (N, C, *) input.
+  m.def("feature_dropout(Tensor input, float p, Generator? generator=None) -> (Tensor output, Tensor rng_state)",
+        {at::Tag::nondeterministic_seeded});
+  m.def("feature_dropout_(Tensor(a!) input, float p, Generator? generator=None) -> Tensor rng_state",
+        {at::Tag::nondeterministic_seeded});
+  m.def("feature_dropout_backward(Tensor grad_output, Tensor rng_state, float p) -> Tensor");
 
   // BatchNorm (csrc/batch_norm). Statistics come out in the opmath dtype (float32, or float64
   // for float64 inputs); `var` is the biased batch variance. The running-statistics update is its

@@ -4,13 +4,14 @@ from ._load import built_with
 from .models import (ModeError, ModeReport, check_modes, convert, evaluating, freeze_batchnorm,
                      modes, revert, training, unfreeze_batchnorm)
 from .nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAddReLU1d, BatchNormAddReLU2d,
-                 BatchNormAddReLU3d, BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, Dropout)
+                 BatchNormAddReLU3d, BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d,
+                 BiasDropoutAdd, Dropout, Dropout1d, Dropout2d, Dropout3d, DropoutAdd)
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "BatchNormAddReLU1d", "BatchNormAddReLU2d", "BatchNormAddReLU3d",
     "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
-    "Dropout",
+    "BiasDropoutAdd", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropoutAdd",
     "ModeError", "ModeReport", "built_with", "check_modes", "convert", "evaluating",
     "freeze_batchnorm", "functional", "modes", "reference", "revert", "training",
     "unfreeze_batchnorm",

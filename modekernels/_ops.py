@@ -2,6 +2,8 @@
 
 The schemas live in csrc/ops.cpp; importing this module loads the extension that registers them.
 """
+import functools
+
 import torch
 
 from ._load import load_extension
@@ -18,8 +20,9 @@ def _in_layout(t, stride):
 
 
 # ----------------------------------------------------------------------------------- dropout
-# The mask is laid over the memory order of the forward output and rebuilt from its 16-byte
-# rng_state, so a backward first puts the incoming gradient in the output's strides.
+# An elementwise mask is laid over the memory order of the forward output and rebuilt from its
+# 16-byte rng_state, so its backward first puts the incoming gradient in the output's strides. A
+# channel-wise (feature) mask belongs to the (n, c) indices and needs no such care.
 
 def dropout(input, p, generator=None):
     """(output, rng_state): output = input * mask / (1 - p), always in training mode."""
@@ -28,7 +31,27 @@ def dropout(input, p, generator=None):
 
 def dropout_(input, p, generator=None):
     """In-place dropout; returns input. Differentiable through an autograd.Function."""
-    return _DropoutInplace.apply(input, p, generator)
+    return _DropoutInplace.apply(input, p, generator, False)
+
+
+def dropout_add(input, residual, p, generator=None):
+    """(residual + dropout(input), rng_state) in one pass."""
+    return _ops.dropout_add.default(input, residual, p, generator)
+
+
+def bias_dropout_add(input, bias, residual, p, generator=None):
+    """(residual + dropout(input + bias), rng_state) in one pass; bias over the last dimension."""
+    return _ops.bias_dropout_add.default(input, bias, residual, p, generator)
+
+
+def feature_dropout(input, p, generator=None):
+    """(output, rng_state): one mask per (n, c) of an (N, C, *) input."""
+    return _ops.feature_dropout.default(input, p, generator)
+
+
+def feature_dropout_(input, p, generator=None):
+    """In-place channel-wise dropout; returns input."""
+    return _DropoutInplace.apply(input, p, generator, True)
 
 
 def dropout_backward(grad_output, rng_state, p, stride=None):
@@ -38,14 +61,43 @@ def dropout_backward(grad_output, rng_state, p, stride=None):
     return _ops.dropout_backward.default(grad_output, rng_state, p)
 
 
+def _state_fake(input):
+    return input.new_empty((2,), dtype=torch.int64)
+
+
+def _feature_format(input):
+    fmt = torch._prims_common.suggest_memory_format(input)
+    return fmt if input.is_contiguous(memory_format=fmt) else torch.contiguous_format
+
+
 @torch.library.register_fake("modekernels::dropout")
 def _(input, p, generator=None):
-    return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
+    return torch.empty_like(input), _state_fake(input)
 
 
 @torch.library.register_fake("modekernels::dropout_")
 def _(input, p, generator=None):
-    return input.new_empty((2,), dtype=torch.int64)
+    return _state_fake(input)
+
+
+@torch.library.register_fake("modekernels::dropout_add")
+def _(input, residual, p, generator=None):
+    return torch.empty_like(input), _state_fake(input)
+
+
+@torch.library.register_fake("modekernels::bias_dropout_add")
+def _(input, bias, residual, p, generator=None):
+    return torch.empty_like(input, memory_format=torch.contiguous_format), _state_fake(input)
+
+
+@torch.library.register_fake("modekernels::feature_dropout")
+def _(input, p, generator=None):
+    return torch.empty_like(input, memory_format=_feature_format(input)), _state_fake(input)
+
+
+@torch.library.register_fake("modekernels::feature_dropout_")
+def _(input, p, generator=None):
+    return _state_fake(input)
 
 
 @torch.library.register_fake("modekernels::dropout_backward")
@@ -53,14 +105,22 @@ def _(grad_output, rng_state, p):
     return torch.empty_like(grad_output)
 
 
-def _save_mask(ctx, p, rng_state, out):
+@torch.library.register_fake("modekernels::feature_dropout_backward")
+def _(grad_output, rng_state, p):
+    return torch.empty_like(grad_output, memory_format=_feature_format(grad_output))
+
+
+def _save_mask(ctx, p, rng_state, out, feature=False):
     ctx.p = p
+    ctx.feature = feature
     ctx.stride = out.stride()
     ctx.save_for_backward(rng_state)
 
 
 def _apply_saved_mask(ctx, grad):
     (rng_state,) = ctx.saved_tensors
+    if ctx.feature:
+        return _ops.feature_dropout_backward.default(grad, rng_state, ctx.p)
     return dropout_backward(grad, rng_state, ctx.p, ctx.stride)
 
 
@@ -73,33 +133,65 @@ def _dropout_grad(ctx, grad_out, _grad_state):
     return _apply_saved_mask(ctx, grad_out), None, None
 
 
-def _dropout_backward_setup(ctx, inputs, output):
+def _feature_setup(ctx, inputs, output):
+    out, rng_state = output
+    _save_mask(ctx, inputs[1], rng_state, out, feature=True)
+
+
+def _dropout_add_setup(ctx, inputs, output):
+    out, rng_state = output
+    _save_mask(ctx, inputs[2], rng_state, out)
+
+
+def _dropout_add_grad(ctx, grad_out, _grad_state):
+    return _apply_saved_mask(ctx, grad_out), grad_out, None, None
+
+
+def _bias_dropout_add_setup(ctx, inputs, output):
+    out, rng_state = output
+    _save_mask(ctx, inputs[3], rng_state, out)
+
+
+def _bias_dropout_add_grad(ctx, grad_out, _grad_state):
+    grad_input = _apply_saved_mask(ctx, grad_out)
+    grad_bias = grad_input.reshape(-1, grad_input.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+    return grad_input, grad_bias, grad_out, None, None
+
+
+def _mask_backward_setup(ctx, inputs, output, feature):
     _, rng_state, p = inputs
-    _save_mask(ctx, p, rng_state, output)
+    _save_mask(ctx, p, rng_state, output, feature)
 
 
-def _dropout_backward_grad(ctx, grad):
-    # dropout_backward is linear in grad_output: its own gradient applies the same mask again.
+def _mask_backward_grad(ctx, grad):
+    # The backward ops are linear in grad_output: their own gradient applies the same mask again.
     return _apply_saved_mask(ctx, grad), None, None
 
 
-torch.library.register_autograd("modekernels::dropout", _dropout_grad, setup_context=_dropout_setup)
-torch.library.register_autograd("modekernels::dropout_backward", _dropout_backward_grad,
-                                setup_context=_dropout_backward_setup)
+for _name, _grad, _setup in [
+    ("dropout", _dropout_grad, _dropout_setup),
+    ("feature_dropout", _dropout_grad, _feature_setup),
+    ("dropout_add", _dropout_add_grad, _dropout_add_setup),
+    ("bias_dropout_add", _bias_dropout_add_grad, _bias_dropout_add_setup),
+    ("dropout_backward", _mask_backward_grad, functools.partial(_mask_backward_setup, feature=False)),
+    ("feature_dropout_backward", _mask_backward_grad, functools.partial(_mask_backward_setup, feature=True)),
+]:
+    torch.library.register_autograd(f"modekernels::{_name}", _grad, setup_context=_setup)
 
 
 class _DropoutInplace(torch.autograd.Function):
-    # register_autograd takes only functional schemas, so the mutating op gets a Function.
+    # register_autograd takes only functional schemas, so the mutating ops get a Function.
     @staticmethod
-    def forward(ctx, input, p, generator):
-        rng_state = _ops.dropout_.default(input, p, generator)
+    def forward(ctx, input, p, generator, feature):
+        op = _ops.feature_dropout_ if feature else _ops.dropout_
+        rng_state = op.default(input, p, generator)
         ctx.mark_dirty(input)
-        _save_mask(ctx, p, rng_state, input)
+        _save_mask(ctx, p, rng_state, input, feature)
         return input
 
     @staticmethod
     def backward(ctx, grad):
-        return _apply_saved_mask(ctx, grad), None, None
+        return _apply_saved_mask(ctx, grad), None, None, None
 
 
 # -------------------------------------------------------------------------------- batch norm

@@ -1,4 +1,8 @@
 """The functional API: the same signatures and semantics as torch.nn.functional."""
+import warnings
+
+import torch
+
 from . import _ops
 
 
@@ -9,14 +13,104 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     (a torch.Generator on input's device) makes the mask reproducible independently of the global
     seed.
     """
-    if not 0.0 <= p <= 1.0:  # NaN included
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    _check_p(p)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if inplace:
         return _ops.dropout_(input, p, generator)
     return _ops.dropout(input, p, generator)[0]
 
+
+
+def _check_p(p):
+    if not 0.0 <= p <= 1.0:  # NaN included
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def dropout_add(input, residual, p=0.5, training=True, generator=None):
+    """residual + dropout(input) in one pass; in eval (or p == 0) the single add."""
+    _check_p(p)
+    if not training or p == 0.0 or input.numel() == 0:
+        return torch.add(residual, input)
+    return _ops.dropout_add(input, residual, p, generator)[0]
+
+
+def bias_dropout_add(input, bias, residual, p=0.5, training=True, generator=None):
+    """residual + dropout(input + bias), bias over the last dimension, in one pass.
+
+    In eval (or p == 0) this is residual + input + bias through torch's adds.
+    """
+    _check_p(p)
+    if not training or p == 0.0 or input.numel() == 0:
+        return torch.add(residual, torch.add(input, bias))
+    return _ops.bias_dropout_add(input, bias, residual, p, generator)[0]
+
+
+def _feature_dropout(input, p, training, inplace, generator):
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    if inplace:
+        return _ops.feature_dropout_(input, p, generator)
+    return _ops.feature_dropout(input, p, generator)[0]
+
+
+def _unbatched_feature_dropout(input, batched, p, training, inplace, generator):
+    if batched:
+        return _feature_dropout(input, p, training, inplace, generator)
+    input = input.unsqueeze_(0) if inplace else input.unsqueeze(0)
+    result = _feature_dropout(input, p, training, inplace, generator)
+    return result.squeeze_(0) if inplace else result.squeeze(0)
+
+
+def dropout1d(input, p=0.5, training=True, inplace=False, generator=None):
+    """torch.nn.functional.dropout1d: one mask per channel of (N, C, L) or (C, L)."""
+    _check_p(p)
+    if input.dim() not in (2, 3):
+        raise RuntimeError(
+            f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
+            "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
+            "spatial dimension, a channel dimension, and an optional batch dimension "
+            "(i.e. 2D or 3D inputs).")
+    return _unbatched_feature_dropout(input, input.dim() == 3, p, training, inplace, generator)
+
+
+def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
+    """torch.nn.functional.dropout2d: one mask per channel of (N, C, H, W).
+
+    Like torch, a 3-D input is taken as (N, C, L), with torch's warning.
+    """
+    _check_p(p)
+    if input.dim() not in (3, 4):
+        warnings.warn(
+            f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout2d "
+            "exists to provide channel-wise dropout on inputs with 2 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
+            stacklevel=2)
+    if input.dim() == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
+            "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
+            "is the channel dim. This behavior will change in a future release to interpret the "
+            "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
+            "channel-wise dropout behavior, please switch to using dropout1d instead.",
+            stacklevel=2)
+    return _feature_dropout(input, p, training, inplace, generator)
+
+
+def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
+    """torch.nn.functional.dropout3d: one mask per channel of (N, C, D, H, W) or (C, D, H, W)."""
+    _check_p(p)
+    if input.dim() not in (4, 5):
+        warnings.warn(
+            f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout3d "
+            "exists to provide channel-wise dropout on inputs with 3 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).",
+            stacklevel=2)
+    return _unbatched_feature_dropout(input, input.dim() == 5, p, training, inplace, generator)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,

@@ -13,6 +13,38 @@ class Dropout(torch.nn.Dropout):
         return F.dropout(input, self.p, self.training, self.inplace)
 
 
+class Dropout1d(torch.nn.Dropout1d):
+    def forward(self, input):
+        return F.dropout1d(input, self.p, self.training, self.inplace)
+
+
+class Dropout2d(torch.nn.Dropout2d):
+    def forward(self, input):
+        return F.dropout2d(input, self.p, self.training, self.inplace)
+
+
+class Dropout3d(torch.nn.Dropout3d):
+    def forward(self, input):
+        return F.dropout3d(input, self.p, self.training, self.inplace)
+
+
+class DropoutAdd(torch.nn.modules.dropout._DropoutNd):
+    """residual + Dropout(p)(input) in one pass: forward(input, residual). `inplace` is unused."""
+
+    def forward(self, input, residual):
+        return F.dropout_add(input, residual, self.p, self.training)
+
+
+class BiasDropoutAdd(torch.nn.modules.dropout._DropoutNd):
+    """residual + Dropout(p)(input + bias), the transformer residual path, in one pass.
+
+    forward(input, bias, residual); bias is over the last dimension. `inplace` is unused.
+    """
+
+    def forward(self, input, bias, residual):
+        return F.bias_dropout_add(input, bias, residual, self.p, self.training)
+
+
 
 class _BatchNormForward:
     """forward() of torch's _BatchNorm on our kernels; everything else is torch's own.

@@ -141,3 +141,157 @@ def test_torch_compile_fullgraph_resnet_block_tail(device):
     for mode in ("train", "eval"):
         getattr(block, mode)()
         torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------- dropout + residual paths
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["dropout-add", "bias-dropout-add"])
+def test_dropout_add_equals_residual_plus_dropout(device, dtype, with_bias):
+    from modekernels import _ops, reference
+    x = (torch.rand(3, 7, 33, device=device) + 0.5).to(dtype).requires_grad_()
+    r = torch.randn(3, 7, 33, device=device).to(dtype).requires_grad_()
+    b = torch.randn(33, device=device).to(dtype).requires_grad_()
+    if with_bias:
+        y, state = _ops.bias_dropout_add(x, b, r, 0.3)
+        dropped = reference.dropout((x + b).detach(), 0.3, state)
+    else:
+        y, state = _ops.dropout_add(x, r, 0.3)
+        dropped = reference.dropout(x.detach(), 0.3, state)
+    torch.testing.assert_close(y, r.detach() + dropped, **TOL[dtype])
+    g = torch.randn_like(y)
+    y.backward(g)
+    mask_grad = reference.dropout(g, 0.3, state)
+    torch.testing.assert_close(x.grad, mask_grad, atol=0, rtol=0)
+    torch.testing.assert_close(r.grad, g, atol=0, rtol=0)
+    if with_bias:
+        opmath = reference.opmath_dtype(dtype)
+        torch.testing.assert_close(b.grad, mask_grad.to(opmath).sum((0, 1)).to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["dropout-add", "bias-dropout-add"])
+def test_dropout_add_eval_and_p0_are_the_plain_sum(with_bias):
+    x, r, b = torch.randn(4, 8), torch.randn(4, 8), torch.randn(8)
+    expected = r + x + b if with_bias else r + x
+    module = modekernels.BiasDropoutAdd(0.5) if with_bias else modekernels.DropoutAdd(0.5)
+    args = (x, b, r) if with_bias else (x, r)
+    torch.testing.assert_close(module.eval()(*args), expected)
+    fn = MF.bias_dropout_add if with_bias else MF.dropout_add
+    torch.testing.assert_close(fn(*args, p=0.0), expected)
+
+
+# -------------------------------------------------------------------- channel-wise dropout
+
+FEATURE = {
+    "1d": (modekernels.Dropout1d, torch.nn.Dropout1d, (4, 6, 9)),
+    "1d-unbatched": (modekernels.Dropout1d, torch.nn.Dropout1d, (6, 9)),
+    "2d": (modekernels.Dropout2d, torch.nn.Dropout2d, (4, 6, 5, 7)),
+    "3d": (modekernels.Dropout3d, torch.nn.Dropout3d, (2, 6, 3, 4, 5)),
+    "3d-unbatched": (modekernels.Dropout3d, torch.nn.Dropout3d, (6, 3, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", list(FEATURE))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_channelwise_dropout_masks_whole_channels(device, dtype, case, channels_last):
+    ours_cls, theirs_cls, shape = FEATURE[case]
+    x = (torch.rand(shape, device=device) + 0.5).to(dtype)
+    if channels_last:
+        if x.dim() not in (4, 5):
+            pytest.skip("channels-last needs a 4-D or 5-D tensor")
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    module = ours_cls(0.5)
+    assert isinstance(module, theirs_cls) and repr(module) == repr(theirs_cls(0.5))
+    x.requires_grad_()
+    y = module(x)
+    assert y.shape == x.shape
+    batched = x if x.dim() == len(FEATURE[case][2]) and not case.endswith("unbatched") else x.unsqueeze(0)
+    kept = (y != 0).reshape(batched.shape[0], batched.shape[1], -1)
+    assert torch.equal(kept.all(-1), kept.any(-1))  # each channel kept or dropped whole
+    scaled = (x.detach().to(torch.float64) * 2).to(dtype)
+    assert torch.equal(y[y != 0], scaled[y != 0])
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.where(y != 0, (g.double() * 2).to(dtype), 0).to(dtype))
+    module.eval()
+    if case.endswith("unbatched"):  # torch's unsqueeze/squeeze: a view with the same values
+        assert torch.equal(module(x), x)
+    else:
+        assert module(x) is x
+
+
+def test_channelwise_keep_rate_and_reproducibility():
+    x = torch.ones(64, 256, 2, 2)
+    torch.manual_seed(3)
+    y = MF.dropout2d(x, 0.25)
+    rate = (y[:, :, 0, 0] != 0).float().mean().item()
+    assert abs(rate - 0.75) < 5 * (0.25 * 0.75 / (64 * 256)) ** 0.5
+    torch.manual_seed(3)
+    assert torch.equal(MF.dropout2d(x, 0.25), y)
+
+
+def test_channelwise_inplace_and_saved_state():
+    base = torch.rand(4, 6, 5, 5) + 0.5
+    w = torch.ones((), requires_grad=True)
+    x = base * w
+    torch.manual_seed(1)
+    y = MF.dropout2d(x, 0.5, inplace=True)
+    assert y is x
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, (base * (y.detach() != 0) * 2).sum())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        MF.dropout2d(torch.rand(4, 6, 5, 5, requires_grad=True), 0.5)
+    assert sum(t.numel() * t.element_size() for t in saved) == 16
+
+
+def test_channelwise_dimension_errors_and_warnings_like_torch():
+    with pytest.raises(RuntimeError, match="dropout1d: Expected 2D or 3D input, but received a 4D input"):
+        MF.dropout1d(torch.randn(2, 3, 4, 5))
+    with pytest.warns(UserWarning, match="dropout2d: Received a 3D input to dropout2d"):
+        MF.dropout2d(torch.randn(2, 3, 4))
+    with pytest.warns(UserWarning, match="dropout3d: Received a 3-D input to dropout3d"):
+        MF.dropout3d(torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_fused_dropout(device):
+    x = torch.rand(4, 6, 5, 5, device=device, requires_grad=True)
+    r = torch.randn(4, 6, 5, 5, device=device, requires_grad=True)
+    b = torch.randn(5, device=device, requires_grad=True)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(mkops.dropout_add.default, (x, r, 0.3, None), test_utils=checks)
+    torch.library.opcheck(mkops.bias_dropout_add.default, (x, b, r, 0.3, None), test_utils=checks)
+    torch.library.opcheck(mkops.feature_dropout.default, (x, 0.3, None), test_utils=checks)
+    torch.library.opcheck(mkops.feature_dropout_.default, (x.detach().clone(), 0.3, None), test_utils=checks)
+    state = torch.tensor([5, 8], device=device)
+    torch.library.opcheck(mkops.feature_dropout_backward.default, (x, state, 0.3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_transformer_residual_path(device):
+    torch._dynamo.reset()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16, bias=False)
+            self.bias = torch.nn.Parameter(torch.zeros(16))
+            self.path = modekernels.BiasDropoutAdd(0.1)
+            self.channels = modekernels.Dropout1d(0.2)
+
+        def forward(self, x):
+            return self.channels(self.path(self.proj(x), self.bias, x))
+
+    block = Block().to(device)
+    compiled = torch.compile(block, fullgraph=True)
+    x = torch.randn(4, 8, 16, device=device)
+    for mode in ("train", "eval"):
+        getattr(block, mode)()
+        torch.manual_seed(0)
+        expected = block(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(compiled(x), expected)

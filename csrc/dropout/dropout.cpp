@@ -39,33 +39,63 @@ at::Tensor new_state(const at::Tensor& like) {
   return at::empty({2}, like.options().dtype(at::kLong));
 }
 
-}  // namespace
+// `t` in exactly the strides of `like` (copied only if it has others).
+at::Tensor match(const at::Tensor& t, const at::Tensor& like) {
+  return t.strides() == like.strides() ? t : at::empty_like(like).copy_(t);
+}
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, double p,
-                                           const std::optional<at::Generator>& generator,
-                                           Apply apply) {
-  check_p(p);
-  check_floating(input, "input");
-  at::Tensor src = dense(input);
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.sizes() == input.sizes() && t.scalar_type() == input.scalar_type() &&
+                  t.device() == input.device(),
+              "modekernels dropout: expected ", name, " like input (", input.sizes(), ", ",
+              input.scalar_type(), ", ", input.device(), "), but got ", t.sizes(), ", ",
+              t.scalar_type(), ", ", t.device());
+}
+
+// Channel-wise dropout walks (N, C, S) or channels-last (N, S, C) memory; other layouts are
+// copied into the first. Fills the Fusion's unit description for `t` as laid out.
+at::Tensor feature_layout(const at::Tensor& t, Fusion& fusion) {
+  TORCH_CHECK_VALUE(t.dim() >= 2, "modekernels feature dropout: expected an (N, C, ...) input, but got ",
+                    t.dim(), "D");
+  const int64_t N = t.size(0);
+  const int64_t C = t.size(1);
+  const auto fmt = t.suggest_memory_format();
+  const bool cl = fmt != at::MemoryFormat::Contiguous && t.is_contiguous(fmt);
+  at::Tensor dense_t = cl ? t : t.contiguous();
+  fusion.channel_S = N * C == 0 ? 1 : std::max<int64_t>(1, t.numel() / (N * C));
+  fusion.channels_last_C = cl ? C : 0;
+  return dense_t;
+}
+
+std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& src, double p, const OptGenerator& generator,
+                                       Apply apply, const Fusion& fusion) {
   at::Tensor out = at::empty_like(src);
-  at::Tensor state = new_state(input);
-  apply(src, out, p, generator, state, /*draw=*/true);
+  at::Tensor state = new_state(src);
+  apply(src, out, p, generator, state, /*draw=*/true, fusion);
   return {out, state};
 }
 
-at::Tensor forward_(at::Tensor& input, double p, const std::optional<at::Generator>& generator,
-                    Apply apply) {
+at::Tensor run_(at::Tensor& input, const at::Tensor& buf, double p, const OptGenerator& generator,
+                Apply apply, const Fusion& fusion) {
+  at::Tensor state = new_state(input);
+  apply(buf, buf, p, generator, state, /*draw=*/true, fusion);
+  if (!buf.is_same(input)) input.copy_(buf);
+  return state;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, double p,
+                                           const OptGenerator& generator, Apply apply) {
   check_p(p);
   check_floating(input, "input");
-  at::Tensor state = new_state(input);
-  if (input.is_non_overlapping_and_dense()) {
-    apply(input, input, p, generator, state, /*draw=*/true);
-  } else {
-    at::Tensor buf = dense(input);
-    apply(buf, buf, p, generator, state, /*draw=*/true);
-    input.copy_(buf);
-  }
-  return state;
+  return run(dense(input), p, generator, apply, {});
+}
+
+at::Tensor forward_(at::Tensor& input, double p, const OptGenerator& generator, Apply apply) {
+  check_p(p);
+  check_floating(input, "input");
+  return run_(input, dense(input), p, generator, apply, {});
 }
 
 at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& state, double p, Apply apply) {
@@ -74,7 +104,65 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& state, doub
   check_state(state, grad_output);
   at::Tensor src = dense(grad_output);
   at::Tensor grad_input = at::empty_like(src);
-  apply(src, grad_input, p, std::nullopt, state, /*draw=*/false);
+  apply(src, grad_input, p, std::nullopt, state, /*draw=*/false, {});
+  return grad_input;
+}
+
+std::tuple<at::Tensor, at::Tensor> add(const at::Tensor& input, const at::Tensor& residual,
+                                       double p, const OptGenerator& generator, Apply apply) {
+  check_p(p);
+  check_floating(input, "input");
+  check_like(residual, "residual", input);
+  const at::Tensor src = dense(input);
+  Fusion fusion;
+  fusion.residual = match(residual, src);
+  return run(src, p, generator, apply, fusion);
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_add(const at::Tensor& input, const at::Tensor& bias,
+                                            const at::Tensor& residual, double p,
+                                            const OptGenerator& generator, Apply apply) {
+  check_p(p);
+  check_floating(input, "input");
+  check_like(residual, "residual", input);
+  TORCH_CHECK(input.dim() >= 1 && bias.dim() == 1 && bias.numel() == input.size(-1) &&
+                  bias.scalar_type() == input.scalar_type() && bias.device() == input.device(),
+              "modekernels bias_dropout_add: expected bias of shape (", input.dim() ? input.size(-1) : 0,
+              ",) like input's last dimension, dtype and device, but got ", bias.sizes(), ", ",
+              bias.scalar_type(), ", ", bias.device());
+  const at::Tensor src = input.contiguous();
+  Fusion fusion;
+  fusion.residual = match(residual, src);
+  fusion.bias = bias.contiguous();
+  return run(src, p, generator, apply, fusion);
+}
+
+std::tuple<at::Tensor, at::Tensor> feature(const at::Tensor& input, double p,
+                                           const OptGenerator& generator, Apply apply) {
+  check_p(p);
+  check_floating(input, "input");
+  Fusion fusion;
+  const at::Tensor src = feature_layout(input, fusion);
+  return run(src, p, generator, apply, fusion);
+}
+
+at::Tensor feature_(at::Tensor& input, double p, const OptGenerator& generator, Apply apply) {
+  check_p(p);
+  check_floating(input, "input");
+  Fusion fusion;
+  const at::Tensor buf = feature_layout(input, fusion);
+  return run_(input, buf, p, generator, apply, fusion);
+}
+
+at::Tensor feature_backward(const at::Tensor& grad_output, const at::Tensor& state, double p,
+                            Apply apply) {
+  check_p(p);
+  check_floating(grad_output, "grad_output");
+  check_state(state, grad_output);
+  Fusion fusion;
+  const at::Tensor src = feature_layout(grad_output, fusion);
+  at::Tensor grad_input = at::empty_like(src);
+  apply(src, grad_input, p, std::nullopt, state, /*draw=*/false, fusion);
   return grad_input;
 }
 

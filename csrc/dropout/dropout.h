@@ -47,42 +47,98 @@ inline double keep_scale(double p) {
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/Generator.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
 namespace modekernels::dropout {
 
-// A backend's kernel: dst = src * mask * scale over two dense buffers with equal strides.
-// `state` is an int64[2] tensor on the same device holding (seed, offset). With draw == true the
-// kernel takes a fresh (seed, offset) from the generator and writes it into `state`; otherwise it
-// reads them from `state`. It does nothing else: the op bodies below check and allocate.
+// What the fused variants add to the kernel, all optional:
+//     dst[i] = (src[i] + bias[i % H]) * mask(unit(i)) / (1 - p) + residual[i]
+// with H = bias.numel(). unit(i) = i for elementwise dropout; channel-wise (feature) dropout draws
+// one mask per (n, c): unit(i) = i / S over (N, C, S) memory, or n * C + c over channels-last
+// (N, S, C) memory (channels_last_C = C).
+struct Fusion {
+  at::Tensor residual;  // dense, with the strides of src
+  at::Tensor bias;      // contiguous 1-D; src contiguous
+  int64_t channel_S = 0;  // > 0: channel-wise, S elements per (n, c)
+  int64_t channels_last_C = 0;  // > 0: channel-wise over channels-last memory with C channels
+};
+
+// A backend's kernel: dst = src * mask * scale (plus the Fusion terms) over dense buffers with
+// equal strides. `state` is an int64[2] tensor on the same device holding (seed, offset). With
+// draw == true the kernel takes a fresh (seed, offset) from the generator and writes it into
+// `state`; otherwise it reads them from `state`. It does nothing else: the op bodies check and
+// allocate.
 using Apply = void (*)(const at::Tensor& src, const at::Tensor& dst, double p,
                        const std::optional<at::Generator>& generator, const at::Tensor& state,
-                       bool draw);
+                       bool draw, const Fusion& fusion);
+
+using OptGenerator = std::optional<at::Generator>;
 
 // The op bodies, written once: every check runs before anything is allocated or written.
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, double p,
-                                           const std::optional<at::Generator>& generator,
-                                           Apply apply);
-at::Tensor forward_(at::Tensor& input, double p, const std::optional<at::Generator>& generator,
-                    Apply apply);
+                                           const OptGenerator& generator, Apply apply);
+at::Tensor forward_(at::Tensor& input, double p, const OptGenerator& generator, Apply apply);
 at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& state, double p, Apply apply);
+std::tuple<at::Tensor, at::Tensor> add(const at::Tensor& input, const at::Tensor& residual,
+                                       double p, const OptGenerator& generator, Apply apply);
+std::tuple<at::Tensor, at::Tensor> bias_add(const at::Tensor& input, const at::Tensor& bias,
+                                            const at::Tensor& residual, double p,
+                                            const OptGenerator& generator, Apply apply);
+std::tuple<at::Tensor, at::Tensor> feature(const at::Tensor& input, double p,
+                                           const OptGenerator& generator, Apply apply);
+at::Tensor feature_(at::Tensor& input, double p, const OptGenerator& generator, Apply apply);
+at::Tensor feature_backward(const at::Tensor& grad_output, const at::Tensor& state, double p,
+                            Apply apply);
 
 // The schema-typed entry points a backend registers with TORCH_LIBRARY_IMPL.
 template <Apply apply>
 struct Ops {
   static std::tuple<at::Tensor, at::Tensor> dropout(const at::Tensor& input, double p,
-                                                    const std::optional<at::Generator>& generator) {
+                                                    const OptGenerator& generator) {
     return forward(input, p, generator, apply);
   }
-  static at::Tensor dropout_(at::Tensor& input, double p,
-                             const std::optional<at::Generator>& generator) {
+  static at::Tensor dropout_(at::Tensor& input, double p, const OptGenerator& generator) {
     return forward_(input, p, generator, apply);
   }
   static at::Tensor dropout_backward(const at::Tensor& grad_output, const at::Tensor& state,
                                      double p) {
     return backward(grad_output, state, p, apply);
+  }
+  static std::tuple<at::Tensor, at::Tensor> dropout_add(const at::Tensor& input,
+                                                        const at::Tensor& residual, double p,
+                                                        const OptGenerator& generator) {
+    return add(input, residual, p, generator, apply);
+  }
+  static std::tuple<at::Tensor, at::Tensor> bias_dropout_add(const at::Tensor& input,
+                                                             const at::Tensor& bias,
+                                                             const at::Tensor& residual, double p,
+                                                             const OptGenerator& generator) {
+    return bias_add(input, bias, residual, p, generator, apply);
+  }
+  static std::tuple<at::Tensor, at::Tensor> feature_dropout(const at::Tensor& input, double p,
+                                                            const OptGenerator& generator) {
+    return feature(input, p, generator, apply);
+  }
+  static at::Tensor feature_dropout_(at::Tensor& input, double p, const OptGenerator& generator) {
+    return feature_(input, p, generator, apply);
+  }
+  static at::Tensor feature_dropout_backward(const at::Tensor& grad_output,
+                                             const at::Tensor& state, double p) {
+    return feature_backward(grad_output, state, p, apply);
+  }
+
+  static void register_all(torch::Library& m) {
+    m.impl("dropout", &dropout);
+    m.impl("dropout_", &dropout_);
+    m.impl("dropout_backward", &dropout_backward);
+    m.impl("dropout_add", &dropout_add);
+    m.impl("bias_dropout_add", &bias_dropout_add);
+    m.impl("feature_dropout", &feature_dropout);
+    m.impl("feature_dropout_", &feature_dropout_);
+    m.impl("feature_dropout_backward", &feature_dropout_backward);
   }
 };
 

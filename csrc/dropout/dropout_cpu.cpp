@@ -3,7 +3,9 @@
 // The buffer is cut into blocks of kBlock elements shared out by at::parallel_for. For each block
 // the Philox words of its kBlock / 4 groups are computed first (eight counters at a time with
 // AVX2, see common/philox_cpu.h) and turned into per-element multipliers (scale or 0); then
-// dst = src * multiplier in a loop the compiler vectorizes. Words and multipliers stay in L1. The random stream is the one of dropout.h, so CUDA gives the same mask for the same
+// dst = src * multiplier in a loop the compiler vectorizes. Words and multipliers stay in L1.
+// The fused variants (bias, residual) do their adds in the same pass; channel-wise dropout
+// computes one multiplier per (n, c) and applies it to that channel's elements, also one pass. The random stream is the one of dropout.h, so CUDA gives the same mask for the same
 // (seed, offset).
 #include "common/philox_cpu.h"
 #include "dropout/dropout.h"
@@ -17,6 +19,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <vector>
 
 namespace modekernels::dropout {
 namespace {
@@ -36,8 +39,27 @@ void block_multipliers(uint64_t seed, uint64_t offset, uint64_t first_group, int
 }
 
 template <typename scalar_t>
-void apply_dense(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t seed, uint64_t offset,
-                 double p) {
+struct Extras {
+  const scalar_t* residual;  // or null
+  const scalar_t* bias;      // or null
+  int64_t H;                 // bias length
+};
+
+// (src[i] + bias[i % H]) * m + residual[i], in opmath.
+template <typename scalar_t, typename opmath_t>
+inline scalar_t fused(const scalar_t* src, int64_t i, opmath_t m, const Extras<scalar_t>& e) {
+  opmath_t v = static_cast<opmath_t>(src[i]);
+  if (e.bias) v += static_cast<opmath_t>(e.bias[i % e.H]);
+  v *= m;
+  if (e.residual) v += static_cast<opmath_t>(e.residual[i]);
+  return static_cast<scalar_t>(v);
+}
+
+// Elementwise dropout: Philox words a block at a time, then one vectorizable multiply (or the
+// fused formula, kFused) over the block.
+template <typename scalar_t, bool kFused>
+void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t seed,
+                       uint64_t offset, double p, const Extras<scalar_t>& extras) {
   using opmath_t = at::opmath_type<scalar_t>;
   const uint32_t threshold = keep_threshold(p);
   const auto scale = static_cast<opmath_t>(keep_scale(p));
@@ -49,17 +71,69 @@ void apply_dense(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t seed, u
       const int64_t len = std::min(kBlock, n - begin);
       block_multipliers(seed, offset, static_cast<uint64_t>(begin / 4), (len + 3) / 4, threshold,
                         scale, mult);
-      const scalar_t* s = src + begin;
-      scalar_t* d = dst + begin;
-      for (int64_t i = 0; i < len; ++i) {
-        d[i] = static_cast<scalar_t>(static_cast<opmath_t>(s[i]) * mult[i]);
+      if constexpr (kFused) {
+        for (int64_t i = 0; i < len; ++i) dst[begin + i] = fused(src, begin + i, mult[i], extras);
+      } else {
+        const scalar_t* s = src + begin;
+        scalar_t* d = dst + begin;
+        for (int64_t i = 0; i < len; ++i) {
+          d[i] = static_cast<scalar_t>(static_cast<opmath_t>(s[i]) * mult[i]);
+        }
       }
     }
   });
 }
 
+// Channel-wise dropout: one multiplier per (n, c) unit, applied to its S elements. (N, C, S)
+// memory: parallel over units. Channels-last (N, S, C): parallel over samples, the C
+// multipliers of a sample computed once and applied to each of its S rows.
+template <typename scalar_t>
+void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t seed,
+                       uint64_t offset, double p, const Fusion& f) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const uint32_t threshold = keep_threshold(p);
+  const auto scale = static_cast<opmath_t>(keep_scale(p));
+  const int64_t S = f.channel_S;
+  const int64_t units = n / S;
+  auto unit_multiplier = [&](int64_t u) {
+    const Philox4x32 r = group_bits(seed, offset, static_cast<uint64_t>(u) / 4);
+    return multiplier(r.w[u % 4], threshold, scale);
+  };
+  if (f.channels_last_C == 0) {
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / S);
+    at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const opmath_t m = unit_multiplier(u);
+        for (int64_t i = u * S; i < (u + 1) * S; ++i) {
+          dst[i] = static_cast<scalar_t>(static_cast<opmath_t>(src[i]) * m);
+        }
+      }
+    });
+  } else {
+    const int64_t C = f.channels_last_C;
+    at::parallel_for(0, units / C, 1, [&](int64_t n0, int64_t n1) {
+      std::vector<opmath_t> mult(C);
+      for (int64_t sample = n0; sample < n1; ++sample) {
+        for (int64_t c = 0; c < C; ++c) mult[c] = unit_multiplier(sample * C + c);
+        for (int64_t row = 0; row < S; ++row) {
+          const int64_t base = (sample * S + row) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            dst[base + c] = static_cast<scalar_t>(static_cast<opmath_t>(src[base + c]) * mult[c]);
+          }
+        }
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
 void apply_cpu(const at::Tensor& src, const at::Tensor& dst, double p,
-               const std::optional<at::Generator>& generator, const at::Tensor& state, bool draw) {
+               const std::optional<at::Generator>& generator, const at::Tensor& state, bool draw,
+               const Fusion& fusion) {
   int64_t* st = state.data_ptr<int64_t>();
   if (draw) {
     auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
@@ -70,19 +144,29 @@ void apply_cpu(const at::Tensor& src, const at::Tensor& dst, double p,
   }
   const auto seed = static_cast<uint64_t>(st[0]);
   const auto offset = static_cast<uint64_t>(st[1]);
+  const int64_t n = src.numel();
+  if (n == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "modekernels_dropout_cpu", [&] {
-    apply_dense<scalar_t>(src.const_data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), src.numel(),
-                          seed, offset, p);
+    const scalar_t* s = src.const_data_ptr<scalar_t>();
+    scalar_t* d = dst.data_ptr<scalar_t>();
+    if (fusion.channel_S > 0) {
+      apply_channelwise<scalar_t>(s, d, n, seed, offset, p, fusion);
+      return;
+    }
+    const Extras<scalar_t> extras{ptr<scalar_t>(fusion.residual), ptr<scalar_t>(fusion.bias),
+                                  fusion.bias.defined() ? fusion.bias.numel() : 1};
+    if (extras.residual || extras.bias) {
+      apply_elementwise<scalar_t, true>(s, d, n, seed, offset, p, extras);
+    } else {
+      apply_elementwise<scalar_t, false>(s, d, n, seed, offset, p, extras);
+    }
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(modekernels, CPU, m) {
-  using CpuOps = Ops<apply_cpu>;
-  m.impl("dropout", &CpuOps::dropout);
-  m.impl("dropout_", &CpuOps::dropout_);
-  m.impl("dropout_backward", &CpuOps::dropout_backward);
+  Ops<apply_cpu>::register_all(m);
 }
 
 }  // namespace modekernels::dropout

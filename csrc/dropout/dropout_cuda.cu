@@ -7,6 +7,8 @@
 // come from torch's CUDA generator as a PhiloxCudaState, unpacked on the device, so the kernel is
 // safe under CUDA graph capture; the block that owns element 0 records them in `state` for the
 // backward, which reads them back from device memory without a host synchronization.
+// The fused variants add bias and residual in the same pass; channel-wise dropout takes one word
+// per (n, c) unit for all its elements, also one pass.
 #include "common/cuda_utils.cuh"
 #include "dropout/dropout.h"
 
@@ -25,20 +27,23 @@ namespace {
 template <typename scalar_t>
 constexpr int kVecOf = 16 / sizeof(scalar_t) < 4 ? 4 : 16 / sizeof(scalar_t);
 
-template <typename scalar_t, typename index_t, bool kAligned>
-__global__ void __launch_bounds__(cuda::kThreads)
-    dropout_kernel(const scalar_t* src, scalar_t* dst, index_t n, at::PhiloxCudaState philox,
-                   int64_t* state, bool draw, uint32_t threshold, at::opmath_type<scalar_t> scale) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int kVec = kVecOf<scalar_t>;
-  using V = cuda::Vec<scalar_t, kVec>;
+template <typename scalar_t>
+struct Extras {
+  const scalar_t* residual;  // or null
+  const scalar_t* bias;      // or null
+  int64_t H;                 // bias length
+  int64_t S;                 // channel-wise: elements per (n, c); 0 for elementwise
+  int64_t C;                 // channel-wise over channels-last memory: channels; else 0
+};
 
-  uint64_t seed;
-  uint64_t offset;
+// The call's (seed, offset): drawn from the generator's PhiloxCudaState (and recorded in `state`
+// by the first thread) or read back from `state`.
+__device__ __forceinline__ void seed_offset(const at::PhiloxCudaState& philox, int64_t* state,
+                                            bool draw, uint64_t& seed, uint64_t& offset) {
   if (draw) {
-    const auto seed_offset = at::cuda::philox::unpack(philox);
-    seed = std::get<0>(seed_offset);
-    offset = std::get<1>(seed_offset);
+    const auto so = at::cuda::philox::unpack(philox);
+    seed = std::get<0>(so);
+    offset = std::get<1>(so);
     if (blockIdx.x == 0 && threadIdx.x == 0) {
       state[0] = static_cast<int64_t>(seed);
       state[1] = static_cast<int64_t>(offset);
@@ -47,6 +52,33 @@ __global__ void __launch_bounds__(cuda::kThreads)
     seed = static_cast<uint64_t>(state[0]);
     offset = static_cast<uint64_t>(state[1]);
   }
+}
+
+// (x + bias[i % H]) * m + residual[i]; plain x * m unless kFused.
+template <bool kFused, typename scalar_t, typename opmath_t>
+__device__ __forceinline__ scalar_t combine(scalar_t x, int64_t i, opmath_t m,
+                                            const Extras<scalar_t>& e) {
+  opmath_t v = static_cast<opmath_t>(x);
+  if constexpr (kFused) {
+    if (e.bias) v += static_cast<opmath_t>(e.bias[i % e.H]);
+  }
+  v *= m;
+  if constexpr (kFused) {
+    if (e.residual) v += static_cast<opmath_t>(e.residual[i]);
+  }
+  return static_cast<scalar_t>(v);
+}
+
+template <typename scalar_t, typename index_t, bool kAligned, bool kFused>
+__global__ void __launch_bounds__(cuda::kThreads)
+    dropout_kernel(const scalar_t* src, scalar_t* dst, index_t n, at::PhiloxCudaState philox,
+                   int64_t* state, bool draw, uint32_t threshold, at::opmath_type<scalar_t> scale,
+                   Extras<scalar_t> extras) {
+  constexpr int kVec = kVecOf<scalar_t>;
+  using V = cuda::Vec<scalar_t, kVec>;
+  uint64_t seed;
+  uint64_t offset;
+  seed_offset(philox, state, draw, seed, offset);
 
   const index_t tid = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
@@ -64,8 +96,9 @@ __global__ void __launch_bounds__(cuda::kThreads)
       const Philox4x32 r = group_bits(seed, offset, static_cast<uint64_t>(v) * (kVec / 4) + g);
       MK_UNROLL
       for (int lane = 0; lane < 4; ++lane) {
-        scalar_t& e = x.v[4 * g + lane];
-        e = static_cast<scalar_t>(static_cast<opmath_t>(e) * multiplier(r.w[lane], threshold, scale));
+        const int k = 4 * g + lane;
+        x.v[k] = combine<kFused>(x.v[k], static_cast<int64_t>(v) * kVec + k,
+                                 multiplier(r.w[lane], threshold, scale), extras);
       }
     }
     if constexpr (kAligned) {
@@ -78,24 +111,73 @@ __global__ void __launch_bounds__(cuda::kThreads)
   if (tid < n - nvec * kVec) {
     const index_t i = nvec * kVec + tid;
     const Philox4x32 r = group_bits(seed, offset, static_cast<uint64_t>(i) / 4);
-    dst[i] = static_cast<scalar_t>(static_cast<opmath_t>(src[i]) *
-                                   multiplier(r.w[i % 4], threshold, scale));
+    dst[i] = combine<kFused>(src[i], i, multiplier(r.w[i % 4], threshold, scale), extras);
   }
 }
 
-template <typename scalar_t, typename index_t, bool kAligned>
+// Channel-wise: element i belongs to unit (n, c): i / S over (N, C, S) memory, n * C + c over
+// channels-last (N, S, C) memory; the unit's word decides for all its elements.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(cuda::kThreads)
+    channelwise_kernel(const scalar_t* src, scalar_t* dst, index_t n, at::PhiloxCudaState philox,
+                       int64_t* state, bool draw, uint32_t threshold,
+                       at::opmath_type<scalar_t> scale, Extras<scalar_t> extras) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  uint64_t seed;
+  uint64_t offset;
+  seed_offset(philox, state, draw, seed, offset);
+  const index_t S = static_cast<index_t>(extras.S);
+  const index_t C = static_cast<index_t>(extras.C);
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const index_t u = C ? i / (S * C) * C + i % C : i / S;
+    const Philox4x32 r = group_bits(seed, offset, static_cast<uint64_t>(u) / 4);
+    dst[i] = static_cast<scalar_t>(static_cast<opmath_t>(src[i]) *
+                                   multiplier(r.w[u % 4], threshold, scale));
+  }
+}
+
+template <typename scalar_t, typename index_t, bool kAligned, bool kFused>
 void launch(const scalar_t* src, scalar_t* dst, int64_t n, const at::PhiloxCudaState& philox,
-            int64_t* state, bool draw, double p) {
+            int64_t* state, bool draw, double p, const Extras<scalar_t>& extras) {
   const int64_t work = std::max<int64_t>(n / kVecOf<scalar_t>, n % kVecOf<scalar_t>);
-  dropout_kernel<scalar_t, index_t, kAligned>
+  dropout_kernel<scalar_t, index_t, kAligned, kFused>
       <<<cuda::grid_size(work), cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           src, dst, static_cast<index_t>(n), philox, state, draw, keep_threshold(p),
-          static_cast<at::opmath_type<scalar_t>>(keep_scale(p)));
+          static_cast<at::opmath_type<scalar_t>>(keep_scale(p)), extras);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t, typename index_t>
+void launch(const scalar_t* src, scalar_t* dst, int64_t n, const at::PhiloxCudaState& philox,
+            int64_t* state, bool draw, double p, const Extras<scalar_t>& extras) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (extras.S > 0) {
+    channelwise_kernel<scalar_t, index_t><<<cuda::grid_size(n), cuda::kThreads, 0, stream>>>(
+        src, dst, static_cast<index_t>(n), philox, state, draw, keep_threshold(p),
+        static_cast<at::opmath_type<scalar_t>>(keep_scale(p)), extras);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const bool aligned = cuda::aligned16(src) && cuda::aligned16(dst);
+  const bool fused = extras.residual || extras.bias;
+  if (aligned) {
+    fused ? launch<scalar_t, index_t, true, true>(src, dst, n, philox, state, draw, p, extras)
+          : launch<scalar_t, index_t, true, false>(src, dst, n, philox, state, draw, p, extras);
+  } else {
+    fused ? launch<scalar_t, index_t, false, true>(src, dst, n, philox, state, draw, p, extras)
+          : launch<scalar_t, index_t, false, false>(src, dst, n, philox, state, draw, p, extras);
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
 void apply_cuda(const at::Tensor& src, const at::Tensor& dst, double p,
-                const std::optional<at::Generator>& generator, const at::Tensor& state, bool draw) {
+                const std::optional<at::Generator>& generator, const at::Tensor& state, bool draw,
+                const Fusion& fusion) {
   c10::cuda::CUDAGuard guard(src.device());
   at::PhiloxCudaState philox;
   if (draw) {
@@ -109,13 +191,13 @@ void apply_cuda(const at::Tensor& src, const at::Tensor& dst, double p,
     const scalar_t* s = src.const_data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
     int64_t* st = state.data_ptr<int64_t>();
-    const bool aligned = cuda::aligned16(s) && cuda::aligned16(d);
+    const Extras<scalar_t> extras{ptr<scalar_t>(fusion.residual), ptr<scalar_t>(fusion.bias),
+                                  fusion.bias.defined() ? fusion.bias.numel() : 1,
+                                  fusion.channel_S, fusion.channels_last_C};
     if (cuda::fits_int32(n)) {
-      aligned ? launch<scalar_t, int32_t, true>(s, d, n, philox, st, draw, p)
-              : launch<scalar_t, int32_t, false>(s, d, n, philox, st, draw, p);
+      launch<scalar_t, int32_t>(s, d, n, philox, st, draw, p, extras);
     } else {
-      aligned ? launch<scalar_t, int64_t, true>(s, d, n, philox, st, draw, p)
-              : launch<scalar_t, int64_t, false>(s, d, n, philox, st, draw, p);
+      launch<scalar_t, int64_t>(s, d, n, philox, st, draw, p, extras);
     }
   });
 }
@@ -123,10 +205,7 @@ void apply_cuda(const at::Tensor& src, const at::Tensor& dst, double p,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(modekernels, CUDA, m) {
-  using CudaOps = Ops<apply_cuda>;
-  m.impl("dropout", &CudaOps::dropout);
-  m.impl("dropout_", &CudaOps::dropout_);
-  m.impl("dropout_backward", &CudaOps::dropout_backward);
+  Ops<apply_cuda>::register_all(m);
 }
 
 }  // namespace modekernels::dropout
