@@ -1,8 +1,8 @@
 """modekernels: drop-in Dropout and BatchNorm layers on hand-written CPU and CUDA kernels."""
 from . import _ops, functional, reference
 from ._load import built_with
-from .models import (ModeError, ModeReport, check_modes, convert, evaluating, freeze_batchnorm,
-                     modes, revert, training, unfreeze_batchnorm)
+from .models import (FusedReLU, ModeError, ModeReport, check_modes, convert, evaluating,
+                     freeze_batchnorm, modes, revert, training, unfreeze_batchnorm)
 from .nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAddReLU1d, BatchNormAddReLU2d,
                  BatchNormAddReLU3d, BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d,
                  BiasDropoutAdd, Dropout, Dropout1d, Dropout2d, Dropout3d, DropoutAdd)
@@ -12,7 +12,7 @@ __all__ = [
     "BatchNormAddReLU1d", "BatchNormAddReLU2d", "BatchNormAddReLU3d",
     "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
     "BiasDropoutAdd", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropoutAdd",
-    "ModeError", "ModeReport", "built_with", "check_modes", "convert", "evaluating",
+    "FusedReLU", "ModeError", "ModeReport", "built_with", "check_modes", "convert", "evaluating",
     "freeze_batchnorm", "functional", "modes", "reference", "revert", "training",
     "unfreeze_batchnorm",
 ]

@@ -9,6 +9,7 @@ The mode tools work on any model. `modes` reports every module's `training` flag
 then give each module its previous flag back. `freeze_batchnorm` keeps BatchNorm layers on their
 running statistics while the rest of the model trains.
 """
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -20,21 +21,33 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import nn as _nn
 
 # torch's layer -> modekernels' drop-in subclass.
-_DROPOUT = {torch.nn.Dropout: _nn.Dropout}
+_DROPOUT = {
+    torch.nn.Dropout: _nn.Dropout,
+    torch.nn.Dropout1d: _nn.Dropout1d,
+    torch.nn.Dropout2d: _nn.Dropout2d,
+    torch.nn.Dropout3d: _nn.Dropout3d,
+}
 _BATCHNORM = {
     torch.nn.BatchNorm1d: _nn.BatchNorm1d,
     torch.nn.BatchNorm2d: _nn.BatchNorm2d,
     torch.nn.BatchNorm3d: _nn.BatchNorm3d,
 }
 _OURS = _DROPOUT | _BATCHNORM
+# Our BatchNorm -> its fusion with a following ReLU (convert(fuse=True)).
+_FUSED_RELU = {
+    _nn.BatchNorm1d: _nn.BatchNormReLU1d,
+    _nn.BatchNorm2d: _nn.BatchNormReLU2d,
+    _nn.BatchNorm3d: _nn.BatchNormReLU3d,
+}
 _TORCH_OF = {ours: theirs for theirs, ours in _OURS.items()}
+_TORCH_OF |= {fused: _TORCH_OF[bn] for bn, fused in _FUSED_RELU.items()}
 _OUR_CLASSES = tuple(_TORCH_OF)
 _ROOT = "(root)"
 
 
 # ------------------------------------------------------------------------------- conversion
 
-def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=False):
+def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=False, fuse=False):
     """Replaces torch's Dropout and BatchNorm1d/2d/3d in `model` with modekernels' layers.
 
     Each matching module (the root included, every shared module once) gets modekernels' class
@@ -55,6 +68,11 @@ def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=Fal
     In training mode, Dropout draws its masks from modekernels' random stream, not torch's, so
     the masks (not their distribution) differ from the original model's.
 
+    With `fuse`, a BatchNorm directly followed by a ReLU inside an nn.Sequential becomes one
+    BatchNormReLU layer (same state) and the ReLU a `FusedReLU` placeholder (an identity with no
+    state, so state_dicts do not change); `revert` puts the ReLU back. A BatchNorm used in more
+    than one place is left unfused. Nothing else is fused.
+
     Returns the converted model: `model` itself, or a converted deep copy if `inplace` is false.
     """
     torch_classes = tuple((_DROPOUT if dropout else {}) | (_BATCHNORM if batchnorm else {}))
@@ -68,7 +86,38 @@ def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=Fal
             return _converted_subclass(cls)
         return None
 
-    return _swap_classes(model, ours, inplace)
+    model = _swap_classes(model, ours, inplace)
+    if fuse:
+        _fuse_batchnorm_relu(model)
+    return model
+
+
+class FusedReLU(torch.nn.Identity):
+    """Where `convert(fuse=True)` folded a ReLU into the BatchNorm before it; `revert` restores it."""
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.inplace = inplace
+
+
+def _fuse_batchnorm_relu(model):
+    uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    for seq in model.modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            bn, act = seq[i], seq[i + 1]
+            if type(bn) in _FUSED_RELU and type(act) is torch.nn.ReLU and uses[id(bn)] == 1:
+                bn.__class__ = _FUSED_RELU[type(bn)]
+                seq[i + 1] = FusedReLU(act.inplace)
+
+
+def _unfuse_relu(model):
+    for seq in model.modules():
+        if isinstance(seq, torch.nn.Sequential):
+            for i, m in enumerate(seq):
+                if type(m) is FusedReLU:
+                    seq[i] = torch.nn.ReLU(m.inplace)
 
 
 def revert(model, *, inplace=True):
@@ -80,7 +129,9 @@ def revert(model, *, inplace=True):
     def theirs(cls):
         return _TORCH_OF.get(cls) or vars(cls).get("_mk_source")
 
-    return _swap_classes(model, theirs, inplace)
+    model = _swap_classes(model, theirs, inplace)
+    _unfuse_relu(model)
+    return model
 
 
 def _swap_classes(model, new_class, inplace):

@@ -295,3 +295,29 @@ def test_torch_compile_fullgraph_transformer_residual_path(device):
         expected = block(x)
         torch.manual_seed(0)
         torch.testing.assert_close(compiled(x), expected)
+
+
+# ------------------------------------------------------------------------- convert(fuse=True)
+
+def test_convert_fuse_folds_bn_relu_in_sequential_and_revert_restores_it():
+    torch.manual_seed(0)
+    shared = torch.nn.BatchNorm2d(4)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout2d(0.1),  # BN not followed by ReLU
+        torch.nn.Sequential(shared, torch.nn.ReLU()), shared,                          # shared BN
+    )
+    x = torch.randn(2, 3, 10, 10)
+    model.eval()
+    expected = model(x)
+    keys = list(model.state_dict())
+    modekernels.convert(model, fuse=True)
+    assert type(model[1]) is modekernels.BatchNormReLU2d and type(model[2]) is modekernels.FusedReLU
+    assert type(model[4]) is modekernels.BatchNorm2d and type(model[5]) is modekernels.Dropout2d
+    assert type(shared) is modekernels.BatchNorm2d and type(model[6][1]) is torch.nn.ReLU
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), expected)
+    modekernels.revert(model)
+    assert type(model[1]) is torch.nn.BatchNorm2d
+    assert type(model[2]) is torch.nn.ReLU and model[2].inplace
+    torch.testing.assert_close(model(x), expected)
