@@ -44,19 +44,25 @@ def sources(pattern):
 CUDA = with_cuda()
 
 
+# at::parallel_for is inlined into our kernels and is serial unless they are compiled with OpenMP
+# (the runtime is the libgomp that torch already loads).
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def extension():
     debug = flag("DEBUG")
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + OPENMP
     srcs = sources("*.cpp")
     if not CUDA:
         return cpp_extension.CppExtension(
-            "modekernels._C", srcs, include_dirs=[CSRC], extra_compile_args={"cxx": cxx})
+            "modekernels._C", srcs, include_dirs=[CSRC], extra_compile_args={"cxx": cxx},
+            extra_link_args=OPENMP)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     nvcc = ["-O3", "-lineinfo"] + (["-G"] if debug else [])
     return cpp_extension.CUDAExtension(
-        "modekernels._C", srcs + sources("*.cu"), include_dirs=[CSRC],
-        extra_compile_args={"cxx": cxx + ["-DMODEKERNELS_WITH_CUDA"], "nvcc": nvcc + ["-DMODEKERNELS_WITH_CUDA"]})
+        "modekernels._C", srcs + sources("*.cu"), include_dirs=[CSRC], extra_link_args=OPENMP,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc})
 
 
 class BuildExt(cpp_extension.BuildExtension):

@@ -95,27 +95,28 @@ void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::T
                   const at::Tensor& var, int64_t count, std::optional<double> momentum,
                   const OptTensor& num_batches_tracked, const Backend& be);
 
-// The schema-typed entry points a backend registers with TORCH_LIBRARY_IMPL.
-template <const Backend& be>
+// The schema-typed entry points a backend registers with TORCH_LIBRARY_IMPL; `backend` returns
+// the kernels to use (the CPU picks its instruction set at run time).
+template <const Backend& (*backend)()>
 struct Ops {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
       const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps,
       const OptTensor& residual, bool relu) {
-    return train(input, weight, bias, eps, residual, relu, be);
+    return train(input, weight, bias, eps, residual, relu, backend());
   }
   static at::Tensor batch_norm_eval(const at::Tensor& input, const at::Tensor& running_mean,
                                     const at::Tensor& running_var, const OptTensor& weight,
                                     const OptTensor& bias, double eps, const OptTensor& residual,
                                     bool relu) {
-    return eval(input, running_mean, running_var, weight, bias, eps, residual, relu, be);
+    return eval(input, running_mean, running_var, weight, bias, eps, residual, relu, backend());
   }
   static std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
-    return stats(input, be);
+    return stats(input, backend());
   }
   static std::tuple<at::Tensor, at::Tensor> batch_norm_grad_sums(const at::Tensor& grad_output,
                                                                  const at::Tensor& input,
                                                                  const at::Tensor& mean) {
-    return grad_sums(grad_output, input, mean, be);
+    return grad_sums(grad_output, input, mean, backend());
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
       const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
@@ -123,13 +124,13 @@ struct Ops {
       std::array<bool, 3> output_mask, const OptTensor& sum_dy, const OptTensor& sum_dy_xmu,
       std::optional<int64_t> count, const OptTensor& relu_output) {
     return backward(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy,
-                    sum_dy_xmu, count, relu_output, be);
+                    sum_dy_xmu, count, relu_output, backend());
   }
   static void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
                                        const at::Tensor& mean, const at::Tensor& var,
                                        int64_t count, std::optional<double> momentum,
                                        const OptTensor& num_batches_tracked) {
-    update_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked, be);
+    update_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked, backend());
   }
 };
 
