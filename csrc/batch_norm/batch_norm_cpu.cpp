@@ -4,7 +4,7 @@
 //   (N, C, S): a task is one channel over a range of the batch, so few channels still fill every
 //   thread; each (n, c) row of S elements gets its mean and M2 in one sweep (shifted sums, below)
 //   and is merged into the task's moments with Chan's formula. Channels-last memory (N*S, C):
-//   a task is a range of rows; blocks of rows (~128 KiB) get per-channel sums of (x - K) and
+//   a task is a range of rows; blocks of rows (>= 64 rows) get per-channel sums of (x - K) and
 //   (x - K)^2 in one sweep, K being the task's first row, so the squares never lose precision to
 //   a large mean; each block is merged per channel. Task results are merged per channel at the
 //   end. One pass over memory.

@@ -2,7 +2,10 @@
 // x86-64/ISA and once for AVX2+FMA inside its own namespace, chosen at run time; so this file has
 // no include guard and no includes of its own.
 constexpr int64_t kLanes = 16;
-constexpr int64_t kBlockElems = 1 << 15;
+// Channels-last blocks: rows whose per-channel float sums are merged into double moments at once.
+// At least kMinBlockRows rows, so that the merges stay rare even with thousands of channels.
+constexpr int64_t kBlockElems = 1 << 18;
+constexpr int64_t kMinBlockRows = 64;
 
 int64_t tasks_per_channel(const Layout& l) {
   const int64_t threads = at::get_num_threads();
@@ -129,7 +132,7 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
   } else {
     const int64_t rows = l.N * l.S;
     const int64_t chunks = row_chunks(rows);
-    const int64_t block_rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(C, 1));
+    const int64_t block_rows = std::max<int64_t>(kMinBlockRows, kBlockElems / std::max<int64_t>(C, 1));
     std::vector<Moments<double>> part(chunks * C);
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
       std::vector<opmath_t> shift(C), sum(C), sq(C);
@@ -220,7 +223,7 @@ void grad_sums_kernel(const at::Tensor& dy_t, const at::Tensor& gate_t, const at
   } else {
     const int64_t rows = l.N * l.S;
     const int64_t chunks = row_chunks(rows);
-    const int64_t block_rows = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(C, 1));
+    const int64_t block_rows = std::max<int64_t>(kMinBlockRows, kBlockElems / std::max<int64_t>(C, 1));
     std::vector<double> pdy(chunks * C, 0.0), pdx(chunks * C, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
       std::vector<opmath_t> a(C), b(C);
