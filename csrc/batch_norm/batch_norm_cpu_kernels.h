@@ -366,10 +366,12 @@ void forward_coeffs_cpu(const at::Tensor& mean, const at::Tensor& var, const at:
     dispatch_param(weight.defined() ? weight : bias, mean.scalar_type(), [&](auto tag) {
       using P = std::remove_pointer_t<decltype(tag)>;
       const int64_t C = mean.numel();
-      for (int64_t c = 0; c < C; ++c) {
-        forward_coeffs<T, P>(c, C, mean.const_data_ptr<T>(), var.const_data_ptr<T>(),
-                             ptr_or_null<P>(weight), ptr_or_null<P>(bias), eps, coeffs.data_ptr<T>());
-      }
+      const T* m = mean.const_data_ptr<T>();
+      const T* v = var.const_data_ptr<T>();
+      const P* w = ptr_or_null<P>(weight);
+      const P* b = ptr_or_null<P>(bias);
+      T* k = coeffs.data_ptr<T>();
+      for (int64_t c = 0; c < C; ++c) forward_coeffs<T, P>(c, C, m, v, w, b, eps, k);
     });
   });
 }
@@ -384,12 +386,16 @@ void backward_coeffs_cpu(bool train, const at::Tensor& mean, const at::Tensor& v
     dispatch_param(typed, mean.scalar_type(), [&](auto tag) {
       using P = std::remove_pointer_t<decltype(tag)>;
       const int64_t C = mean.numel();
+      const T* m = mean.const_data_ptr<T>();
+      const T* v = var.const_data_ptr<T>();
+      const P* w = ptr_or_null<P>(weight);
+      const T* sdy = sum_dy.const_data_ptr<T>();
+      const T* sdx = sum_dy_xmu.const_data_ptr<T>();
+      T* k = coeffs.data_ptr<T>();
+      P* gw = ptr_or_null<P>(grad_weight);
+      P* gb = ptr_or_null<P>(grad_bias);
       for (int64_t c = 0; c < C; ++c) {
-        backward_coeffs<T, P>(c, C, train, mean.const_data_ptr<T>(), var.const_data_ptr<T>(),
-                              ptr_or_null<P>(weight), eps, sum_dy.const_data_ptr<T>(),
-                              sum_dy_xmu.const_data_ptr<T>(), static_cast<T>(count),
-                              coeffs.data_ptr<T>(), ptr_or_null<P>(grad_weight),
-                              ptr_or_null<P>(grad_bias));
+        backward_coeffs<T, P>(c, C, train, m, v, w, eps, sdy, sdx, static_cast<T>(count), k, gw, gb);
       }
     });
   });
@@ -404,10 +410,12 @@ void update_running_cpu(const at::Tensor& running_mean, const at::Tensor& runnin
       using P = std::remove_pointer_t<decltype(tag)>;
       const T f = factor >= 0.0 ? static_cast<T>(factor)
                                 : T(1) / static_cast<T>(num_batches_tracked.item<int64_t>());
+      const T* m = mean.const_data_ptr<T>();
+      const T* v = var.const_data_ptr<T>();
+      P* rm = running_mean.data_ptr<P>();
+      P* rv = running_var.data_ptr<P>();
       for (int64_t c = 0; c < mean.numel(); ++c) {
-        update_running<T, P>(c, mean.const_data_ptr<T>(), var.const_data_ptr<T>(),
-                             static_cast<T>(count), f, running_mean.data_ptr<P>(),
-                             running_var.data_ptr<P>());
+        update_running<T, P>(c, m, v, static_cast<T>(count), f, rm, rv);
       }
     });
   });
