@@ -12,6 +12,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include <array>
 #include <optional>
@@ -95,28 +96,27 @@ void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::T
                   const at::Tensor& var, int64_t count, std::optional<double> momentum,
                   const OptTensor& num_batches_tracked, const Backend& be);
 
-// The schema-typed entry points a backend registers with TORCH_LIBRARY_IMPL; `backend` returns
-// the kernels to use (the CPU picks its instruction set at run time).
-template <const Backend& (*backend)()>
+// The schema-typed entry points a backend registers with TORCH_LIBRARY_IMPL.
+template <const Backend& be>
 struct Ops {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
       const at::Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps,
       const OptTensor& residual, bool relu) {
-    return train(input, weight, bias, eps, residual, relu, backend());
+    return train(input, weight, bias, eps, residual, relu, be);
   }
   static at::Tensor batch_norm_eval(const at::Tensor& input, const at::Tensor& running_mean,
                                     const at::Tensor& running_var, const OptTensor& weight,
                                     const OptTensor& bias, double eps, const OptTensor& residual,
                                     bool relu) {
-    return eval(input, running_mean, running_var, weight, bias, eps, residual, relu, backend());
+    return eval(input, running_mean, running_var, weight, bias, eps, residual, relu, be);
   }
   static std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
-    return stats(input, backend());
+    return stats(input, be);
   }
   static std::tuple<at::Tensor, at::Tensor> batch_norm_grad_sums(const at::Tensor& grad_output,
                                                                  const at::Tensor& input,
                                                                  const at::Tensor& mean) {
-    return grad_sums(grad_output, input, mean, backend());
+    return grad_sums(grad_output, input, mean, be);
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
       const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
@@ -124,13 +124,22 @@ struct Ops {
       std::array<bool, 3> output_mask, const OptTensor& sum_dy, const OptTensor& sum_dy_xmu,
       std::optional<int64_t> count, const OptTensor& relu_output) {
     return backward(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy,
-                    sum_dy_xmu, count, relu_output, backend());
+                    sum_dy_xmu, count, relu_output, be);
   }
   static void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
                                        const at::Tensor& mean, const at::Tensor& var,
                                        int64_t count, std::optional<double> momentum,
                                        const OptTensor& num_batches_tracked) {
-    update_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked, backend());
+    update_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked, be);
+  }
+
+  static void register_all(torch::Library& m) {
+    m.impl("batch_norm_train", &batch_norm_train);
+    m.impl("batch_norm_eval", &batch_norm_eval);
+    m.impl("batch_norm_backward", &batch_norm_backward);
+    m.impl("batch_norm_stats", &batch_norm_stats);
+    m.impl("batch_norm_grad_sums", &batch_norm_grad_sums);
+    m.impl("batch_norm_update_stats_", &batch_norm_update_stats_);
   }
 };
 

@@ -454,20 +454,10 @@ void update_running_cpu(const at::Tensor& running_mean, const at::Tensor& runnin
 const Backend kCpu = {moments_cpu,        grad_sums_cpu,  forward_coeffs_cpu,
                       backward_coeffs_cpu, affine_cpu,    update_running_cpu};
 
-const Backend& cpu_backend() {
-  return kCpu;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(modekernels, CPU, m) {
-  using CpuOps = Ops<cpu_backend>;
-  m.impl("batch_norm_train", &CpuOps::batch_norm_train);
-  m.impl("batch_norm_eval", &CpuOps::batch_norm_eval);
-  m.impl("batch_norm_backward", &CpuOps::batch_norm_backward);
-  m.impl("batch_norm_stats", &CpuOps::batch_norm_stats);
-  m.impl("batch_norm_grad_sums", &CpuOps::batch_norm_grad_sums);
-  m.impl("batch_norm_update_stats_", &CpuOps::batch_norm_update_stats_);
+  Ops<kCpu>::register_all(m);
 }
 
 }  // namespace modekernels::batch_norm

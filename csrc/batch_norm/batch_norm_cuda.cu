@@ -463,20 +463,10 @@ void update_running_cuda(const at::Tensor& running_mean, const at::Tensor& runni
 const Backend kCuda = {moments_cuda,         grad_sums_cuda, forward_coeffs_cuda,
                        backward_coeffs_cuda, affine_cuda,    update_running_cuda};
 
-const Backend& cuda_backend() {
-  return kCuda;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(modekernels, CUDA, m) {
-  using CudaOps = Ops<cuda_backend>;
-  m.impl("batch_norm_train", &CudaOps::batch_norm_train);
-  m.impl("batch_norm_eval", &CudaOps::batch_norm_eval);
-  m.impl("batch_norm_backward", &CudaOps::batch_norm_backward);
-  m.impl("batch_norm_stats", &CudaOps::batch_norm_stats);
-  m.impl("batch_norm_grad_sums", &CudaOps::batch_norm_grad_sums);
-  m.impl("batch_norm_update_stats_", &CudaOps::batch_norm_update_stats_);
+  Ops<kCuda>::register_all(m);
 }
 
 }  // namespace modekernels::batch_norm
