@@ -97,7 +97,7 @@ struct GradAcc {
 // Merges the accumulators of a whole block (blockDim.x a multiple of 32) into thread 0's.
 template <typename Acc>
 __device__ Acc block_merge(Acc acc) {
-  __shared__ char smem[sizeof(Acc) * 32];
+  __shared__ alignas(16) char smem[sizeof(Acc) * 32];
   Acc* warp_accs = reinterpret_cast<Acc*>(smem);
   for (unsigned int off = 16; off > 0; off /= 2) acc.merge(acc.shfl_down(off));
   const int lane = threadIdx.x % 32;
@@ -139,7 +139,7 @@ template <typename scalar_t, typename Acc>
 __global__ void __launch_bounds__(kLanesCL * kRowsCL)
     reduce_cl(const scalar_t* dy, const scalar_t* gate, const scalar_t* x, int64_t rows, int64_t C,
               const at::opmath_type<scalar_t>* center, Acc* partial) {
-  __shared__ char smem[sizeof(Acc) * kLanesCL * kRowsCL];
+  __shared__ alignas(16) char smem[sizeof(Acc) * kLanesCL * kRowsCL];
   Acc* accs = reinterpret_cast<Acc*>(smem);
   const int lane = threadIdx.x % kLanesCL;
   const int row = threadIdx.x / kLanesCL;
