@@ -57,6 +57,14 @@ template <typename T, typename scalar_t>
 void load_lanes(const scalar_t* p, typename Lanes<T>::type& v) {
   if constexpr (std::is_same_v<T, scalar_t>) {
     std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
+    // bfloat16 is the upper half of a float: widen the bits, as one vector operation.
+    typedef uint16_t Half __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+    typedef uint32_t Word __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+    Half h;
+    std::memcpy(&h, p, sizeof(h));
+    const Word w = __builtin_convertvector(h, Word) << 16;
+    std::memcpy(&v, &w, sizeof(v));
   } else {
     for (int64_t k = 0; k < kLanes; ++k) v[k] = static_cast<T>(p[k]);
   }
