@@ -127,7 +127,8 @@ void row_grad_sums(const scalar_t* dy, const scalar_t* gate, const scalar_t* x, 
     if (gate) {
       V open;
       load_lanes<opmath_t>(gate + i, open);
-      g = open > opmath_t(0) ? g : V{};
+      const auto keep = open > opmath_t(0);  // all ones where the gate is open
+      g = (V)((decltype(keep))g & keep);
     }
     a += g;
     b += g * (v - mean);
@@ -318,8 +319,9 @@ struct AffinePtrs {
   bool relu;
 };
 
-// kFused: gate, residual and relu are looked at (the plain BatchNorm passes skip them).
-template <typename scalar_t, bool kHasP, bool kHasQ, bool kFused>
+// Which extra operands the pass has, fixed at compile time so that every variant's inner loop
+// stays branch-free and vectorizes: kGate (the fused-ReLU backward), kResidual, kRelu.
+template <typename scalar_t, bool kHasP, bool kHasQ, bool kGate, bool kResidual, bool kRelu>
 void affine_kernel(const AffinePtrs<scalar_t>& in, const Layout& l,
                    const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -330,16 +332,17 @@ void affine_kernel(const AffinePtrs<scalar_t>& in, const Layout& l,
   const opmath_t* D = coeffs + kD * C;
   const scalar_t* p = in.p;
   const scalar_t* q = in.q;
+  const scalar_t* gate = in.gate;
+  const scalar_t* residual = in.residual;
   auto element = [&](int64_t i, opmath_t a, opmath_t b, opmath_t m, opmath_t d) {
     opmath_t v = d;
     if constexpr (kHasP) {
-      v += (kFused ? gated<opmath_t>(p, in.gate, i) : static_cast<opmath_t>(p[i])) * a;
+      const opmath_t pv = static_cast<opmath_t>(p[i]);
+      v += (kGate ? (static_cast<opmath_t>(gate[i]) > opmath_t(0) ? pv : opmath_t(0)) : pv) * a;
     }
     if constexpr (kHasQ) v += (static_cast<opmath_t>(q[i]) - m) * b;
-    if constexpr (kFused) {
-      if (in.residual) v += static_cast<opmath_t>(in.residual[i]);
-      if (in.relu && v < opmath_t(0)) v = opmath_t(0);  // NaN stays NaN, as in torch.relu
-    }
+    if constexpr (kResidual) v += static_cast<opmath_t>(residual[i]);
+    if constexpr (kRelu) v = v < opmath_t(0) ? opmath_t(0) : v;  // NaN stays NaN, as in torch.relu
     out[i] = static_cast<scalar_t>(v);
   };
   if (!l.channels_last) {
@@ -363,15 +366,25 @@ void affine_kernel(const AffinePtrs<scalar_t>& in, const Layout& l,
   }
 }
 
-template <typename scalar_t, bool kFused>
+// The combinations the op bodies use: forward (q; + residual, relu), backward (p, or p and q
+// in training; + gate).
+template <typename scalar_t>
 void affine_dispatch(const AffinePtrs<scalar_t>& in, const Layout& l,
                      const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
-  if (in.p && in.q) {
-    affine_kernel<scalar_t, true, true, kFused>(in, l, coeffs, out);
-  } else if (in.p) {
-    affine_kernel<scalar_t, true, false, kFused>(in, l, coeffs, out);
+  if (!in.p) {
+    if (in.residual) {
+      in.relu ? affine_kernel<scalar_t, false, true, false, true, true>(in, l, coeffs, out)
+              : affine_kernel<scalar_t, false, true, false, true, false>(in, l, coeffs, out);
+    } else {
+      in.relu ? affine_kernel<scalar_t, false, true, false, false, true>(in, l, coeffs, out)
+              : affine_kernel<scalar_t, false, true, false, false, false>(in, l, coeffs, out);
+    }
+  } else if (in.q) {
+    in.gate ? affine_kernel<scalar_t, true, true, true, false, false>(in, l, coeffs, out)
+            : affine_kernel<scalar_t, true, true, false, false, false>(in, l, coeffs, out);
   } else {
-    affine_kernel<scalar_t, false, true, kFused>(in, l, coeffs, out);
+    in.gate ? affine_kernel<scalar_t, true, false, true, false, false>(in, l, coeffs, out)
+            : affine_kernel<scalar_t, true, false, false, false, false>(in, l, coeffs, out);
   }
 }
 
@@ -387,11 +400,7 @@ void affine_cpu(const Operands& in, const Layout& l, const at::Tensor& coeffs, c
                                     ptr<scalar_t>(in.residual), in.relu};
     const opmath_t* k = coeffs.const_data_ptr<opmath_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    if (ptrs.gate || ptrs.residual || ptrs.relu) {
-      affine_dispatch<scalar_t, true>(ptrs, l, k, o);
-    } else {
-      affine_dispatch<scalar_t, false>(ptrs, l, k, o);
-    }
+    affine_dispatch<scalar_t>(ptrs, l, k, o);
   });
 }
 
