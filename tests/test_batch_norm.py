@@ -6,7 +6,7 @@ import torch
 import modekernels
 import modekernels.functional as MF
 
-from helpers import DEVICES, FLOAT_DTYPES, cuda, dtype_id
+from helpers import BN_TOL, DEVICES, FLOAT_DTYPES, cuda, dtype_id
 
 mkops = torch.ops.modekernels
 
@@ -27,15 +27,6 @@ VARIANTS = {
     "momentum-0.3-eps-1e-3": dict(momentum=0.3, eps=1e-3),
     "untracked": dict(track_running_stats=False),
 }
-
-# Tolerances against torch's own layer; float16/bfloat16 outputs differ by input-dtype rounding.
-BN_TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-9),
-    torch.float32: dict(atol=1e-4, rtol=1e-4),
-    torch.float16: dict(atol=1e-2, rtol=1e-2),
-    torch.bfloat16: dict(atol=8e-2, rtol=5e-2),
-}
-
 
 def layout(x, fmt):
     if fmt == "contiguous":

@@ -5,16 +5,10 @@ import torch
 import modekernels
 import modekernels.functional as MF
 
-from helpers import DEVICES, FLOAT_DTYPES, dtype_id, make_layout
+from helpers import BN_TOL, DEVICES, FLOAT_DTYPES, dtype_id, make_layout
 
 mkops = torch.ops.modekernels
 
-TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-9),
-    torch.float32: dict(atol=1e-4, rtol=1e-4),
-    torch.float16: dict(atol=1e-2, rtol=1e-2),
-    torch.bfloat16: dict(atol=8e-2, rtol=5e-2),
-}
 
 VARIANTS = {
     "bn-relu": (modekernels.BatchNormReLU2d, lambda bn, x, r: bn(x)),
@@ -39,7 +33,7 @@ def test_fused_equals_torch_composition_in_both_modes(device, dtype, layout, var
         theirs.bias.uniform_(-0.5, 0.5)
     ours = ours_cls(6).to(device, param_dtype)
     ours.load_state_dict(theirs.state_dict())
-    tol = TOL[dtype]
+    tol = BN_TOL[dtype]
     for training in (True, True, False):
         theirs.train(training)
         ours.train(training)
@@ -155,7 +149,7 @@ def test_dropout_add_equals_residual_plus_dropout(device, dtype, with_bias):
     else:
         y, state = _ops.dropout_add(x, r, 0.3)
         dropped = reference.dropout(x.detach(), 0.3, state)
-    torch.testing.assert_close(y, r.detach() + dropped, **TOL[dtype])
+    torch.testing.assert_close(y, r.detach() + dropped, **BN_TOL[dtype])
     g = torch.randn_like(y)
     y.backward(g)
     mask_grad = reference.dropout(g, 0.3, state)
@@ -163,7 +157,7 @@ def test_dropout_add_equals_residual_plus_dropout(device, dtype, with_bias):
     torch.testing.assert_close(r.grad, g, atol=0, rtol=0)
     if with_bias:
         opmath = reference.opmath_dtype(dtype)
-        torch.testing.assert_close(b.grad, mask_grad.to(opmath).sum((0, 1)).to(dtype), **TOL[dtype])
+        torch.testing.assert_close(b.grad, mask_grad.to(opmath).sum((0, 1)).to(dtype), **BN_TOL[dtype])
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["dropout-add", "bias-dropout-add"])
