@@ -1,14 +1,12 @@
-"""Shared benchmark harness: environment record, timers, copy roofline, case runner, CSV/JSON output.
+"""Benchmark harness: environment record, timers, copy roofline, case runner, text table.
 
-Nothing here parses a command line or touches CUDA at import time. A benchmark builds its list of
-`Case`s and a `prepare(case) -> Bench` function, then calls `run` and `report`.
+Nothing here parses a command line or touches CUDA at import time. An op suite (dropout.py,
+batch_norm.py, fused.py) builds its list of `Case`s and a `prepare(case, device) -> Bench`
+function; `run` verifies and times them.
 """
-import csv
 import dataclasses
 import datetime
-import json
 import os
-import pathlib
 import platform
 import statistics
 from typing import Callable
@@ -86,26 +84,26 @@ def _time_cpu(fn, min_run_time):
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def _time_cuda(fn, min_run_time, warmup=3, min_blocks=5):
+def _time_cuda(fn, min_run_time, warmup=3, min_calls=10):
+    """Median of per-call CUDA event timings, the L2 cache flushed before every call.
+
+    Writing a buffer twice the L2 size evicts whatever the previous call left there, so every
+    call reads its inputs from HBM, as it would inside a model.
+    """
+    device = torch.cuda.current_device()
+    flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size,
+                        dtype=torch.uint8, device="cuda")
     for _ in range(warmup):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    # Blocks of `reps` back-to-back calls, about a tenth of min_run_time each; the median block wins.
-    reps = max(1, int(min_run_time / 10 / max(start.elapsed_time(end) / 1e3, 1e-6)))
-    per_call, total = [], 0.0
-    while total < min_run_time or len(per_call) < min_blocks:
+    per_call = []
+    while sum(per_call) < min_run_time or len(per_call) < min_calls:
+        flush.zero_()
         start.record()
-        for _ in range(reps):
-            fn()
+        fn()
         end.record()
         end.synchronize()
-        seconds = start.elapsed_time(end) / 1e3
-        per_call.append(seconds / reps)
-        total += seconds
+        per_call.append(start.elapsed_time(end) / 1e3)
     return statistics.median(per_call)
 
 
@@ -113,7 +111,7 @@ def time_fn(fn, device, min_run_time=0.2):
     """Median seconds of one fn() call, after warm-up.
 
     CPU: torch.utils.benchmark's blocked_autorange at torch.get_num_threads() threads.
-    CUDA: CUDA events around blocks of calls on the current stream.
+    CUDA: CUDA events around each call on the current stream, L2 flushed in between.
     """
     if torch.device(device).type == "cuda":
         return _time_cuda(fn, min_run_time)
@@ -201,7 +199,7 @@ class Case:
         return " ".join(self.fields().values())
 
 
-_CASE_FIELDS = [f.name for f in dataclasses.fields(Case)]
+CASE_FIELDS = [f.name for f in dataclasses.fields(Case)]
 
 
 @dataclasses.dataclass
@@ -241,15 +239,26 @@ def _verify(case, bench):
         raise Skip(f"torch.compile failed: {type(exc).__name__}: {reason}") from exc
 
 
-def run(cases, prepare, device, min_run_time=0.2):
+def progress_bar(items, desc, enabled=True):
+    """tqdm over items when tqdm is installed and enabled, else items; returns (iterable, log)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items, print
+    bar = tqdm(items, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    return bar, tqdm.write
+
+
+def run(cases, prepare, device, min_run_time=0.2, progress=True):
     """Verify, then time, every case; returns one result row (a dict) per case that ran."""
     rows = []
-    for case in cases:
+    bar, log = progress_bar(cases, "timing", progress)
+    for case in bar:
         try:
-            bench = prepare(case)
+            bench = prepare(case, device)
             _verify(case, bench)
         except Skip as exc:
-            print(f"skip {case.label()}: {exc}")
+            log(f"skip {case.label()}: {exc}")
             continue
         seconds = time_fn(bench.fn, device, min_run_time)
         copy_s, clone_s = copy_roofline(bench.nbytes, device, min_run_time)
@@ -270,69 +279,16 @@ def run(cases, prepare, device, min_run_time=0.2):
             "clone_ms": 1e3 * clone_s,
             "verified": True,
         })
-        print(f"  {case.label()}: {rows[-1]['time_ms']:.3f} ms", flush=True)
-    _add_speedups(rows)
+    add_speedups(rows)
     return rows
 
 
-def _add_speedups(rows):
+def add_speedups(rows, fields=CASE_FIELDS):
+    """Sets row["speedup"] = the BASELINE variant's time_ms / the row's, matching on `fields`."""
     def key(row):
-        return tuple(row[k] for k in _CASE_FIELDS if k != "variant")
+        return tuple(row[k] for k in fields if k != "variant")
 
     baseline = {key(r): r["time_ms"] for r in rows if r["variant"] == BASELINE}
     for r in rows:
         if key(r) in baseline:
             r["speedup"] = baseline[key(r)] / r["time_ms"]
-
-
-# ---------------------------------------------------------------------------------- output
-
-_COLUMNS = [  # (row key, header, format) after the case fields
-    ("time_ms", "ms", "{:.3f}"),
-    ("gb_s", "GB/s", "{:.1f}"),
-    ("pct_copy", "% copy", "{:.0f}"),
-    ("alloc_pct", "alloc %", "{:.0f}"),
-    ("speedup", "vs torch", "{:.2f}x"),
-    ("saved_bytes", "saved B", "{:,}"),
-]
-
-
-def format_table(rows):
-    """The rows as text: case fields that vary get a column, constant ones go in a header line."""
-    if not rows:
-        return "(no results)"
-    constant = [k for k in _CASE_FIELDS if len({r[k] for r in rows}) == 1]
-    varying = [k for k in _CASE_FIELDS if k not in constant]
-    headers = varying + [h for _, h, _ in _COLUMNS]
-    body = [[str(r[k]) for k in varying]
-            + ["-" if r[k] is None else fmt.format(r[k]) for k, _, fmt in _COLUMNS] for r in rows]
-    widths = [max(len(c) for c in col) for col in zip(headers, *body)]
-
-    def line(cells):  # case fields to the left, numbers to the right
-        return "  ".join(c.ljust(w) if i < len(varying) else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([", ".join(f"{k}={rows[0][k]}" for k in constant), line(headers), *map(line, body)])
-
-
-def write_results(rows, env, out_dir, name):
-    """Writes OUT_DIR/NAME.csv (the environment repeated in columns) and NAME.json; returns paths."""
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env_cols = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in env.items()}
-    csv_path, json_path = out_dir / f"{name}.csv", out_dir / f"{name}.json"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*(rows[0] if rows else {}), *env_cols])
-        writer.writeheader()
-        writer.writerows({**r, **env_cols} for r in rows)
-    json_path.write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
-    return csv_path, json_path
-
-
-def report(rows, env, out_dir, name):
-    """Prints the environment and the table, then writes the CSV and JSON files."""
-    print(f"\n{name}: {env['device_name']} ({env['device']}, {env['threads']} threads), "
-          f"torch {env['torch']}, CUDA {env['cuda']}, {env['date']}")
-    print(format_table(rows))
-    for path in write_results(rows, env, out_dir, name):
-        print(f"wrote {path}")

@@ -1,38 +1,35 @@
-"""Dropout: modekernels.Dropout vs torch.nn.Dropout vs torch.compile(torch.nn.Dropout).
-
-    python benchmarks/bench_dropout.py [--device cpu|cuda] [--dtype float32 bfloat16]
-                                       [--sizes 8x256x56x56 ...] [--p 0.5] [--out bench-results]
+"""Dropout suite: modekernels.Dropout vs torch.nn.Dropout vs torch.compile(torch.nn.Dropout).
 
 Times the training forward and forward+backward. Bytes that must move: the forward reads x and
 writes y; forward+backward also reads the incoming gradient and writes the input's gradient.
-Given --sizes or --dtype, every size runs in every dtype.
 """
-import argparse
 import functools
 import itertools
 import math
 
 import torch
 
-import common
 import modekernels
-from common import COMPILE, Bench, Case
 from modekernels import _ops, reference
 
+from . import harness as common
+from .harness import COMPILE, Bench, Case
+
+P = 0.5
 VARIANTS = ("modekernels", "torch", COMPILE)
 DIRECTIONS = ("fwd", "fwd+bwd")
 TENSOR_PASSES = {"fwd": 2, "fwd+bwd": 4}  # full-size tensors read or written
-SIZES = ("8x256x56x56", "64x256x56x56", "7x37x59x113")
-DTYPES = ("float32", "bfloat16")
-# Without --sizes or --dtype: both dtypes at the common and the odd size, and the large tensor
-# (where allocating the output shows) in float32 only, which keeps a 2-core CPU run near a minute.
-DEFAULT = [*itertools.product(("8x256x56x56", "7x37x59x113"), DTYPES), ("64x256x56x56", "float32")]
+# Quick: a cache-sized, a common and an odd activation; full adds large ones (where allocating
+# the output shows).
+QUICK = ((1, 64, 56, 56), (8, 256, 56, 56), (7, 37, 59, 113))
+SHAPES = {"tiny": ((2, 8, 6, 6), (3, 5, 7)), "quick": QUICK,
+          "full": QUICK + ((32, 256, 56, 56), (64, 256, 56, 56))}
 
 
-def cases(sizes):
-    """sizes: (shape, dtype) pairs."""
+def cases(size, dtypes):
+    grid = itertools.product(SHAPES[size], dtypes, DIRECTIONS, VARIANTS)
     return [Case("dropout", shape, dtype, direction=direction, variant=variant)
-            for (shape, dtype), direction, variant in itertools.product(sizes, DIRECTIONS, VARIANTS)]
+            for shape, dtype, direction, variant in grid]
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,7 +76,7 @@ def check_exact(shape, dtype, device, p):
     assert torch.equal(grad_in, expected), "backward differs from modekernels.reference.dropout"
 
 
-def prepare(case, device, p):
+def prepare(case, device, p=P):
     x, grad = inputs(case.shape, case.dtype, device)
     xr = x.detach().requires_grad_()
     drop = layer(case.variant, p)
@@ -98,31 +95,3 @@ def prepare(case, device, p):
         return Bench(lambda: drop(x), verify, nbytes, output_bytes=x.nbytes)
     return Bench(lambda: torch.autograd.grad(drop(xr), xr, grad), verify, nbytes,
                  forward=lambda: drop(xr))
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", nargs="+", help=f"default: {' '.join(DTYPES)}")
-    parser.add_argument("--sizes", nargs="+", help=f"shapes; default: {' '.join(SIZES)}")
-    parser.add_argument("--p", type=float, default=0.5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed case")
-    parser.add_argument("--out", default="bench-results")
-    args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if args.sizes is None and args.dtype is None:
-        sizes = DEFAULT
-    else:
-        sizes = itertools.product(args.sizes or SIZES, args.dtype or DTYPES)
-    grid = cases([(common.parse_shape(s), common.parse_dtype(d)) for s, d in sizes])
-    prepare_case = functools.partial(prepare, device=device, p=args.p)
-    rows = common.run(grid, prepare_case, device, args.min_run_time)
-    common.report(rows, common.environment(device), args.out, f"dropout-{device.type}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,28 +1,26 @@
-"""BatchNorm: modekernels.BatchNorm1d/2d/3d vs torch's vs torch.compile of torch's.
-
-    python benchmarks/bench_batch_norm.py [--device cpu|cuda] [--dtype float32 bfloat16] [--full]
-                                          [--layout contiguous channels_last] [--out bench-results]
+"""BatchNorm suite: modekernels.BatchNorm1d/2d/3d vs torch's vs torch.compile of torch's.
 
 Times the training forward, the eval forward (under no_grad) and the training forward+backward.
 Low-precision inputs run with float32 parameters and running statistics, as under autocast.
 """
-import argparse
 import copy
 import functools
 import itertools
 
 import torch
 
-import common
 import modekernels
-from common import COMPILE, Bench, Case
+
+from . import harness as common
+from .harness import COMPILE, Bench, Case
 
 VARIANTS = ("modekernels", "torch", COMPILE)
 MODES = (("train", "fwd"), ("eval", "fwd"), ("train", "fwd+bwd"))
 LAYOUTS = ("contiguous", "channels_last")
-DTYPES = ("float32", "bfloat16")
-QUICK = ((8, 256, 56, 56), (256, 4096), (4, 64, 16, 28, 28))  # 2d, 1d (N, C), 3d
-FULL = QUICK + ((64, 256, 56, 56), (64, 512, 28, 28), (64, 2048, 7, 7))  # ResNet-50 stages
+QUICK = ((8, 64, 56, 56), (8, 256, 56, 56), (256, 4096))  # 2d at two sizes, 1d (N, C)
+SHAPES = {"tiny": ((4, 8, 6, 6), (16, 8)), "quick": QUICK,
+          "full": QUICK + ((4, 64, 16, 28, 28),  # 3d
+                           (64, 256, 56, 56), (64, 512, 28, 28), (64, 2048, 7, 7))}  # ResNet-50
 
 # The least traffic, in full-size tensors: the forward reads x and writes y; the backward reads
 # the incoming gradient and x and writes the input's gradient. A training forward reads x twice in
@@ -39,8 +37,8 @@ CLASSES = {  # input dims -> (ours, torch's)
 }
 
 
-def cases(shapes, dtypes, layouts):
-    grid = itertools.product(shapes, dtypes, layouts, MODES, VARIANTS)
+def cases(size, dtypes, layouts=LAYOUTS):
+    grid = itertools.product(SHAPES[size], dtypes, layouts, MODES, VARIANTS)
     return [Case("batch_norm", shape, dtype, layout, mode, direction, variant)
             for shape, dtype, layout, (mode, direction), variant in grid
             if layout == "contiguous" or len(shape) in (4, 5)]
@@ -123,27 +121,3 @@ def prepare(case, device):
     if case.direction == "fwd":
         return Bench(fn, verify, nbytes, output_bytes=x.nbytes)
     return Bench(fn, verify, nbytes, forward=lambda: call(x.detach().requires_grad_()))
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", nargs="+", default=DTYPES)
-    parser.add_argument("--layout", nargs="+", default=LAYOUTS, choices=LAYOUTS)
-    parser.add_argument("--full", action="store_true", help="add the ResNet-50 shapes (default on CUDA)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed case")
-    parser.add_argument("--out", default="bench-results")
-    args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    shapes = FULL if args.full or device.type == "cuda" else QUICK
-    grid = cases(shapes, [common.parse_dtype(d) for d in args.dtype], args.layout)
-    rows = common.run(grid, functools.partial(prepare, device=device), device, args.min_run_time)
-    common.report(rows, common.environment(device), args.out, f"batch_norm-{device.type}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,27 +1,31 @@
-"""Fused variants against the unfused torch sequence they replace, eager and torch.compile'd.
+"""Fused suite: fused variants against the unfused torch sequence they replace, eager and compiled.
 
-    python benchmarks/bench_fused.py [--device cpu|cuda] [--dtype float32 bfloat16] [--out bench-results]
-
-Cases (training mode): BatchNorm2d+ReLU and BatchNorm2d+add+ReLU on 8x256x56x56, dropout+residual
-and bias+dropout+residual on a 16x512x1024 transformer activation, and Dropout2d. Bytes that
+Cases (training mode): BatchNorm2d+ReLU, BatchNorm2d+add+ReLU and Dropout2d on an NCHW activation,
+dropout+residual and bias+dropout+residual on a (batch, tokens, width) transformer activation. Bytes that
 must move count the full-size tensors each pass reads or writes at the least (TENSOR_PASSES).
 """
-import argparse
 import functools
 import itertools
 
 import torch
 from torch.nn import functional as F
 
-import common
 import modekernels
-from common import COMPILE, Bench, Case
+
+from . import harness as common
+from .harness import COMPILE, Bench, Case
 
 P = 0.1
 VARIANTS = ("modekernels", "torch", COMPILE)
 DIRECTIONS = ("fwd", "fwd+bwd")
-SHAPES = {"bn_relu": (8, 256, 56, 56), "bn_add_relu": (8, 256, 56, 56), "dropout_add": (16, 512, 1024),
-          "bias_dropout_add": (16, 512, 1024), "dropout2d": (8, 256, 56, 56)}
+# Shapes per size: an NCHW activation for the BatchNorm and channel-wise ops, a (batch, tokens,
+# width) transformer activation for the residual ones.
+ACTIVATIONS = {"tiny": ((2, 8, 6, 6),), "quick": ((8, 256, 56, 56),),
+               "full": ((8, 256, 56, 56), (32, 256, 56, 56))}
+TOKENS = {"tiny": ((2, 8, 32),), "quick": ((8, 512, 1024),),
+          "full": ((16, 512, 1024), (32, 1024, 1024))}
+SHAPES = {"bn_relu": ACTIVATIONS, "bn_add_relu": ACTIVATIONS, "dropout_add": TOKENS,
+          "bias_dropout_add": TOKENS, "dropout2d": ACTIVATIONS}
 # Full-size tensors read or written: (forward, forward+backward).
 TENSOR_PASSES = {"bn_relu": (2, 6), "bn_add_relu": (3, 8), "dropout_add": (3, 5),
                  "bias_dropout_add": (3, 5), "dropout2d": (2, 4)}
@@ -56,9 +60,8 @@ def layer(op, variant, channels):
 
 
 @functools.lru_cache(maxsize=1)
-def inputs(op, dtype, device):
+def inputs(shape, dtype, device):
     gen = torch.Generator().manual_seed(0)
-    shape = SHAPES[op]
     x, residual, grad = ((torch.rand(shape, generator=gen) + 0.5).to(device, dtype) for _ in range(3))
     bias = torch.rand(shape[-1], generator=gen).to(device, dtype)
     return x, residual, bias, grad
@@ -86,7 +89,7 @@ def check(op, x, residual, bias, y):
 
 
 def prepare(case, device):
-    x, residual, bias, grad = inputs(case.op, case.dtype, device)
+    x, residual, bias, grad = inputs(case.shape, case.dtype, device)
     module = layer(case.op, case.variant, x.shape[1]).to(device)
     if case.op.startswith("bn"):
         module = module.to(device)  # parameters in float32 even for bfloat16 inputs, as in training
@@ -103,23 +106,9 @@ def prepare(case, device):
                  verify, passes * x.nbytes, forward=lambda: call(case.op, case.variant, module, xr, residual, bias))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", nargs="+", default=["float32"])
-    parser.add_argument("--ops", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed case")
-    parser.add_argument("--out", default="bench-results")
-    args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    grid = [Case(op, SHAPES[op], common.parse_dtype(dtype), direction=direction, variant=variant)
-            for op, dtype, direction, variant in itertools.product(args.ops, args.dtype, DIRECTIONS, VARIANTS)]
-    rows = common.run(grid, functools.partial(prepare, device=device), device, args.min_run_time)
-    common.report(rows, common.environment(device), args.out, f"fused-{device.type}")
-
-
-if __name__ == "__main__":
-    main()
+def cases(size, dtypes):
+    """Each fused op at the size's shapes; full times the forward alone too."""
+    directions = DIRECTIONS if size == "full" else DIRECTIONS[1:]
+    return [Case(op, shape, dtype, direction=direction, variant=variant)
+            for op, shapes in SHAPES.items() for shape in shapes[size]
+            for dtype, direction, variant in itertools.product(dtypes, directions, VARIANTS)]

@@ -1,0 +1,62 @@
+"""The main-job command end to end on tiny shapes: files written, verification passed.
+
+Timings are recorded but never asserted on.
+"""
+import csv
+import json
+
+import pytest
+import torch
+
+from modekernels.bench import cli, verify
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    status = cli.main(["--device", "cpu", "--tiny", "--no-compile", "--no-progress",
+                       "--ops", "dropout", "batch_norm", "fused", "--out", str(out)])
+    return out / "cpu", status
+
+
+def test_command_writes_every_file(report_dir):
+    out, status = report_dir
+    assert status == 0
+    for name in ("verify.csv", "ops.csv", "models.csv", "results.json", "summary.md",
+                 "throughput-dropout-cpu.png", "speedup-batch_norm-cpu.png"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_verification_section_covers_every_op_and_passed(report_dir):
+    out, _ = report_dir
+    results = json.loads((out / "results.json").read_text())
+    rows = results["verify"]
+    assert {r["op"] for r in rows} == {c.op for c in verify.CHECKS}
+    assert {r["dtype"] for r in rows} == {"float32", "float64", "float16", "bfloat16"}
+    assert {(r["mode"], r["direction"]) for r in rows} == {
+        (m, d) for m in ("train", "eval") for d in ("fwd", "bwd")}
+    assert all(r["passed"] for r in rows)
+    assert "Verification: %d of %d passed" % (len(rows), len(rows)) in (out / "summary.md").read_text()
+
+
+def test_results_hold_environment_roofline_and_ratios(report_dir):
+    out, _ = report_dir
+    results = json.loads((out / "results.json").read_text())
+    assert results["environment"]["device"] == "cpu"
+    assert results["roofline"]["gb_s"] > 0
+    ops = results["ops"]
+    assert {r["variant"] for r in ops} == {"modekernels", "torch"}
+    assert all(r["speedup"] > 0 and r["pct_copy"] > 0 for r in ops)
+    assert {(r["model"], r["variant"]) for r in results["models"]} >= {
+        ("resnet18", "modekernels"), ("mlp_block", "torch")}
+    with open(out / "ops.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(ops)
+
+
+def test_a_wrong_kernel_fails_its_row(monkeypatch):
+    op, uses_residual, uses_bias = verify._DROPOUT["dropout"]
+    monkeypatch.setitem(verify._DROPOUT, "dropout",
+                        (lambda *args: op(*args) * 1.01, uses_residual, uses_bias))
+    monkeypatch.setattr(verify, "CHECKS", [verify.Check("dropout", (4, 8, 6, 5))])
+    rows = verify.verify("cpu", [torch.float32], progress=False)
+    assert [r["passed"] for r in rows if r["mode"] == "train"] == [False, False]
