@@ -45,19 +45,11 @@ struct Extras {
   int64_t H;                 // bias length
 };
 
-// (src[i] + bias[i % H]) * m + residual[i], in opmath.
-template <typename scalar_t, typename opmath_t>
-inline scalar_t fused(const scalar_t* src, int64_t i, opmath_t m, const Extras<scalar_t>& e) {
-  opmath_t v = static_cast<opmath_t>(src[i]);
-  if (e.bias) v += static_cast<opmath_t>(e.bias[i % e.H]);
-  v *= m;
-  if (e.residual) v += static_cast<opmath_t>(e.residual[i]);
-  return static_cast<scalar_t>(v);
-}
-
-// Elementwise dropout: Philox words a block at a time, then one vectorizable multiply (or the
-// fused formula, kFused) over the block.
-template <typename scalar_t, bool kFused>
+// Elementwise dropout: Philox words a block at a time, then one vectorizable pass over the
+// block: dst = src * m, or with the fusion terms (kBias, kResidual)
+// dst = (src + bias[i % H]) * m + residual, in opmath. The bias index is carried along the block
+// instead of taking i % H per element.
+template <typename scalar_t, bool kBias, bool kResidual>
 void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t seed,
                        uint64_t offset, double p, const Extras<scalar_t>& extras) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -71,13 +63,21 @@ void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
       const int64_t len = std::min(kBlock, n - begin);
       block_multipliers(seed, offset, static_cast<uint64_t>(begin / 4), (len + 3) / 4, threshold,
                         scale, mult);
-      if constexpr (kFused) {
-        for (int64_t i = 0; i < len; ++i) dst[begin + i] = fused(src, begin + i, mult[i], extras);
-      } else {
-        const scalar_t* s = src + begin;
-        scalar_t* d = dst + begin;
+      const scalar_t* s = src + begin;
+      scalar_t* d = dst + begin;
+      if constexpr (kBias) {
+        int64_t j = begin % extras.H;
         for (int64_t i = 0; i < len; ++i) {
-          d[i] = static_cast<scalar_t>(static_cast<opmath_t>(s[i]) * mult[i]);
+          opmath_t v = (static_cast<opmath_t>(s[i]) + static_cast<opmath_t>(extras.bias[j])) * mult[i];
+          if constexpr (kResidual) v += static_cast<opmath_t>(extras.residual[begin + i]);
+          d[i] = static_cast<scalar_t>(v);
+          j = j + 1 == extras.H ? 0 : j + 1;
+        }
+      } else {
+        for (int64_t i = 0; i < len; ++i) {
+          opmath_t v = static_cast<opmath_t>(s[i]) * mult[i];
+          if constexpr (kResidual) v += static_cast<opmath_t>(extras.residual[begin + i]);
+          d[i] = static_cast<scalar_t>(v);
         }
       }
     }
@@ -155,10 +155,14 @@ void apply_cpu(const at::Tensor& src, const at::Tensor& dst, double p,
     }
     const Extras<scalar_t> extras{ptr<scalar_t>(fusion.residual), ptr<scalar_t>(fusion.bias),
                                   fusion.bias.defined() ? fusion.bias.numel() : 1};
-    if (extras.residual || extras.bias) {
-      apply_elementwise<scalar_t, true>(s, d, n, seed, offset, p, extras);
+    if (extras.bias) {
+      // The op bodies pass a bias only together with a residual (bias_dropout_add).
+      TORCH_INTERNAL_ASSERT(extras.residual);
+      apply_elementwise<scalar_t, true, true>(s, d, n, seed, offset, p, extras);
+    } else if (extras.residual) {
+      apply_elementwise<scalar_t, false, true>(s, d, n, seed, offset, p, extras);
     } else {
-      apply_elementwise<scalar_t, false>(s, d, n, seed, offset, p, extras);
+      apply_elementwise<scalar_t, false, false>(s, d, n, seed, offset, p, extras);
     }
   });
 }
