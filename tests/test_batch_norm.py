@@ -310,3 +310,34 @@ def test_building_blocks_compose_over_a_split_batch(device, channels_last):
     torch.testing.assert_close(sum_dy, full[2])
     torch.library.opcheck(mkops.batch_norm_stats.default, (x,))
     torch.library.opcheck(mkops.batch_norm_grad_sums.default, (dy, x, mean))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("fused", ["plain", "relu", "add-relu"])
+def test_cpu_resident_and_separate_passes_agree(dtype, fused):
+    # With at least one channel per thread and small channels, the CPU runs reduction and
+    # elementwise pass channel by channel (one pass over memory); with more threads than channels
+    # it runs them as separate passes. Both must give the same forward and backward.
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 5, 7, 9, generator=gen) * 2 + 1).to(dtype)
+    residual = torch.randn(x.shape, generator=gen).to(dtype) if fused == "add-relu" else None
+    dy = torch.randn(x.shape, generator=gen).to(dtype)
+    param = params_dtype_for(dtype)
+    w, b = (torch.rand(5, generator=gen) + 0.5).to(param), torch.rand(5, generator=gen).to(param)
+    relu = fused != "plain"
+
+    def run(threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out, mean, var = mkops.batch_norm_train(x, w, b, 1e-5, residual, relu)
+            grads = mkops.batch_norm_backward(dy, x, mean, var, w, 1e-5, True, [True, True, True],
+                                              relu_output=out if relu else None)
+        finally:
+            torch.set_num_threads(previous)
+        return out, mean, var, *grads
+
+    resident, separate = run(1), run(8)  # 5 channels: >= 1 thread each, then < 8 threads
+    for name, a, b_ in zip(["out", "mean", "var", "grad_input", "grad_weight", "grad_bias"],
+                           resident, separate):
+        torch.testing.assert_close(a, b_, **BN_TOL[dtype], msg=name)

@@ -150,12 +150,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, co
   const auto fmt = kernel_format(input);
   const at::Tensor r = like_input(residual, "residual", input, fmt);
   const at::Tensor x = dense(input, fmt);
-  auto [mean, var] = stats(x, be);
+  const Layout layout = layout_of(x);
+  const Operands in{at::Tensor(), x, at::Tensor(), r, relu};
   at::Tensor out = at::empty_like(x, fmt);
+  if (x.numel() > 0 && be.train_resident) {
+    const auto acc = opmath(input.scalar_type());
+    at::Tensor mean = channel_empty(input, acc);
+    at::Tensor var = channel_empty(input, acc);
+    if (be.train_resident(in, layout, opt(weight), opt(bias), eps, mean, var, out)) {
+      return {out, mean, var};
+    }
+  }
+  auto [mean, var] = stats(x, be);
   if (x.numel() == 0) return {out, mean, var};
   at::Tensor coeffs = channel_empty(input, mean.scalar_type(), 4);
   be.forward_coeffs(mean, var, opt(weight), opt(bias), eps, coeffs);
-  be.affine({at::Tensor(), x, at::Tensor(), r, relu}, layout_of(x), coeffs, out);
+  be.affine(in, layout, coeffs, out);
   return {out, mean, var};
 }
 
@@ -219,6 +229,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     sum_dy = sum_dy_given->to(acc);
     sum_dy_xmu = sum_dy_xmu_given->to(acc);
   } else {
+    const Operands in{dy, x, gate, at::Tensor(), false};
+    if (training && want_dx && x.numel() > 0 && be.backward_resident &&
+        be.backward_resident(in, layout, mean_acc, var_acc, w, eps, grad_input,
+                             want_dw ? grad_weight : at::Tensor(), want_db ? grad_bias : at::Tensor())) {
+      return {grad_input, grad_weight, grad_bias};
+    }
     sum_dy = channel_empty(input, acc);
     sum_dy_xmu = channel_empty(input, acc);
     const bool need_sums = (training && want_dx) || want_dw || want_db;

@@ -10,6 +10,9 @@
 //   end. One pass over memory.
 // grad_sums: the same task split, accumulating sum(dy) and sum(dy (x - mean)). One pass.
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows.
+// Resident variants: for channels-first memory with small channels, a training forward or
+//   backward runs reduction and elementwise pass channel by channel, the second pass reading from
+//   cache: one pass over memory in all (see "cache-resident" below).
 // Row-level sums use 16 independent accumulators held in one GCC vector (SIMD, and enough to
 // hide the add latency), in the opmath type; task and final merges are in double. The file is
 // built for the baseline ISA: on the development machine (AMD EPYC) an AVX2+FMA build of these
@@ -319,10 +322,56 @@ struct AffinePtrs {
   bool relu;
 };
 
-// Which extra operands the pass has, fixed at compile time so that every variant's inner loop
-// stays branch-free and vectorizes: kGate (the fused-ReLU backward), kResidual, kRelu.
-template <typename scalar_t, bool kHasP, bool kHasQ, bool kGate, bool kResidual, bool kRelu>
-void affine_kernel(const AffinePtrs<scalar_t>& in, const Layout& l,
+// Which operands an elementwise pass has, fixed at compile time so that every variant's inner
+// loop stays branch-free and vectorizes: kGate (the fused-ReLU backward), kResidual, kRelu.
+template <bool P, bool Q, bool G, bool R, bool L>
+struct Variant {
+  static constexpr bool kHasP = P, kHasQ = Q, kGate = G, kResidual = R, kRelu = L;
+};
+
+// fn(Variant<...>{}) for the combinations the op bodies use: forward (q; + residual, relu),
+// backward (p, or p and q in training; + gate).
+template <typename scalar_t, typename Fn>
+void with_variant(const AffinePtrs<scalar_t>& in, const Fn& fn) {
+  if (!in.p) {
+    if (in.residual) {
+      in.relu ? fn(Variant<false, true, false, true, true>{}) : fn(Variant<false, true, false, true, false>{});
+    } else {
+      in.relu ? fn(Variant<false, true, false, false, true>{}) : fn(Variant<false, true, false, false, false>{});
+    }
+  } else if (in.q) {
+    in.gate ? fn(Variant<true, true, true, false, false>{}) : fn(Variant<true, true, false, false, false>{});
+  } else {
+    in.gate ? fn(Variant<true, false, true, false, false>{}) : fn(Variant<true, false, false, false, false>{});
+  }
+}
+
+// The pointers are taken by value: held in locals, the compiler knows that stores to `out`
+// cannot change them, and the loops that call this vectorize.
+template <typename V, typename scalar_t, typename opmath_t>
+inline void affine_element(AffinePtrs<scalar_t> in, int64_t i, opmath_t a, opmath_t b, opmath_t m,
+                           opmath_t d, scalar_t* out) {
+  opmath_t v = d;
+  if constexpr (V::kHasP) {
+    const opmath_t pv = static_cast<opmath_t>(in.p[i]);
+    v += (V::kGate ? (static_cast<opmath_t>(in.gate[i]) > opmath_t(0) ? pv : opmath_t(0)) : pv) * a;
+  }
+  if constexpr (V::kHasQ) v += (static_cast<opmath_t>(in.q[i]) - m) * b;
+  if constexpr (V::kResidual) v += static_cast<opmath_t>(in.residual[i]);
+  if constexpr (V::kRelu) v = v < opmath_t(0) ? opmath_t(0) : v;  // NaN stays NaN, as in torch.relu
+  out[i] = static_cast<scalar_t>(v);
+}
+
+// One channels-first row: elements [begin, begin + len) of one channel.
+template <typename V, typename scalar_t, typename opmath_t>
+inline void affine_row(AffinePtrs<scalar_t> in, int64_t begin, int64_t len, const opmath_t* k,
+                       scalar_t* out) {
+  const opmath_t a = k[kA], b = k[kB], m = k[kM], d = k[kD];
+  for (int64_t i = begin; i < begin + len; ++i) affine_element<V>(in, i, a, b, m, d, out);
+}
+
+template <typename V, typename scalar_t>
+void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
                    const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = l.C;
@@ -330,29 +379,13 @@ void affine_kernel(const AffinePtrs<scalar_t>& in, const Layout& l,
   const opmath_t* B = coeffs + kB * C;
   const opmath_t* M = coeffs + kM * C;
   const opmath_t* D = coeffs + kD * C;
-  const scalar_t* p = in.p;
-  const scalar_t* q = in.q;
-  const scalar_t* gate = in.gate;
-  const scalar_t* residual = in.residual;
-  auto element = [&](int64_t i, opmath_t a, opmath_t b, opmath_t m, opmath_t d) {
-    opmath_t v = d;
-    if constexpr (kHasP) {
-      const opmath_t pv = static_cast<opmath_t>(p[i]);
-      v += (kGate ? (static_cast<opmath_t>(gate[i]) > opmath_t(0) ? pv : opmath_t(0)) : pv) * a;
-    }
-    if constexpr (kHasQ) v += (static_cast<opmath_t>(q[i]) - m) * b;
-    if constexpr (kResidual) v += static_cast<opmath_t>(residual[i]);
-    if constexpr (kRelu) v = v < opmath_t(0) ? opmath_t(0) : v;  // NaN stays NaN, as in torch.relu
-    out[i] = static_cast<scalar_t>(v);
-  };
   if (!l.channels_last) {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(l.S, 1));
     at::parallel_for(0, l.N * C, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
-        const opmath_t a = A[c], b = B[c], m = M[c], d = D[c];
-        const int64_t base = r * l.S;
-        for (int64_t s = 0; s < l.S; ++s) element(base + s, a, b, m, d);
+        const opmath_t k[4] = {A[c], B[c], M[c], D[c]};
+        affine_row<V>(in, r * l.S, l.S, k, out);
       }
     });
   } else {
@@ -360,31 +393,9 @@ void affine_kernel(const AffinePtrs<scalar_t>& in, const Layout& l,
     at::parallel_for(0, l.N * l.S, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t base = r * C;
-        for (int64_t c = 0; c < C; ++c) element(base + c, A[c], B[c], M[c], D[c]);
+        for (int64_t c = 0; c < C; ++c) affine_element<V>(in, base + c, A[c], B[c], M[c], D[c], out);
       }
     });
-  }
-}
-
-// The combinations the op bodies use: forward (q; + residual, relu), backward (p, or p and q
-// in training; + gate).
-template <typename scalar_t>
-void affine_dispatch(const AffinePtrs<scalar_t>& in, const Layout& l,
-                     const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
-  if (!in.p) {
-    if (in.residual) {
-      in.relu ? affine_kernel<scalar_t, false, true, false, true, true>(in, l, coeffs, out)
-              : affine_kernel<scalar_t, false, true, false, true, false>(in, l, coeffs, out);
-    } else {
-      in.relu ? affine_kernel<scalar_t, false, true, false, false, true>(in, l, coeffs, out)
-              : affine_kernel<scalar_t, false, true, false, false, false>(in, l, coeffs, out);
-    }
-  } else if (in.q) {
-    in.gate ? affine_kernel<scalar_t, true, true, true, false, false>(in, l, coeffs, out)
-            : affine_kernel<scalar_t, true, true, false, false, false>(in, l, coeffs, out);
-  } else {
-    in.gate ? affine_kernel<scalar_t, true, false, true, false, false>(in, l, coeffs, out)
-            : affine_kernel<scalar_t, true, false, false, false, false>(in, l, coeffs, out);
   }
 }
 
@@ -393,15 +404,121 @@ const scalar_t* ptr(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
 }
 
+template <typename scalar_t>
+AffinePtrs<scalar_t> affine_ptrs(const Operands& in) {
+  return {ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), ptr<scalar_t>(in.gate), ptr<scalar_t>(in.residual),
+          in.relu};
+}
+
 void affine_cpu(const Operands& in, const Layout& l, const at::Tensor& coeffs, const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "modekernels_bn_affine", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const AffinePtrs<scalar_t> ptrs{ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), ptr<scalar_t>(in.gate),
-                                    ptr<scalar_t>(in.residual), in.relu};
+    const auto ptrs = affine_ptrs<scalar_t>(in);
     const opmath_t* k = coeffs.const_data_ptr<opmath_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    affine_dispatch<scalar_t>(ptrs, l, k, o);
+    with_variant(ptrs, [&](auto v) { affine_kernel<decltype(v)>(ptrs, l, k, o); });
   });
+}
+
+// ----------------------------------------------------------------------- cache-resident
+
+// Channels-first memory with at least one channel per thread and small channels: one task per
+// channel runs the reduction over the channel's N rows and then, with its coefficients, the
+// elementwise pass over the same rows, which it finds in cache. Memory traffic drops from two
+// reads to one (training forward: read x, write y; backward: read dy, x [, gate], write dx).
+// Merges run in the same order as in the separate passes, so results are bit-identical.
+constexpr int64_t kResidentBytes = 1 << 18;  // per channel, all operands together
+
+bool resident(const Layout& l, int64_t bytes_per_element) {
+  return !l.channels_last && l.C >= at::get_num_threads() &&
+         l.N * l.S * bytes_per_element <= kResidentBytes;
+}
+
+bool train_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& weight,
+                        const at::Tensor& bias, double eps, const at::Tensor& mean_t,
+                        const at::Tensor& var_t, const at::Tensor& out) {
+  const int64_t operands = 2 + (in.residual.defined() ? 1 : 0);
+  if (!resident(l, operands * static_cast<int64_t>(out.element_size()))) return false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "modekernels_bn_train_resident", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    dispatch_param(weight.defined() ? weight : bias, mean_t.scalar_type(), [&](auto tag) {
+      using P = std::remove_pointer_t<decltype(tag)>;
+      const auto ptrs = affine_ptrs<scalar_t>(in);
+      const P* w = ptr_or_null<P>(weight);
+      const P* b = ptr_or_null<P>(bias);
+      opmath_t* mean = mean_t.data_ptr<opmath_t>();
+      opmath_t* var = var_t.data_ptr<opmath_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      with_variant(ptrs, [&](auto v) {
+        at::parallel_for(0, l.C, 1, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            Moments<double> m;
+            for (int64_t n = 0; n < l.N; ++n) {
+              opmath_t mu, m2;
+              row_moments<scalar_t, opmath_t>(ptrs.q + (n * l.C + c) * l.S, l.S, mu, m2);
+              m.merge(static_cast<double>(l.S), mu, m2);
+            }
+            mean[c] = static_cast<opmath_t>(m.mean);
+            var[c] = static_cast<opmath_t>(m.m2 / m.n);
+            opmath_t k[4];
+            forward_coeffs<opmath_t, P>(0, 1, mean + c, var + c, w ? w + c : nullptr,
+                                        b ? b + c : nullptr, eps, k);
+            for (int64_t n = 0; n < l.N; ++n) {
+              affine_row<decltype(v)>(ptrs, (n * l.C + c) * l.S, l.S, k, o);
+            }
+          }
+        });
+      });
+    });
+  });
+  return true;
+}
+
+bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& mean_t,
+                           const at::Tensor& var_t, const at::Tensor& weight, double eps,
+                           const at::Tensor& grad_input, const at::Tensor& grad_weight,
+                           const at::Tensor& grad_bias) {
+  const int64_t operands = 3 + (in.gate.defined() ? 1 : 0);
+  if (!resident(l, operands * static_cast<int64_t>(grad_input.element_size()))) return false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_input.scalar_type(), "modekernels_bn_backward_resident", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    dispatch_param(weight.defined() ? weight : grad_bias, mean_t.scalar_type(), [&](auto tag) {
+      using P = std::remove_pointer_t<decltype(tag)>;
+      const auto ptrs = affine_ptrs<scalar_t>(in);
+      const P* w = ptr_or_null<P>(weight);
+      P* gw = ptr_or_null<P>(grad_weight);
+      P* gb = ptr_or_null<P>(grad_bias);
+      const opmath_t* mean = mean_t.const_data_ptr<opmath_t>();
+      const opmath_t* var = var_t.const_data_ptr<opmath_t>();
+      const auto count = static_cast<opmath_t>(l.N * l.S);
+      scalar_t* o = grad_input.data_ptr<scalar_t>();
+      with_variant(ptrs, [&](auto v) {
+        at::parallel_for(0, l.C, 1, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            double a = 0.0, b = 0.0;
+            for (int64_t n = 0; n < l.N; ++n) {
+              const int64_t off = (n * l.C + c) * l.S;
+              opmath_t ra, rb;
+              row_grad_sums<scalar_t, opmath_t>(ptrs.p + off, ptrs.gate ? ptrs.gate + off : nullptr,
+                                                ptrs.q + off, l.S, mean[c], ra, rb);
+              a += ra;
+              b += rb;
+            }
+            const auto sdy = static_cast<opmath_t>(a);
+            const auto sdx = static_cast<opmath_t>(b);
+            opmath_t k[4];
+            backward_coeffs<opmath_t, P>(0, 1, true, mean + c, var + c, w ? w + c : nullptr, eps,
+                                         &sdy, &sdx, count, k, gw ? gw + c : nullptr,
+                                         gb ? gb + c : nullptr);
+            for (int64_t n = 0; n < l.N; ++n) {
+              affine_row<decltype(v)>(ptrs, (n * l.C + c) * l.S, l.S, k, o);
+            }
+          }
+        });
+      });
+    });
+  });
+  return true;
 }
 
 // -------------------------------------------------------------------------- per channel
@@ -468,8 +585,9 @@ void update_running_cpu(const at::Tensor& running_mean, const at::Tensor& runnin
   });
 }
 
-const Backend kCpu = {moments_cpu,        grad_sums_cpu,  forward_coeffs_cpu,
-                      backward_coeffs_cpu, affine_cpu,    update_running_cpu};
+const Backend kCpu = {moments_cpu,        grad_sums_cpu,      forward_coeffs_cpu,
+                      backward_coeffs_cpu, affine_cpu,         update_running_cpu,
+                      train_resident_cpu,  backward_resident_cpu};
 
 }  // namespace
 
