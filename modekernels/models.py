@@ -2,7 +2,8 @@
 
 `convert` and `revert` swap the class of each layer in place. modekernels' layers subclass
 torch's and override `forward` only, so a layer's state (parameters, buffers, hooks, `training`)
-is the same under either class and nothing has to be copied.
+is the same under either class and nothing has to be copied. `convert(sync=True)` makes every
+BatchNorm a modekernels.SyncBatchNorm the same way.
 
 The mode tools work on any model. `modes` reports every module's `training` flag,
 `check_modes` asserts one, and `training` / `evaluating` switch a whole model for a block and
@@ -14,11 +15,12 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import warnings
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import nn as _nn
+from . import distributed as _distributed, nn as _nn
 
 # torch's layer -> modekernels' drop-in subclass.
 _DROPOUT = {
@@ -31,7 +33,11 @@ _BATCHNORM = {
     torch.nn.BatchNorm1d: _nn.BatchNorm1d,
     torch.nn.BatchNorm2d: _nn.BatchNorm2d,
     torch.nn.BatchNorm3d: _nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm: _distributed.SyncBatchNorm,
 }
+# convert(sync=True): every unfused BatchNorm, torch's or ours, -> our SyncBatchNorm.
+_SYNC = dict.fromkeys([*_BATCHNORM, _nn.BatchNorm1d, _nn.BatchNorm2d, _nn.BatchNorm3d],
+                      _distributed.SyncBatchNorm)
 _OURS = _DROPOUT | _BATCHNORM
 # Our BatchNorm -> its fusion with a following ReLU (convert(fuse=True)).
 _FUSED_RELU = {
@@ -47,8 +53,9 @@ _ROOT = "(root)"
 
 # ------------------------------------------------------------------------------- conversion
 
-def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=False, fuse=False):
-    """Replaces torch's Dropout and BatchNorm1d/2d/3d in `model` with modekernels' layers.
+def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=False, fuse=False,
+            sync=False, process_group=None):
+    """Replaces torch's Dropout, BatchNorm1d/2d/3d and SyncBatchNorm in `model` with modekernels'.
 
     Each matching module (the root included, every shared module once) gets modekernels' class
     in place of its own. The objects are kept rather than rebuilt: modekernels' classes only
@@ -73,23 +80,52 @@ def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=Fal
     state, so state_dicts do not change); `revert` puts the ReLU back. A BatchNorm used in more
     than one place is left unfused. Nothing else is fused.
 
+    With `sync`, every BatchNorm1d/2d/3d, torch's or modekernels' (unfused), and torch's
+    SyncBatchNorm becomes a modekernels.SyncBatchNorm, in place like every other layer: the
+    batch statistics in training are then those of all processes of `process_group` (default:
+    the whole world). Layers that were SyncBatchNorm keep their own group. BatchNorm layers left
+    unsynchronized (fused ones, user subclasses without `subclasses`) are named in a warning;
+    `fuse` does not fuse SyncBatchNorm layers. `revert` then gives torch.nn.SyncBatchNorm
+    layers, as torch's convert_sync_batchnorm would (the original BatchNormNd class is not
+    recorded).
+
     Returns the converted model: `model` itself, or a converted deep copy if `inplace` is false.
     """
-    torch_classes = tuple((_DROPOUT if dropout else {}) | (_BATCHNORM if batchnorm else {}))
+    if process_group is not None and not sync:
+        raise ValueError("process_group is only used with sync=True")
+    targets = (_DROPOUT if dropout else {}) | ((_SYNC if sync else _BATCHNORM) if batchnorm else {})
+    torch_classes = tuple(targets)
 
     def ours(cls):
+        if cls in targets:
+            return targets[cls]
         if issubclass(cls, _OUR_CLASSES):
             return None
-        if cls in torch_classes:
-            return _OURS[cls]
         if subclasses and issubclass(cls, torch_classes):
-            return _converted_subclass(cls)
+            return _converted_subclass(cls, next(targets[c] for c in cls.__mro__ if c in targets))
         return None
 
     model = _swap_classes(model, ours, inplace)
+    if sync and batchnorm:
+        _set_sync_group(model, process_group)
     if fuse:
         _fuse_batchnorm_relu(model)
     return model
+
+
+def _set_sync_group(model, process_group):
+    """Gives the layers convert(sync=True) made SyncBatchNorm their group; warns of the rest."""
+    unsynchronized = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.SyncBatchNorm):
+            if not hasattr(module, "process_group"):  # a plain BatchNorm until now
+                module.process_group = process_group
+        elif isinstance(module, _BatchNorm):
+            unsynchronized.append(_display(name))
+    if unsynchronized:
+        warnings.warn("convert(sync=True) left these BatchNorm layers unsynchronized (fused "
+                      "layers, and subclasses without subclasses=True): "
+                      + ", ".join(unsynchronized), stacklevel=3)
 
 
 class FusedReLU(torch.nn.Identity):
@@ -145,9 +181,9 @@ def _swap_classes(model, new_class, inplace):
 
 
 @functools.cache
-def _converted_subclass(source):
-    """The class `convert(subclasses=True)` gives to instances of the user's class `source`."""
-    ours = next(_OURS[cls] for cls in source.__mro__ if cls in _OURS)
+def _converted_subclass(source, ours):
+    """The class `convert(subclasses=True)` gives to instances of the user's class `source`,
+    deriving from it and from modekernels' layer `ours`."""
     namespace = {"__module__": source.__module__, "_mk_source": source,
                  "__reduce_ex__": _reduce_converted_subclass}
     return type(source.__name__, (source, ours), namespace)
@@ -157,11 +193,13 @@ def _reduce_converted_subclass(self, protocol):
     # A class made at run time cannot be pickled by name: pickle the user's class instead, and
     # rebuild the converted class from it when loading.
     _, _, *state = object.__reduce_ex__(self, protocol)
-    return (_new_converted_subclass, (self._mk_source,), *state)
+    return (_new_converted_subclass, type(self).__bases__, *state)
 
 
-def _new_converted_subclass(source):
-    return object.__new__(_converted_subclass(source))
+def _new_converted_subclass(source, ours=None):
+    # `ours` is absent from pickles made before convert(sync=True) existed.
+    ours = ours or next(_OURS[cls] for cls in source.__mro__ if cls in _OURS)
+    return object.__new__(_converted_subclass(source, ours))
 
 
 # ------------------------------------------------------------------------------------ modes
