@@ -2,9 +2,9 @@
 //
 // moments: the work is cut into tasks that at::parallel_for shares out. Channels-first memory
 //   (N, C, S): a task is one channel over a range of the batch, so few channels still fill every
-//   thread; each (n, c) row of S elements gets its mean and M2 in one sweep (shifted sums, below)
-//   and is merged into the task's moments with Chan's formula. Channels-last memory (N*S, C):
-//   a task is a range of rows; blocks of rows (>= 64 rows) get per-channel sums of (x - K) and
+//   thread; the task sums (x - K) and (x - K)^2 over its rows (K the task's first element), row
+//   by row in opmath lanes and across rows in double, then takes its moments once.
+//   Channels-last memory (N*S, C): a task is a range of rows; blocks of rows (>= 64 rows) get per-channel sums of (x - K) and
 //   (x - K)^2 in one sweep, K being the task's first row, so the squares never lose precision to
 //   a large mean; each block is merged per channel. Task results are merged per channel at the
 //   end. One pass over memory.
@@ -87,32 +87,50 @@ opmath_t gated(const scalar_t* dy, const scalar_t* gate, int64_t i) {
   return gate && !(static_cast<opmath_t>(gate[i]) > opmath_t(0)) ? opmath_t(0) : g;
 }
 
-// Mean and M2 of one row in one sweep, from sums of (x - K) and (x - K)^2 with K the row's first
-// element: close enough to the mean that the squares keep their precision.
+// Sums of (x - K) and (x - K)^2 over one row, in opmath lanes.
 template <typename scalar_t, typename opmath_t>
-void row_moments(const scalar_t* x, int64_t len, opmath_t& mean, opmath_t& m2) {
+void row_shifted_sums(const scalar_t* x, int64_t len, opmath_t shift, opmath_t& s1, opmath_t& s2) {
   using V = typename Lanes<opmath_t>::type;
-  const opmath_t shift = static_cast<opmath_t>(x[0]);
-  V s1 = {};
-  V s2 = {};
+  V v1 = {};
+  V v2 = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     V d;
     load_lanes<opmath_t>(x + i, d);
     d -= shift;
+    v1 += d;
+    v2 += d * d;
+  }
+  s1 = sum_lanes<opmath_t>(v1);
+  s2 = sum_lanes<opmath_t>(v2);
+  for (; i < len; ++i) {
+    const opmath_t d = static_cast<opmath_t>(x[i]) - shift;
     s1 += d;
     s2 += d * d;
   }
-  opmath_t a = sum_lanes<opmath_t>(s1);
-  opmath_t b = sum_lanes<opmath_t>(s2);
-  for (; i < len; ++i) {
-    const opmath_t d = static_cast<opmath_t>(x[i]) - shift;
-    a += d;
-    b += d * d;
+}
+
+// Moments of rows n0 <= n < n1 of one channel, row n starting at x + n * stride, S elements each.
+// The shift K is the channel's first element, close enough to the mean that the squares keep
+// their precision; the rows' sums add up in double, and there is one division in all, so short
+// rows (small spatial sizes) cost little more than their elements.
+template <typename scalar_t, typename opmath_t>
+Moments<double> channel_moments(const scalar_t* x, int64_t stride, int64_t n0, int64_t n1, int64_t S) {
+  Moments<double> m;
+  if (n0 == n1 || S == 0) return m;
+  const auto shift = static_cast<opmath_t>(x[n0 * stride]);
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t n = n0; n < n1; ++n) {
+    opmath_t a, b;
+    row_shifted_sums<scalar_t, opmath_t>(x + n * stride, S, shift, a, b);
+    s1 += a;
+    s2 += b;
   }
-  const opmath_t mean_d = a / static_cast<opmath_t>(len);
-  mean = shift + mean_d;
-  m2 = std::max(opmath_t(0), b - mean_d * a);
+  m.n = static_cast<double>((n1 - n0) * S);
+  const double mean_d = s1 / m.n;
+  m.mean = static_cast<double>(shift) + mean_d;
+  m.m2 = std::max(0.0, s2 - mean_d * s1);
+  return m;
 }
 
 // sum(dy) and sum(dy (x - mean)) of one row; with a gate, dy counts only where gate > 0.
@@ -161,13 +179,8 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c = t / per;
         const int64_t k = t % per;
-        Moments<double> m;
-        for (int64_t n = l.N * k / per; n < l.N * (k + 1) / per; ++n) {
-          opmath_t mu, m2;
-          row_moments<scalar_t, opmath_t>(x + (n * C + c) * l.S, l.S, mu, m2);
-          m.merge(static_cast<double>(l.S), mu, m2);
-        }
-        part[t] = m;
+        part[t] = channel_moments<scalar_t, opmath_t>(x + c * l.S, C * l.S, l.N * k / per,
+                                                      l.N * (k + 1) / per, l.S);
       }
     });
     for (int64_t t = 0; t < C * per; ++t) total[t / per].merge(part[t]);
@@ -452,12 +465,7 @@ bool train_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& w
       with_variant(ptrs, [&](auto v) {
         at::parallel_for(0, l.C, 1, [&](int64_t c0, int64_t c1) {
           for (int64_t c = c0; c < c1; ++c) {
-            Moments<double> m;
-            for (int64_t n = 0; n < l.N; ++n) {
-              opmath_t mu, m2;
-              row_moments<scalar_t, opmath_t>(ptrs.q + (n * l.C + c) * l.S, l.S, mu, m2);
-              m.merge(static_cast<double>(l.S), mu, m2);
-            }
+            const auto m = channel_moments<scalar_t, opmath_t>(ptrs.q + c * l.S, l.C * l.S, 0, l.N, l.S);
             mean[c] = static_cast<opmath_t>(m.mean);
             var[c] = static_cast<opmath_t>(m.m2 / m.n);
             opmath_t k[4];
