@@ -90,6 +90,7 @@ def run_device(device, args, size, log):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    malloc = harness.steady_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [args.device] if args.device else ["cpu"] + ["cuda"] * torch.cuda.is_available()
@@ -99,6 +100,7 @@ def main(argv=None):
         device = torch.device(name)
         size = args.size or ("full" if device.type == "cuda" else "quick")
         results, device_failed = run_device(device, args, size, log)
+        results["environment"]["malloc"] = malloc
         failed += device_failed
         paths = report.write(results, f"{args.out}/{device.type}")
         log(f"\nwrote {', '.join(map(str, paths))}")

@@ -4,6 +4,7 @@ Nothing here parses a command line or touches CUDA at import time. An op suite (
 batch_norm.py, fused.py) builds its list of `Case`s and a `prepare(case, device) -> Bench`
 function; `run` verifies and times them.
 """
+import ctypes
 import dataclasses
 import datetime
 import os
@@ -76,6 +77,28 @@ def environment(device):
 
 
 # ---------------------------------------------------------------------------------- timing
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
+
+
+def steady_malloc():
+    """Fixes glibc malloc's thresholds so that CPU timings do not depend on its history.
+
+    By default glibc raises its mmap threshold as large blocks are freed and gives freed memory
+    back to the system, so whether a fresh output of 25 MB costs page faults (several ms on the
+    CPU) depends on what the process allocated before: the same op measured 12 or 25 ms in one
+    run. Fixed at 32 MB (glibc's largest) and never trimming, every allocation below 32 MB
+    reuses freed memory, for every variant alike; larger ones always map fresh pages, which the
+    `alloc %` column reports. Returns a description for the environment record, or None where
+    the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    except (OSError, AttributeError):
+        return None
+    return "glibc: mmap threshold 32 MB, no trimming" if ok else None
+
 
 def _time_cpu(fn, min_run_time):
     fn()  # warm-up: lazy initialisation, compilation; blocked_autorange's first call warms further
