@@ -135,9 +135,7 @@ def write(results, out_dir):
 
 # --------------------------------------------------------------------------------- charts
 
-def _series_label(row):
-    parts = [row["variant"], row["dtype"], row["mode"], row["direction"]]
-    return " ".join(parts + ([row["layout"]] if row["layout"] != "contiguous" else []))
+_COLORS = {"modekernels": "tab:blue", "torch": "tab:orange", "torch.compile": "tab:green"}
 
 
 def _case_key(row):
@@ -158,15 +156,24 @@ def charts(results, out_dir):
     paths = []
     for op in dict.fromkeys(r["op"] for r in results["ops"]):
         rows = [r for r in results["ops"] if r["op"] == op]
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for label in dict.fromkeys(map(_series_label, rows)):
-            points = sorted((r["nbytes"], r["gb_s"]) for r in rows if _series_label(r) == label)
-            ax.plot(*zip(*points), marker="o", label=label)
-        copy = sorted({(r["nbytes"], r["nbytes"] / r["copy_ms"] / 1e6) for r in rows})
-        ax.plot(*zip(*copy), "k--", linewidth=2, label="copy_ (roofline)")
-        ax.set(xscale="log", xlabel="bytes that must move", ylabel="GB/s",
-               title=f"{op} on {device}: effective bandwidth")
-        ax.legend(fontsize=7)
+        panels = list(dict.fromkeys((r["mode"], r["direction"]) for r in rows))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False,
+                                 sharey=True)
+        for ax, (mode, direction) in zip(axes[0], panels):
+            mine = [r for r in rows if (r["mode"], r["direction"]) == (mode, direction)]
+            for series in dict.fromkeys((r["variant"], r["dtype"], r["layout"]) for r in mine):
+                points = sorted((r["nbytes"], r["gb_s"]) for r in mine
+                                if (r["variant"], r["dtype"], r["layout"]) == series)
+                variant, dtype, layout = series
+                ax.plot(*zip(*points), marker="o", color=_COLORS.get(variant),
+                        linestyle="-" if layout == "contiguous" else "--",
+                        label=" ".join(part for part in series if part != "contiguous"))
+            copy = sorted({(r["nbytes"], r["nbytes"] / r["copy_ms"] / 1e6) for r in mine})
+            ax.plot(*zip(*copy), color="black", linewidth=2, label="copy_ (roofline)")
+            ax.set(xscale="log", xlabel="bytes that must move", title=f"{mode} {direction}")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("GB/s")
+        fig.suptitle(f"{op} on {device}: effective bandwidth against a copy of the same bytes")
         paths.append(out_dir / f"throughput-{op}-{device}.png")
         fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
         plt.close(fig)
@@ -179,7 +186,7 @@ def charts(results, out_dir):
         for i, variant in enumerate(variants):
             mine = [r for r in others if r["variant"] == variant]
             ax.bar([groups.index(_case_key(r)) * width + i for r in mine],
-                   [r["speedup"] for r in mine], label=variant)
+                   [r["speedup"] for r in mine], label=variant, color=_COLORS.get(variant))
         ax.set_xticks([j * width + (len(variants) - 1) / 2 for j in range(len(groups))],
                       [" ".join(g[1:3]) + "\n" + " ".join(g[3:]) for g in groups],
                       rotation=90, fontsize=6)
