@@ -43,7 +43,8 @@ def parse_args(argv):
     parser.add_argument("--no-models", dest="models", action="store_false",
                         help="skip the end-to-end model section")
     parser.add_argument("--distributed", action="store_true",
-                        help="add the SyncBatchNorm section (2 gloo processes on the CPU)")
+                        help="add the SyncBatchNorm section: 2 gloo processes on the CPU; on CUDA "
+                             "with 2 or more GPUs, nccl and torch's SyncBatchNorm too")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--min-run-time", type=float, help="seconds per timed case")
     parser.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
@@ -53,7 +54,7 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def run_device(device, args, size, log):
+def run_device(device, args, command, size, log):
     env = harness.environment(device)
     log(f"\n== {device.type}: {report.environment_line(env)}")
     min_run_time = args.min_run_time or (0.02 if size == "tiny" else 0.1)
@@ -64,8 +65,7 @@ def run_device(device, args, size, log):
                 "gb_s": harness.gb_per_s(ROOFLINE_BYTES[size], copy_s)}
     log(f"copy roofline: {roofline['gb_s']:.1f} GB/s over {roofline['nbytes'] / 1e6:.0f} MB")
 
-    results = {"command": shlex.join(["python", "-m", "modekernels.bench", *sys.argv[1:]]),
-               "environment": env, "roofline": roofline}
+    results = {"command": command, "environment": env, "roofline": roofline}
     results["verify"] = verify.verify(device, ALL_DTYPES, args.progress)
     failed = sum(not r["passed"] for r in results["verify"])
     log(f"\nverification: {len(results['verify']) - failed} of {len(results['verify'])} passed")
@@ -81,7 +81,7 @@ def run_device(device, args, size, log):
     if args.models:
         results["models"] = e2e.run_models(device, dtypes[0], size, 5 * min_run_time, args.progress)
         log("\n" + report.text_table(results["models"], "models"))
-    if args.distributed and device.type == "cpu":
+    if args.distributed and (device.type == "cpu" or torch.cuda.device_count() >= 2):
         from .distributed import run_distributed
         results["distributed"] = run_distributed(quick=size != "full", device=device.type)
         log("\n" + report.text_table(results["distributed"], "distributed"))
@@ -89,7 +89,9 @@ def run_device(device, args, size, log):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    command = shlex.join(["python", "-m", "modekernels.bench", *argv])
     malloc = harness.steady_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +101,7 @@ def main(argv=None):
     for name in devices:
         device = torch.device(name)
         size = args.size or ("full" if device.type == "cuda" else "quick")
-        results, device_failed = run_device(device, args, size, log)
+        results, device_failed = run_device(device, args, command, size, log)
         results["environment"]["malloc"] = malloc
         failed += device_failed
         paths = report.write(results, f"{args.out}/{device.type}")

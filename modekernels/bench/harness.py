@@ -184,11 +184,6 @@ def saved_bytes(forward):
 
 # ----------------------------------------------------------------------------- cases, runner
 
-def parse_shape(text):
-    """'8x256x56x56' -> (8, 256, 56, 56)."""
-    return tuple(int(n) for n in text.split("x"))
-
-
 def parse_dtype(name):
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
