@@ -144,7 +144,7 @@ def synchronized(case, group):
     return modekernels.SyncBatchNorm.convert_sync_batchnorm(module, group)
 
 
-BAD_INPUTS = {  # name -> (input on `rank` of `world`, exception, part of its message)
+BAD_INPUTS = {  # name -> (input on `rank` of `world`, exception, part of its message[, layer eps])
     "1d": (lambda rank, world: torch.randn(4), ValueError,
            "expected at least 2D input (got 1D input)"),
     "no_channels": (lambda rank, world: torch.randn(3, 0), ValueError,
@@ -155,6 +155,8 @@ BAD_INPUTS = {  # name -> (input on `rank` of `world`, exception, part of its me
                          "Expected more than 1 value per channel when training"),
     "wrong_channels": (lambda rank, world: torch.randn(3, 5), RuntimeError,
                        "weight should contain 5 elements not 4"),
+    "eps_zero": (lambda rank, world: torch.randn(3, 4), ValueError,
+                 "batch_norm eps must be positive during training, but got 0", 0.0),
 }
 
 
@@ -163,14 +165,16 @@ def bad_inputs(rank, world):
     module = modekernels.SyncBatchNorm(4)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     raised = {}
-    for name, (make, _, _) in BAD_INPUTS.items():
+    for name, (make, _, _, *eps) in BAD_INPUTS.items():
         error = None
+        module.eps = eps[0] if eps else 1e-5
         try:
             module(make(rank, world))
         except Exception as exc:  # compared with the expected one in the test
             error = exc
         after = module.state_dict()
         raised[name] = error, all(torch.equal(after[k], v) for k, v in before.items())
+    module.eps = 1e-5
     x = torch.arange(12.0).reshape(3, 4) * (rank + 1)
     return raised, module(x).detach()
 
@@ -270,7 +274,7 @@ def test_process_group_of_one_is_plain_batchnorm(ranks):
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_raises_on_every_rank_and_changes_nothing(ranks, name):
     world, results = ranks
-    _, exc_type, message = BAD_INPUTS[name]
+    _, exc_type, message, *_ = BAD_INPUTS[name]
     for saved in results:
         exc, unchanged = saved["bad_inputs"][0][name]
         assert type(exc) is exc_type and message in str(exc), exc
