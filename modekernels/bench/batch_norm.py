@@ -11,7 +11,7 @@ import torch
 
 import modekernels
 
-from . import harness as common
+from . import harness
 from .harness import COMPILE, Bench, Case
 
 VARIANTS = ("modekernels", "torch", COMPILE)
@@ -74,7 +74,7 @@ def make_layer(variant, shape, dtype, device, mode):
     module = (ours if variant == "modekernels" else theirs)(shape[1])
     module.load_state_dict(inputs(shape, dtype, device)[2].state_dict())
     module.to(device, param_dtype(dtype)).train(mode == "train")
-    return module, common.compiled(module) if variant == COMPILE else module
+    return module, harness.compiled(module) if variant == COMPILE else module
 
 
 def step(call, module, x, grad, mode, direction):
@@ -115,7 +115,7 @@ def prepare(case, device):
         want = expected(case.shape, case.dtype, device, case.mode, case.direction)
         got = observe(fn, module, case.mode, case.direction)
         for name, value in want.items():
-            common.assert_close(got[name], value, case.dtype, name)
+            harness.assert_close(got[name], value, case.dtype, name)
 
     nbytes = TENSOR_PASSES[case.direction] * x.nbytes
     if case.direction == "fwd":

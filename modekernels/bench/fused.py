@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 import modekernels
 
-from . import harness as common
+from . import harness
 from .harness import COMPILE, Bench, Case
 
 P = 0.1
@@ -56,7 +56,7 @@ def layer(op, variant, channels):
     module = {"bn_relu": lambda: TorchBNReLU(channels), "bn_add_relu": lambda: TorchBNReLU(channels),
               "dropout_add": TorchDropoutAdd, "bias_dropout_add": TorchDropoutAdd,
               "dropout2d": lambda: torch.nn.Dropout2d(P)}[op]()
-    return common.compiled(module) if variant == COMPILE else module
+    return harness.compiled(module) if variant == COMPILE else module
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,12 +80,12 @@ def check(op, x, residual, bias, y):
     if op.startswith("bn"):
         expected = call(op, "torch", layer(op, "torch", x.shape[1]).to(x.device, torch.float64),
                         x.double(), residual.double(), bias.double())
-        common.assert_close(y, expected, x.dtype, op)
+        harness.assert_close(y, expected, x.dtype, op)
         return
     base = {"dropout_add": x, "bias_dropout_add": x + bias, "dropout2d": x}[op].float()
     dropped = y.float() - (residual.float() if op != "dropout2d" else 0)
     kept = (dropped - base / (1 - P)).abs() <= (dropped - 0).abs()
-    common.assert_close(dropped, torch.where(kept, base / (1 - P), 0.0), x.dtype, op)
+    harness.assert_close(dropped, torch.where(kept, base / (1 - P), 0.0), x.dtype, op)
 
 
 def prepare(case, device):
