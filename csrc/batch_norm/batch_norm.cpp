@@ -152,18 +152,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, co
   const at::Tensor x = dense(input, fmt);
   const Layout layout = layout_of(x);
   const Operands in{at::Tensor(), x, at::Tensor(), r, relu};
+  const auto acc = opmath(input.scalar_type());
+  at::Tensor mean = channel_empty(input, acc);
+  at::Tensor var = channel_empty(input, acc);
   at::Tensor out = at::empty_like(x, fmt);
-  if (x.numel() > 0 && be.train_resident) {
-    const auto acc = opmath(input.scalar_type());
-    at::Tensor mean = channel_empty(input, acc);
-    at::Tensor var = channel_empty(input, acc);
-    if (be.train_resident(in, layout, opt(weight), opt(bias), eps, mean, var, out)) {
-      return {out, mean, var};
-    }
+  if (x.numel() == 0) {
+    mean.zero_();
+    var.zero_();
+    return {out, mean, var};
   }
-  auto [mean, var] = stats(x, be);
-  if (x.numel() == 0) return {out, mean, var};
-  at::Tensor coeffs = channel_empty(input, mean.scalar_type(), 4);
+  if (be.train_resident && be.train_resident(in, layout, opt(weight), opt(bias), eps, mean, var, out)) {
+    return {out, mean, var};
+  }
+  be.moments(x, layout, mean, var);
+  at::Tensor coeffs = channel_empty(input, acc, 4);
   be.forward_coeffs(mean, var, opt(weight), opt(bias), eps, coeffs);
   be.affine(in, layout, coeffs, out);
   return {out, mean, var};

@@ -18,7 +18,6 @@ import dataclasses
 import math
 
 import torch
-from torch.nn import functional as torch_F
 
 import modekernels
 from modekernels import functional as F
