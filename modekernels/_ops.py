@@ -118,6 +118,8 @@ def _save_mask(ctx, p, rng_state, out, feature=False):
 
 
 def _apply_saved_mask(ctx, grad):
+    if ctx.p == 0:  # every element was kept with factor 1 (the fused ops' eval sums)
+        return grad
     (rng_state,) = ctx.saved_tensors
     if ctx.feature:
         return _ops.feature_dropout_backward.default(grad, rng_state, ctx.p)

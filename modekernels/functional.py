@@ -21,29 +21,34 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     return _ops.dropout(input, p, generator)[0]
 
 
-
 def _check_p(p):
     if not 0.0 <= p <= 1.0:  # NaN included
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
 def dropout_add(input, residual, p=0.5, training=True, generator=None):
-    """residual + dropout(input) in one pass; in eval (or p == 0) the single add."""
-    _check_p(p)
-    if not training or p == 0.0 or input.numel() == 0:
-        return torch.add(residual, input)
-    return _ops.dropout_add(input, residual, p, generator)[0]
+    """residual + dropout(input) in one pass; in eval (or with p == 0) the plain sum, also one pass.
+
+    Every mode runs the same op, so shapes and dtypes are checked alike in training and eval
+    (no broadcasting or type promotion), and eval leaves the random generator untouched.
+    """
+    return _ops.dropout_add(input, residual, _train_p(p, training, input), generator)[0]
 
 
 def bias_dropout_add(input, bias, residual, p=0.5, training=True, generator=None):
     """residual + dropout(input + bias), bias over the last dimension, in one pass.
 
-    In eval (or p == 0) this is residual + input + bias through torch's adds.
+    In eval (or with p == 0) this is residual + input + bias, also in one pass and without
+    touching the random generator.
     """
+    return _ops.bias_dropout_add(input, bias, residual, _train_p(p, training, input), generator)[0]
+
+
+def _train_p(p, training, input):
+    """The probability the fused ops run with: 0 (the plain sum, no random draw) in eval or for an
+    empty input, as torch's dropout draws nothing then either."""
     _check_p(p)
-    if not training or p == 0.0 or input.numel() == 0:
-        return torch.add(residual, torch.add(input, bias))
-    return _ops.bias_dropout_add(input, bias, residual, p, generator)[0]
+    return p if training and input.numel() else 0.0
 
 
 def _feature_dropout(input, p, training, inplace, generator):

@@ -45,7 +45,6 @@ class BiasDropoutAdd(torch.nn.modules.dropout._DropoutNd):
         return F.bias_dropout_add(input, bias, residual, self.p, self.training)
 
 
-
 class _BatchNormForward:
     """forward() of torch's _BatchNorm on our kernels; everything else is torch's own.
 

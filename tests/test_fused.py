@@ -160,15 +160,62 @@ def test_dropout_add_equals_residual_plus_dropout(device, dtype, with_bias):
         torch.testing.assert_close(b.grad, mask_grad.to(opmath).sum((0, 1)).to(dtype), **BN_TOL[dtype])
 
 
+def _rng_state(device):
+    return torch.cuda.get_rng_state(device) if device == "cuda" else torch.get_rng_state()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["dropout-add", "bias-dropout-add"])
-def test_dropout_add_eval_and_p0_are_the_plain_sum(with_bias):
-    x, r, b = torch.randn(4, 8), torch.randn(4, 8), torch.randn(8)
-    expected = r + x + b if with_bias else r + x
+def test_dropout_add_eval_and_p0_are_the_plain_sum_without_a_draw(device, dtype, with_bias):
+    x, r = (torch.randn(4, 5, 8, device=device).to(dtype).requires_grad_() for _ in range(2))
+    b = torch.randn(8, device=device).to(dtype).requires_grad_()
+    # The sum in opmath, rounded once: what the single pass computes.
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    terms = (x, b, r) if with_bias else (x, r)
+    expected = sum(t.detach().to(opmath) for t in terms).to(dtype)
     module = modekernels.BiasDropoutAdd(0.5) if with_bias else modekernels.DropoutAdd(0.5)
     args = (x, b, r) if with_bias else (x, r)
-    torch.testing.assert_close(module.eval()(*args), expected)
     fn = MF.bias_dropout_add if with_bias else MF.dropout_add
-    torch.testing.assert_close(fn(*args, p=0.0), expected)
+    for call in (lambda: module.eval()(*args), lambda: fn(*args, p=0.0),
+                 lambda: fn(*args, p=0.5, training=False)):
+        before = _rng_state(device)
+        y = call()
+        assert torch.equal(_rng_state(device), before)
+        torch.testing.assert_close(y, expected, atol=0, rtol=0)
+        g = torch.randn_like(y)
+        y.backward(g)
+        for t in (x, r):  # the identity, as for torch's add
+            torch.testing.assert_close(t.grad, g, atol=0, rtol=0)
+            t.grad = None
+        if with_bias:
+            torch.testing.assert_close(b.grad, g.to(opmath).sum((0, 1)).to(dtype), **BN_TOL[dtype])
+            b.grad = None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_at_p0_keep_everything_and_record_no_draw(device):
+    from modekernels import _ops
+    x, r = torch.randn(2, 3, 16, device=device), torch.randn(2, 3, 16, device=device)
+    b = torch.randn(16, device=device)
+    before = _rng_state(device)
+    for y, state, expected in [(*_ops.dropout(x, 0.0), x), (*_ops.feature_dropout(x, 0.0), x),
+                               (*_ops.dropout_add(x, r, 0.0), r + x),
+                               (*_ops.bias_dropout_add(x, b, r, 0.0), (x + b) + r)]:
+        torch.testing.assert_close(y, expected, atol=0, rtol=0)
+        assert state.tolist() == [0, 0]
+    assert torch.equal(_rng_state(device), before)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dropout_add_checks_alike_in_both_modes(training):
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="expected residual like input"):
+        MF.dropout_add(x, torch.randn(8), 0.5, training)  # no broadcasting, in either mode
+    with pytest.raises(RuntimeError, match="expected residual like input"):
+        MF.bias_dropout_add(x, torch.randn(8), x.double(), 0.5, training)  # no type promotion
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        MF.dropout_add(x, x, 1.5, training)
 
 
 # -------------------------------------------------------------------- channel-wise dropout

@@ -10,6 +10,8 @@
 // The element is kept when its word is below keep_threshold(p), and is then multiplied by
 // 1 / (1 - p); a dropped element is multiplied by 0, so NaN and inf propagate as they do in torch.
 // The backward pass regenerates the same mask from the saved (seed, offset): 16 bytes in all.
+// p == 0 keeps every element without computing a word: the generator is not touched and the
+// recorded state is (0, 0). This is how the fused ops do their eval-mode sums in one pass.
 #pragma once
 
 #include <cmath>

@@ -5,8 +5,9 @@
 // AVX2, see common/philox_cpu.h) and turned into per-element multipliers (scale or 0); then
 // dst = src * multiplier in a loop the compiler vectorizes. Words and multipliers stay in L1.
 // The fused variants (bias, residual) do their adds in the same pass; channel-wise dropout
-// computes one multiplier per (n, c) and applies it to that channel's elements, also one pass. The random stream is the one of dropout.h, so CUDA gives the same mask for the same
-// (seed, offset).
+// computes one multiplier per (n, c) and applies it to that channel's elements, also one pass.
+// The random stream is the one of dropout.h, so CUDA gives the same mask for the same
+// (seed, offset); with p == 0 no words are computed at all.
 #include "common/philox_cpu.h"
 #include "dropout/dropout.h"
 
@@ -47,31 +48,42 @@ struct Extras {
 
 // Elementwise dropout: Philox words a block at a time, then one vectorizable pass over the
 // block: dst = src * m, or with the fusion terms (kBias, kResidual)
-// dst = (src + bias[i % H]) * m + residual, in opmath. The bias index is carried along the block
-// instead of taking i % H per element.
+// dst = (src + bias[i % H]) * m + residual, in opmath. The bias term walks the block in runs that
+// stay within one row of H, so no element takes i % H.
 template <typename scalar_t, bool kBias, bool kResidual>
 void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t seed,
                        uint64_t offset, double p, const Extras<scalar_t>& extras) {
   using opmath_t = at::opmath_type<scalar_t>;
   const uint32_t threshold = keep_threshold(p);
   const auto scale = static_cast<opmath_t>(keep_scale(p));
+  const bool masked = p > 0.0;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, at::internal::GRAIN_SIZE / kBlock, [&](int64_t b0, int64_t b1) {
     alignas(64) opmath_t mult[kBlock];
+    if (!masked) std::fill(mult, mult + kBlock, opmath_t(1));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t begin = b * kBlock;
       const int64_t len = std::min(kBlock, n - begin);
-      block_multipliers(seed, offset, static_cast<uint64_t>(begin / 4), (len + 3) / 4, threshold,
-                        scale, mult);
+      if (masked) {
+        block_multipliers(seed, offset, static_cast<uint64_t>(begin / 4), (len + 3) / 4,
+                          threshold, scale, mult);
+      }
       const scalar_t* s = src + begin;
       scalar_t* d = dst + begin;
       if constexpr (kBias) {
+        // Runs of the block that stay within one bias row, each a plain vectorizable loop.
+        int64_t i = 0;
         int64_t j = begin % extras.H;
-        for (int64_t i = 0; i < len; ++i) {
-          opmath_t v = (static_cast<opmath_t>(s[i]) + static_cast<opmath_t>(extras.bias[j])) * mult[i];
-          if constexpr (kResidual) v += static_cast<opmath_t>(extras.residual[begin + i]);
-          d[i] = static_cast<scalar_t>(v);
-          j = j + 1 == extras.H ? 0 : j + 1;
+        while (i < len) {
+          const int64_t run = std::min(len - i, extras.H - j);
+          const scalar_t* bias = extras.bias + j;
+          for (int64_t k = 0; k < run; ++k) {
+            opmath_t v = (static_cast<opmath_t>(s[i + k]) + static_cast<opmath_t>(bias[k])) * mult[i + k];
+            if constexpr (kResidual) v += static_cast<opmath_t>(extras.residual[begin + i + k]);
+            d[i + k] = static_cast<scalar_t>(v);
+          }
+          i += run;
+          j = 0;
         }
       } else {
         for (int64_t i = 0; i < len; ++i) {
@@ -96,6 +108,7 @@ void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
   const int64_t S = f.channel_S;
   const int64_t units = n / S;
   auto unit_multiplier = [&](int64_t u) {
+    if (p == 0.0) return opmath_t(1);
     const Philox4x32 r = group_bits(seed, offset, static_cast<uint64_t>(u) / 4);
     return multiplier(r.w[u % 4], threshold, scale);
   };
@@ -135,7 +148,9 @@ void apply_cpu(const at::Tensor& src, const at::Tensor& dst, double p,
                const std::optional<at::Generator>& generator, const at::Tensor& state, bool draw,
                const Fusion& fusion) {
   int64_t* st = state.data_ptr<int64_t>();
-  if (draw) {
+  if (draw && p == 0.0) {
+    st[0] = st[1] = 0;
+  } else if (draw) {
     auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
         generator, at::detail::getDefaultCPUGenerator());
     std::lock_guard<std::mutex> lock(gen->mutex_);

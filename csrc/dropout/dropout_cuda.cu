@@ -6,7 +6,8 @@
 // one thread each. 32-bit indexing when the tensor fits, 64-bit otherwise. The (seed, offset)
 // come from torch's CUDA generator as a PhiloxCudaState, unpacked on the device, so the kernel is
 // safe under CUDA graph capture; the block that owns element 0 records them in `state` for the
-// backward, which reads them back from device memory without a host synchronization.
+// backward, which reads them back from device memory without a host synchronization. With p == 0
+// nothing is drawn and no Philox block is computed (every multiplier is 1; state (0, 0)).
 // The fused variants add bias and residual in the same pass; channel-wise dropout takes one word
 // per (n, c) unit for all its elements, also one pass.
 #include "common/cuda_utils.cuh"
@@ -72,8 +73,9 @@ __device__ __forceinline__ scalar_t combine(scalar_t x, int64_t i, opmath_t m,
 template <typename scalar_t, typename index_t, bool kAligned, bool kFused>
 __global__ void __launch_bounds__(cuda::kThreads)
     dropout_kernel(const scalar_t* src, scalar_t* dst, index_t n, at::PhiloxCudaState philox,
-                   int64_t* state, bool draw, uint32_t threshold, at::opmath_type<scalar_t> scale,
-                   Extras<scalar_t> extras) {
+                   int64_t* state, bool draw, bool masked, uint32_t threshold,
+                   at::opmath_type<scalar_t> scale, Extras<scalar_t> extras) {
+  using opmath_t = at::opmath_type<scalar_t>;
   constexpr int kVec = kVecOf<scalar_t>;
   using V = cuda::Vec<scalar_t, kVec>;
   uint64_t seed;
@@ -93,12 +95,13 @@ __global__ void __launch_bounds__(cuda::kThreads)
     }
     MK_UNROLL
     for (int g = 0; g < kVec / 4; ++g) {
-      const Philox4x32 r = group_bits(seed, offset, static_cast<uint64_t>(v) * (kVec / 4) + g);
+      Philox4x32 r{};
+      if (masked) r = group_bits(seed, offset, static_cast<uint64_t>(v) * (kVec / 4) + g);
       MK_UNROLL
       for (int lane = 0; lane < 4; ++lane) {
         const int k = 4 * g + lane;
-        x.v[k] = combine<kFused>(x.v[k], static_cast<int64_t>(v) * kVec + k,
-                                 multiplier(r.w[lane], threshold, scale), extras);
+        const opmath_t m = masked ? multiplier(r.w[lane], threshold, scale) : opmath_t(1);
+        x.v[k] = combine<kFused>(x.v[k], static_cast<int64_t>(v) * kVec + k, m, extras);
       }
     }
     if constexpr (kAligned) {
@@ -110,8 +113,12 @@ __global__ void __launch_bounds__(cuda::kThreads)
   }
   if (tid < n - nvec * kVec) {
     const index_t i = nvec * kVec + tid;
-    const Philox4x32 r = group_bits(seed, offset, static_cast<uint64_t>(i) / 4);
-    dst[i] = combine<kFused>(src[i], i, multiplier(r.w[i % 4], threshold, scale), extras);
+    opmath_t m = 1;
+    if (masked) {
+      const Philox4x32 r = group_bits(seed, offset, static_cast<uint64_t>(i) / 4);
+      m = multiplier(r.w[i % 4], threshold, scale);
+    }
+    dst[i] = combine<kFused>(src[i], i, m, extras);
   }
 }
 
@@ -120,7 +127,7 @@ __global__ void __launch_bounds__(cuda::kThreads)
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(cuda::kThreads)
     channelwise_kernel(const scalar_t* src, scalar_t* dst, index_t n, at::PhiloxCudaState philox,
-                       int64_t* state, bool draw, uint32_t threshold,
+                       int64_t* state, bool draw, bool masked, uint32_t threshold,
                        at::opmath_type<scalar_t> scale, Extras<scalar_t> extras) {
   using opmath_t = at::opmath_type<scalar_t>;
   uint64_t seed;
@@ -130,10 +137,13 @@ __global__ void __launch_bounds__(cuda::kThreads)
   const index_t C = static_cast<index_t>(extras.C);
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const index_t u = C ? i / (S * C) * C + i % C : i / S;
-    const Philox4x32 r = group_bits(seed, offset, static_cast<uint64_t>(u) / 4);
-    dst[i] = static_cast<scalar_t>(static_cast<opmath_t>(src[i]) *
-                                   multiplier(r.w[u % 4], threshold, scale));
+    opmath_t m = 1;
+    if (masked) {
+      const index_t u = C ? i / (S * C) * C + i % C : i / S;
+      const Philox4x32 r = group_bits(seed, offset, static_cast<uint64_t>(u) / 4);
+      m = multiplier(r.w[u % 4], threshold, scale);
+    }
+    dst[i] = static_cast<scalar_t>(static_cast<opmath_t>(src[i]) * m);
   }
 }
 
@@ -143,7 +153,7 @@ void launch(const scalar_t* src, scalar_t* dst, int64_t n, const at::PhiloxCudaS
   const int64_t work = std::max<int64_t>(n / kVecOf<scalar_t>, n % kVecOf<scalar_t>);
   dropout_kernel<scalar_t, index_t, kAligned, kFused>
       <<<cuda::grid_size(work), cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          src, dst, static_cast<index_t>(n), philox, state, draw, keep_threshold(p),
+          src, dst, static_cast<index_t>(n), philox, state, draw, p > 0.0, keep_threshold(p),
           static_cast<at::opmath_type<scalar_t>>(keep_scale(p)), extras);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -154,7 +164,7 @@ void launch(const scalar_t* src, scalar_t* dst, int64_t n, const at::PhiloxCudaS
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (extras.S > 0) {
     channelwise_kernel<scalar_t, index_t><<<cuda::grid_size(n), cuda::kThreads, 0, stream>>>(
-        src, dst, static_cast<index_t>(n), philox, state, draw, keep_threshold(p),
+        src, dst, static_cast<index_t>(n), philox, state, draw, p > 0.0, keep_threshold(p),
         static_cast<at::opmath_type<scalar_t>>(keep_scale(p)), extras);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -179,8 +189,8 @@ void apply_cuda(const at::Tensor& src, const at::Tensor& dst, double p,
                 const std::optional<at::Generator>& generator, const at::Tensor& state, bool draw,
                 const Fusion& fusion) {
   c10::cuda::CUDAGuard guard(src.device());
-  at::PhiloxCudaState philox;
-  if (draw) {
+  at::PhiloxCudaState philox;  // default: unpacks to (0, 0), the state recorded for p == 0
+  if (draw && p > 0.0) {
     auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
         generator, at::cuda::detail::getDefaultCUDAGenerator(src.device().index()));
     std::lock_guard<std::mutex> lock(gen->mutex_);

@@ -1,8 +1,9 @@
 """Fused suite: fused variants against the unfused torch sequence they replace, eager and compiled.
 
-Cases (training mode): BatchNorm2d+ReLU, BatchNorm2d+add+ReLU and Dropout2d on an NCHW activation,
-dropout+residual and bias+dropout+residual on a (batch, tokens, width) transformer activation. Bytes that
-must move count the full-size tensors each pass reads or writes at the least (TENSOR_PASSES).
+Cases: BatchNorm2d+ReLU, BatchNorm2d+add+ReLU and Dropout2d on an NCHW activation,
+dropout+residual and bias+dropout+residual on a (batch, tokens, width) transformer activation;
+training forward+backward, and the eval forward of all but Dropout2d (the identity in eval). Bytes
+that must move count the full-size tensors each pass reads or writes at the least (TENSOR_PASSES).
 """
 import functools
 import itertools
@@ -26,7 +27,7 @@ TOKENS = {"tiny": ((2, 8, 32),), "quick": ((8, 512, 1024),),
           "full": ((16, 512, 1024), (32, 1024, 1024))}
 SHAPES = {"bn_relu": ACTIVATIONS, "bn_add_relu": ACTIVATIONS, "dropout_add": TOKENS,
           "bias_dropout_add": TOKENS, "dropout2d": ACTIVATIONS}
-# Full-size tensors read or written: (forward, forward+backward).
+# Full-size tensors read or written: (forward, forward+backward), in either mode.
 TENSOR_PASSES = {"bn_relu": (2, 6), "bn_add_relu": (3, 8), "dropout_add": (3, 5),
                  "bias_dropout_add": (3, 5), "dropout2d": (2, 4)}
 
@@ -43,7 +44,7 @@ class TorchBNReLU(torch.nn.Module):
 
 class TorchDropoutAdd(torch.nn.Module):
     def forward(self, x, residual, bias=None):
-        return residual + F.dropout(x if bias is None else x + bias, P)
+        return residual + F.dropout(x if bias is None else x + bias, P, self.training)
 
 
 def layer(op, variant, channels):
@@ -75,29 +76,32 @@ def call(op, variant, module, x, residual, bias):
     return module(x)
 
 
-def check(op, x, residual, bias, y):
+def check(op, training, x, residual, bias, y):
     """BatchNorm outputs against torch's sequence; dropout outputs element by element."""
     if op.startswith("bn"):
-        expected = call(op, "torch", layer(op, "torch", x.shape[1]).to(x.device, torch.float64),
-                        x.double(), residual.double(), bias.double())
+        reference = layer(op, "torch", x.shape[1]).to(x.device, torch.float64).train(training)
+        expected = call(op, "torch", reference, x.double(), residual.double(), bias.double())
         harness.assert_close(y, expected, x.dtype, op)
         return
     base = {"dropout_add": x, "bias_dropout_add": x + bias, "dropout2d": x}[op].float()
     dropped = y.float() - (residual.float() if op != "dropout2d" else 0)
+    if not training:
+        harness.assert_close(dropped, base, x.dtype, op)
+        return
     kept = (dropped - base / (1 - P)).abs() <= (dropped - 0).abs()
     harness.assert_close(dropped, torch.where(kept, base / (1 - P), 0.0), x.dtype, op)
 
 
 def prepare(case, device):
     x, residual, bias, grad = inputs(case.shape, case.dtype, device)
-    module = layer(case.op, case.variant, x.shape[1]).to(device)
-    if case.op.startswith("bn"):
-        module = module.to(device)  # parameters in float32 even for bfloat16 inputs, as in training
+    # BatchNorm parameters stay float32 for bfloat16 inputs, as in mixed-precision training.
+    module = layer(case.op, case.variant, x.shape[1]).to(device).train(case.mode == "train")
     xr = x.detach().requires_grad_()
     passes = TENSOR_PASSES[case.op][DIRECTIONS.index(case.direction)]
 
     def verify():
-        check(case.op, x, residual, bias, call(case.op, case.variant, module, x, residual, bias))
+        check(case.op, module.training, x, residual, bias,
+              call(case.op, case.variant, module, x, residual, bias))
 
     if case.direction == "fwd":
         return Bench(lambda: call(case.op, case.variant, module, x, residual, bias), verify,
@@ -107,8 +111,11 @@ def prepare(case, device):
 
 
 def cases(size, dtypes):
-    """Each fused op at the size's shapes; full times the forward alone too."""
+    """Each fused op at the size's shapes: training forward+backward (and the forward alone with
+    full), and the eval forward of the ops that compute something in eval."""
     directions = DIRECTIONS if size == "full" else DIRECTIONS[1:]
-    return [Case(op, shape, dtype, direction=direction, variant=variant)
+    modes = [("train", d) for d in directions]
+    return [Case(op, shape, dtype, mode=mode, direction=direction, variant=variant)
             for op, shapes in SHAPES.items() for shape in shapes[size]
-            for dtype, direction, variant in itertools.product(dtypes, directions, VARIANTS)]
+            for (mode, direction), dtype, variant in itertools.product(
+                modes + ([("eval", "fwd")] if op != "dropout2d" else []), dtypes, VARIANTS)]
