@@ -98,15 +98,22 @@ def test_matches_torch_over_steps_in_both_modes(device, dtype, case, fmt, varian
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_statistics_stay_accurate_with_a_large_mean(device):
-    x = torch.randn(64, 8, 32, 32, device=device, dtype=torch.float64) + 1e4
-    ours, theirs = modekernels.BatchNorm2d(8).to(device), torch.nn.BatchNorm2d(8).to(device)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "2d"])
+def test_statistics_stay_accurate_with_a_large_mean(device, layout):
+    # Each channel: mean 1e4 + c, std 1 + c / 8. The float32 sums of x or x^2 would lose the
+    # variance; the reference is float64.
+    shape = (4096, 8) if layout == "2d" else (64, 8, 32, 32)
+    spread = torch.arange(8, device=device, dtype=torch.float64).reshape(8, *[1] * (len(shape) - 2))
+    x = torch.randn(shape, device=device, dtype=torch.float64) * (1 + spread / 8) + 1e4 + spread
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    cls = (modekernels.BatchNorm1d, torch.nn.BatchNorm1d) if layout == "2d" else (
+        modekernels.BatchNorm2d, torch.nn.BatchNorm2d)
+    ours, reference = cls[0](8).to(device), cls[1](8).to(device).double()
     ours(x.float())
-    reference = torch.nn.BatchNorm2d(8).to(device).double()
     reference(x)
     torch.testing.assert_close(ours.running_var, reference.running_var.float(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ours.running_mean, reference.running_mean.float(), rtol=1e-6, atol=1e-3)
-    assert theirs.running_var is not None
 
 
 @pytest.mark.parametrize("device", DEVICES)

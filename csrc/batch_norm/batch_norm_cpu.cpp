@@ -4,10 +4,10 @@
 //   (N, C, S): a task is one channel over a range of the batch, so few channels still fill every
 //   thread; the task sums (x - K) and (x - K)^2 over its rows (K the task's first element), row
 //   by row in opmath lanes and across rows in double, then takes its moments once.
-//   Channels-last memory (N*S, C): a task is a range of rows; blocks of rows (>= 64 rows) get per-channel sums of (x - K) and
-//   (x - K)^2 in one sweep, K being the task's first row, so the squares never lose precision to
-//   a large mean; each block is merged per channel. Task results are merged per channel at the
-//   end. One pass over memory.
+//   Channels-last memory (N*S, C): a task is a range of rows; blocks of rows (>= 64 rows) get
+//   per-channel sums of (x - K) and (x - K)^2 in one sweep, K being the channel's first element,
+//   so the squares never lose precision to a large mean; block sums add up in double per task,
+//   task sums per channel at the end. One pass over memory.
 // grad_sums: the same task split, accumulating sum(dy) and sum(dy (x - mean)). One pass.
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows.
 // Resident variants: for channels-first memory with small channels, a training forward or
@@ -110,14 +110,24 @@ void row_shifted_sums(const scalar_t* x, int64_t len, opmath_t shift, opmath_t& 
   }
 }
 
+// The moments of n values from the sums s1 of (x - shift) and s2 of (x - shift)^2.
+inline Moments<double> shifted_moments(double n, double shift, double s1, double s2) {
+  Moments<double> m;
+  if (n == 0.0) return m;
+  m.n = n;
+  const double mean_d = s1 / n;
+  m.mean = shift + mean_d;
+  m.m2 = std::max(0.0, s2 - mean_d * s1);
+  return m;
+}
+
 // Moments of rows n0 <= n < n1 of one channel, row n starting at x + n * stride, S elements each.
 // The shift K is the channel's first element, close enough to the mean that the squares keep
 // their precision; the rows' sums add up in double, and there is one division in all, so short
 // rows (small spatial sizes) cost little more than their elements.
 template <typename scalar_t, typename opmath_t>
 Moments<double> channel_moments(const scalar_t* x, int64_t stride, int64_t n0, int64_t n1, int64_t S) {
-  Moments<double> m;
-  if (n0 == n1 || S == 0) return m;
+  if (n0 == n1 || S == 0) return {};
   const auto shift = static_cast<opmath_t>(x[n0 * stride]);
   double s1 = 0.0, s2 = 0.0;
   for (int64_t n = n0; n < n1; ++n) {
@@ -126,11 +136,7 @@ Moments<double> channel_moments(const scalar_t* x, int64_t stride, int64_t n0, i
     s1 += a;
     s2 += b;
   }
-  m.n = static_cast<double>((n1 - n0) * S);
-  const double mean_d = s1 / m.n;
-  m.mean = static_cast<double>(shift) + mean_d;
-  m.m2 = std::max(0.0, s2 - mean_d * s1);
-  return m;
+  return shifted_moments(static_cast<double>((n1 - n0) * S), static_cast<double>(shift), s1, s2);
 }
 
 // sum(dy) and sum(dy (x - mean)) of one row; with a gate, dy counts only where gate > 0.
@@ -185,23 +191,22 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
     });
     for (int64_t t = 0; t < C * per; ++t) total[t / per].merge(part[t]);
   } else {
+    // One shift per channel for the whole batch (its first row), so the tasks' shifted sums
+    // simply add up, with no per-block divisions or merges.
     const int64_t rows = l.N * l.S;
     const int64_t chunks = row_chunks(rows);
     const int64_t block_rows = std::max<int64_t>(kMinBlockRows, kBlockElems / std::max<int64_t>(C, 1));
-    std::vector<Moments<double>> part(chunks * C);
+    std::vector<opmath_t> shift(C);
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(x[c]);
+    std::vector<double> p1(chunks * C, 0.0), p2(chunks * C, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-      std::vector<opmath_t> shift(C), sum(C), sq(C);
+      std::vector<opmath_t> sum(C), sq(C);
       for (int64_t k = k0; k < k1; ++k) {
-        Moments<double>* acc = part.data() + k * C;
-        const int64_t begin = rows * k / chunks;
         const int64_t end = rows * (k + 1) / chunks;
-        if (begin == end) continue;
-        for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(x[begin * C + c]);
-        for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
-          const int64_t nr = std::min(block_rows, end - r0);
+        for (int64_t r0 = rows * k / chunks; r0 < end; r0 += block_rows) {
           std::fill(sum.begin(), sum.end(), opmath_t(0));
           std::fill(sq.begin(), sq.end(), opmath_t(0));
-          for (int64_t r = r0; r < r0 + nr; ++r) {
+          for (int64_t r = r0; r < std::min(end, r0 + block_rows); ++r) {
             const scalar_t* row = x + r * C;
             for (int64_t c = 0; c < C; ++c) {
               const opmath_t d = static_cast<opmath_t>(row[c]) - shift[c];
@@ -209,18 +214,20 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
               sq[c] += d * d;
             }
           }
-          const opmath_t n = static_cast<opmath_t>(nr);
           for (int64_t c = 0; c < C; ++c) {
-            const opmath_t mean_d = sum[c] / n;
-            sum[c] = shift[c] + mean_d;
-            sq[c] = std::max(opmath_t(0), sq[c] - mean_d * mean_d * n);
+            p1[k * C + c] += sum[c];
+            p2[k * C + c] += sq[c];
           }
-          for (int64_t c = 0; c < C; ++c) acc[c].merge(static_cast<double>(nr), sum[c], sq[c]);
         }
       }
     });
-    for (int64_t k = 0; k < chunks; ++k) {
-      for (int64_t c = 0; c < C; ++c) total[c].merge(part[k * C + c]);
+    for (int64_t c = 0; c < C; ++c) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        s1 += p1[k * C + c];
+        s2 += p2[k * C + c];
+      }
+      total[c] = shifted_moments(static_cast<double>(rows), static_cast<double>(shift[c]), s1, s2);
     }
   }
   opmath_t* mean = mean_t.data_ptr<opmath_t>();
