@@ -258,16 +258,19 @@ def batch_norm_grad_sums(grad_output, input, mean):
 
 
 def batch_norm_backward(grad_output, input, mean, var, weight, eps, training, output_mask,
-                        sum_dy=None, sum_dy_xmu=None, count=None, relu_output=None):
-    """(grad_input, grad_weight, grad_bias), None where output_mask is False.
+                        sum_dy=None, sum_dy_xmu=None, count=None, relu_output=None,
+                        residual_grad=False):
+    """(grad_input, grad_weight, grad_bias, grad_residual), None where not asked for.
 
     With sum_dy, sum_dy_xmu and count given (all-reduced over processes), the training-mode
     gradient is that of the whole distributed batch. After a fused ReLU, relu_output (the forward
-    output) gates grad_output.
+    output) gates grad_output; residual_grad also returns that gated grad_output (a fused
+    residual's gradient), written in the same pass as grad_input.
     """
     grads = _ops.batch_norm_backward.default(grad_output, input, mean, var, weight, eps, training,
-                                             output_mask, sum_dy, sum_dy_xmu, count, relu_output)
-    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
+                                             output_mask, sum_dy, sum_dy_xmu, count, relu_output,
+                                             residual_grad)
+    return tuple(g if wanted else None for g, wanted in zip(grads, (*output_mask, residual_grad)))
 
 
 @torch.library.register_fake("modekernels::batch_norm_stats")
@@ -282,14 +285,17 @@ def _(grad_output, input, mean):
 
 @torch.library.register_fake("modekernels::batch_norm_backward")
 def _(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy=None,
-      sum_dy_xmu=None, count=None, relu_output=None):
+      sum_dy_xmu=None, count=None, relu_output=None, residual_grad=False):
     param_dtype = weight.dtype if weight is not None else _opmath(input.dtype)
     C = input.shape[1]
-    gi = (torch.empty_like(input, memory_format=_channels_format(input)) if output_mask[0]
-          else input.new_empty((0,)))
+
+    def like_input(wanted):
+        return (torch.empty_like(input, memory_format=_channels_format(input)) if wanted
+                else input.new_empty((0,)))
+
     gw = input.new_empty((C,), dtype=param_dtype) if output_mask[1] and weight is not None else input.new_empty((0,))
     gb = input.new_empty((C,), dtype=param_dtype) if output_mask[2] else input.new_empty((0,))
-    return gi, gw, gb
+    return like_input(output_mask[0]), gw, gb, like_input(residual_grad)
 
 
 @torch.library.register_fake("modekernels::batch_norm_update_stats_")
@@ -312,11 +318,12 @@ def _bn_grads(ctx, grad_out):
     # Arguments left at their defaults (residual=None, relu=False) have no entry here.
     need = tuple(ctx.needs_input_grad) + (False, False)
     mask = [need[0], weight is not None and need[w], need[b]]
-    gi, gw, gb = batch_norm_backward(grad_out, input, mean, var, weight, ctx.eps, ctx.training,
-                                     mask, relu_output=gate)
-    gr = None
-    if need[r]:
-        gr = grad_out if gate is None else torch.where(gate > 0, grad_out, 0)
+    # The residual's gradient is grad_out through the ReLU's gate, from the pass of grad_input.
+    fused_residual = need[r] and gate is not None
+    gi, gw, gb, gr = batch_norm_backward(grad_out, input, mean, var, weight, ctx.eps, ctx.training,
+                                         mask, relu_output=gate, residual_grad=fused_residual)
+    if need[r] and gate is None:
+        gr = grad_out
     return gi, gw, gb, gr
 
 

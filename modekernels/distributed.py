@@ -142,7 +142,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         want_input, want_weight, want_bias = ctx.needs_input_grad[:3]
         sums = _ops.batch_norm_grad_sums(grad_output, input, mean)
         local_count = input.numel() // input.shape[1]
-        _, grad_weight, grad_bias = _ops.batch_norm_backward(
+        _, grad_weight, grad_bias, _ = _ops.batch_norm_backward(
             grad_output, input, mean, var, weight, ctx.eps, True,
             [False, want_weight, want_bias], *sums, local_count)
         grad_input = None

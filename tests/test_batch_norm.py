@@ -339,12 +339,15 @@ def test_cpu_resident_and_separate_passes_agree(dtype, fused):
         try:
             out, mean, var = mkops.batch_norm_train(x, w, b, 1e-5, residual, relu)
             grads = mkops.batch_norm_backward(dy, x, mean, var, w, 1e-5, True, [True, True, True],
-                                              relu_output=out if relu else None)
+                                              relu_output=out if relu else None,
+                                              residual_grad=residual is not None)
         finally:
             torch.set_num_threads(previous)
         return out, mean, var, *grads
 
     resident, separate = run(1), run(8)  # 5 channels: >= 1 thread each, then < 8 threads
-    for name, a, b_ in zip(["out", "mean", "var", "grad_input", "grad_weight", "grad_bias"],
-                           resident, separate):
+    names = ["out", "mean", "var", "grad_input", "grad_weight", "grad_bias", "grad_residual"]
+    for name, a, b_ in zip(names, resident, separate):
         torch.testing.assert_close(a, b_, **BN_TOL[dtype], msg=name)
+    if residual is not None:  # the gated dy, exactly
+        assert torch.equal(resident[-1], torch.where(resident[0] > 0, dy, 0))

@@ -83,6 +83,19 @@ def test_backward_saves_input_and_output_not_the_pre_activation():
     assert any(t is x for t in big) and any(t.data_ptr() == y.data_ptr() for t in big)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_residual_gradient_alone_is_the_gated_grad(device, training):
+    # Only the residual needs a gradient: no grad_input pass, the gate is applied on its own.
+    bn = modekernels.BatchNormAddReLU2d(3).to(device).train(training)
+    x = torch.randn(4, 3, 5, 5, device=device)
+    r = torch.randn_like(x, requires_grad=True)
+    y = bn(x, r)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(r.grad, torch.where(y > 0, g, 0))
+
+
 def test_relu_keeps_nan_like_torch():
     x = torch.randn(4, 3, 2, 2)
     x[0, 0, 0, 0] = float("nan")
@@ -101,9 +114,10 @@ def test_opcheck_fused(device):
     torch.library.opcheck(mkops.batch_norm_train.default, (x, w, b, 1e-5, r, True))
     torch.library.opcheck(mkops.batch_norm_eval.default, (x, rm, rv, w, b, 1e-5, r, True))
     y = mkops.batch_norm_train(x.detach(), w.detach(), b.detach(), 1e-5, None, True)[0]
-    torch.library.opcheck(mkops.batch_norm_backward.default,
-                          (torch.randn_like(x), x.detach(), rm, rv, w.detach(), 1e-5, True,
-                           [True, True, True], None, None, None, y))
+    for residual_grad in (False, True):
+        torch.library.opcheck(mkops.batch_norm_backward.default,
+                              (torch.randn_like(x), x.detach(), rm, rv, w.detach(), 1e-5, True,
+                               [True, True, True], None, None, None, y, residual_grad))
 
 
 def test_residual_of_another_shape_is_an_error():

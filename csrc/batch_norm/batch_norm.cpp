@@ -191,12 +191,12 @@ at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const OptTensor& weight, double eps, bool training,
     std::array<bool, 3> output_mask, const OptTensor& sum_dy_given,
     const OptTensor& sum_dy_xmu_given, std::optional<int64_t> count_given,
-    const OptTensor& relu_output, const Backend& be) {
+    const OptTensor& relu_output, bool residual_grad, const Backend& be) {
   check_grad(grad_output, input);
   check_channel(mean, "mean", input);
   check_channel(var, "var", input);
@@ -211,6 +211,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor x = dense(input, fmt);
   const at::Tensor dy = dense(grad_output, fmt);
   const at::Tensor gate = like_input(relu_output, "relu_output", input, fmt);
+  TORCH_CHECK(!residual_grad || gate.defined(),
+              "modekernels batch_norm: residual_grad needs relu_output (the gate it applies)");
   const Layout layout = layout_of(x);
   const auto acc = opmath(input.scalar_type());
   const at::Tensor mean_acc = mean.to(acc);
@@ -219,6 +221,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor grad_input = want_dx ? at::empty_like(x, fmt) : at::empty({0}, input.options());
   at::Tensor grad_weight = want_dw ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
   at::Tensor grad_bias = want_db ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
+  at::Tensor grad_residual = residual_grad ? at::empty_like(x, fmt) : at::empty({0}, input.options());
+  // Written by the elementwise pass of grad_input, or on its own when grad_input is not wanted.
+  const at::Tensor gated_out = want_dx ? grad_residual : at::Tensor();
+  if (residual_grad && !want_dx) grad_residual.copy_(at::where(gate.gt(0), dy, 0));
   // Sums over the whole (possibly distributed) batch may be given; otherwise they are this batch's.
   const bool given = sum_dy_given && sum_dy_given->defined();
   TORCH_CHECK(given == (sum_dy_xmu_given && sum_dy_xmu_given->defined()) && given == count_given.has_value(),
@@ -231,11 +237,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     sum_dy = sum_dy_given->to(acc);
     sum_dy_xmu = sum_dy_xmu_given->to(acc);
   } else {
-    const Operands in{dy, x, gate, at::Tensor(), false};
+    const Operands in{dy, x, gate, at::Tensor(), false, gated_out};
     if (training && want_dx && x.numel() > 0 && be.backward_resident &&
         be.backward_resident(in, layout, mean_acc, var_acc, w, eps, grad_input,
                              want_dw ? grad_weight : at::Tensor(), want_db ? grad_bias : at::Tensor())) {
-      return {grad_input, grad_weight, grad_bias};
+      return {grad_input, grad_weight, grad_bias, grad_residual};
     }
     sum_dy = channel_empty(input, acc);
     sum_dy_xmu = channel_empty(input, acc);
@@ -252,9 +258,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                      given ? *count_given : per_channel_count(input), coeffs, want_dw ? grad_weight : at::Tensor(),
                      want_db ? grad_bias : at::Tensor());
   if (want_dx && x.numel() > 0) {
-    be.affine({dy, training ? x : at::Tensor(), gate, at::Tensor(), false}, layout, coeffs, grad_input);
+    be.affine({dy, training ? x : at::Tensor(), gate, at::Tensor(), false, gated_out}, layout,
+              coeffs, grad_input);
   }
-  return {grad_input, grad_weight, grad_bias};
+  return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
 void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,

@@ -8,7 +8,8 @@
 //   train backward:   grad_sums (read dy, x) + affine (read dy, x, write dx)
 //   eval backward:    affine (read dy, write dx) [+ grad_sums (read dy, x) if weight/bias need grads]
 // The fused variants add the residual to the forward's elementwise read, and the saved output
-// (the ReLU gate) to each backward read.
+// (the ReLU gate) to each backward read; BN+add+ReLU's backward also writes the residual's
+// gradient (the gated dy) from the elementwise pass of dx.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -32,10 +33,12 @@ struct Layout {
 // The operands of the elementwise pass (batch_norm_math.h), any of them undefined when absent:
 //   out = relu?(gated(p) * a + (q - m) * b + d + residual),  gated(p) = p where gate > 0, else 0.
 // The forward of BN+ReLU and BN+add+ReLU uses residual and relu; their backward uses gate (the
-// forward output), so the pre-activation tensor is never stored.
+// forward output), so the pre-activation tensor is never stored. A pass with p and gate may also
+// write gated(p) to gated_out (dense like p): the residual's gradient, at the cost of one store.
 struct Operands {
   at::Tensor p, q, gate, residual;
   bool relu = false;
+  at::Tensor gated_out;
 };
 
 // A backend's kernels. Per-channel tensors are (C,) in the opmath dtype (float for
@@ -99,11 +102,12 @@ at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
 std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& input, const Backend& be);
 std::tuple<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, const at::Tensor& input,
                                              const at::Tensor& mean, const Backend& be);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const OptTensor& weight, double eps, bool training,
     std::array<bool, 3> output_mask, const OptTensor& sum_dy, const OptTensor& sum_dy_xmu,
-    std::optional<int64_t> count, const OptTensor& relu_output, const Backend& be);
+    std::optional<int64_t> count, const OptTensor& relu_output, bool residual_grad,
+    const Backend& be);
 void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                   const at::Tensor& var, int64_t count, std::optional<double> momentum,
                   const OptTensor& num_batches_tracked, const Backend& be);
@@ -130,13 +134,13 @@ struct Ops {
                                                                  const at::Tensor& mean) {
     return grad_sums(grad_output, input, mean, be);
   }
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
       const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
       const at::Tensor& var, const OptTensor& weight, double eps, bool training,
       std::array<bool, 3> output_mask, const OptTensor& sum_dy, const OptTensor& sum_dy_xmu,
-      std::optional<int64_t> count, const OptTensor& relu_output) {
+      std::optional<int64_t> count, const OptTensor& relu_output, bool residual_grad) {
     return backward(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy,
-                    sum_dy_xmu, count, relu_output, be);
+                    sum_dy_xmu, count, relu_output, residual_grad, be);
   }
   static void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
                                        const at::Tensor& mean, const at::Tensor& var,

@@ -340,17 +340,19 @@ struct AffinePtrs {
   const scalar_t* gate;
   const scalar_t* residual;
   bool relu;
+  scalar_t* gated_out;  // or null
 };
 
 // Which operands an elementwise pass has, fixed at compile time so that every variant's inner
-// loop stays branch-free and vectorizes: kGate (the fused-ReLU backward), kResidual, kRelu.
-template <bool P, bool Q, bool G, bool R, bool L>
+// loop stays branch-free and vectorizes: kGate (the fused-ReLU backward), kResidual, kRelu,
+// kGatedOut (the fused-residual backward).
+template <bool P, bool Q, bool G, bool R, bool L, bool W = false>
 struct Variant {
-  static constexpr bool kHasP = P, kHasQ = Q, kGate = G, kResidual = R, kRelu = L;
+  static constexpr bool kHasP = P, kHasQ = Q, kGate = G, kResidual = R, kRelu = L, kGatedOut = W;
 };
 
 // fn(Variant<...>{}) for the combinations the op bodies use: forward (q; + residual, relu),
-// backward (p, or p and q in training; + gate).
+// backward (p, or p and q in training; + gate, + gated_out).
 template <typename scalar_t, typename Fn>
 void with_variant(const AffinePtrs<scalar_t>& in, const Fn& fn) {
   if (!in.p) {
@@ -359,10 +361,12 @@ void with_variant(const AffinePtrs<scalar_t>& in, const Fn& fn) {
     } else {
       in.relu ? fn(Variant<false, true, false, false, true>{}) : fn(Variant<false, true, false, false, false>{});
     }
-  } else if (in.q) {
-    in.gate ? fn(Variant<true, true, true, false, false>{}) : fn(Variant<true, true, false, false, false>{});
+  } else if (!in.gate) {
+    in.q ? fn(Variant<true, true, false, false, false>{}) : fn(Variant<true, false, false, false, false>{});
+  } else if (in.gated_out) {
+    in.q ? fn(Variant<true, true, true, false, false, true>{}) : fn(Variant<true, false, true, false, false, true>{});
   } else {
-    in.gate ? fn(Variant<true, false, true, false, false>{}) : fn(Variant<true, false, false, false, false>{});
+    in.q ? fn(Variant<true, true, true, false, false>{}) : fn(Variant<true, false, true, false, false>{});
   }
 }
 
@@ -374,7 +378,9 @@ inline void affine_element(AffinePtrs<scalar_t> in, int64_t i, opmath_t a, opmat
   opmath_t v = d;
   if constexpr (V::kHasP) {
     const opmath_t pv = static_cast<opmath_t>(in.p[i]);
-    v += (V::kGate ? (static_cast<opmath_t>(in.gate[i]) > opmath_t(0) ? pv : opmath_t(0)) : pv) * a;
+    const opmath_t g = V::kGate ? (static_cast<opmath_t>(in.gate[i]) > opmath_t(0) ? pv : opmath_t(0)) : pv;
+    if constexpr (V::kGatedOut) in.gated_out[i] = static_cast<scalar_t>(g);
+    v += g * a;
   }
   if constexpr (V::kHasQ) v += (static_cast<opmath_t>(in.q[i]) - m) * b;
   if constexpr (V::kResidual) v += static_cast<opmath_t>(in.residual[i]);
@@ -427,7 +433,7 @@ const scalar_t* ptr(const at::Tensor& t) {
 template <typename scalar_t>
 AffinePtrs<scalar_t> affine_ptrs(const Operands& in) {
   return {ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), ptr<scalar_t>(in.gate), ptr<scalar_t>(in.residual),
-          in.relu};
+          in.relu, in.gated_out.defined() ? in.gated_out.data_ptr<scalar_t>() : nullptr};
 }
 
 void affine_cpu(const Operands& in, const Layout& l, const at::Tensor& coeffs, const at::Tensor& out) {
@@ -445,7 +451,8 @@ void affine_cpu(const Operands& in, const Layout& l, const at::Tensor& coeffs, c
 // Channels-first memory with at least one channel per thread and small channels: one task per
 // channel runs the reduction over the channel's N rows and then, with its coefficients, the
 // elementwise pass over the same rows, which it finds in cache. Memory traffic drops from two
-// reads to one (training forward: read x, write y; backward: read dy, x [, gate], write dx).
+// reads to one (training forward: read x, write y; backward: read dy, x [, gate], write dx
+// [, the gated dy]).
 // Merges run in the same order as in the separate passes, so results are bit-identical.
 // A channel's operands that the second pass reads again must stay in cache between the passes:
 // 384 KB of them, three quarters of the development machine's 512 KB L2 per core.

@@ -264,9 +264,10 @@ struct AffinePtrs {
   const scalar_t* gate;
   const scalar_t* residual;
   bool relu;
+  scalar_t* gated_out;  // or null: also write the gated p (the fused residual's gradient)
 };
 
-// kFused: gate, residual and relu are looked at (the plain BatchNorm passes skip them).
+// kFused: gate, residual, relu and gated_out are looked at (the plain BatchNorm passes skip them).
 template <typename scalar_t, typename index_t, int kVec, bool kHasP, bool kHasQ, bool kFused>
 __global__ void __launch_bounds__(cuda::kThreads)
     affine_kernel(AffinePtrs<scalar_t> in, index_t nvec, Divider<index_t> s_div,
@@ -279,7 +280,7 @@ __global__ void __launch_bounds__(cuda::kThreads)
   for (index_t v = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
     const index_t first = v * kVec;
     const index_t c0 = channels_last ? c_div.mod(first) : c_div.mod(s_div.div(first));
-    V pv, qv, gv, rv, ov;
+    V pv, qv, gv, rv, ov, go;
     if constexpr (kHasP) load<kVec>(in.p, v, pv);
     if constexpr (kHasQ) load<kVec>(in.q, v, qv);
     if constexpr (kFused) {
@@ -292,7 +293,9 @@ __global__ void __launch_bounds__(cuda::kThreads)
       T r = coeffs[kD * C + c];
       if constexpr (kHasP) {
         const bool open = !kFused || !in.gate || static_cast<T>(gv.v[k]) > T(0);
-        r += (open ? static_cast<T>(pv.v[k]) : T(0)) * coeffs[kA * C + c];
+        const T g = open ? static_cast<T>(pv.v[k]) : T(0);
+        if constexpr (kFused) go.v[k] = static_cast<scalar_t>(g);
+        r += g * coeffs[kA * C + c];
       }
       if constexpr (kHasQ) r += (static_cast<T>(qv.v[k]) - coeffs[kM * C + c]) * coeffs[kB * C + c];
       if constexpr (kFused) {
@@ -302,6 +305,9 @@ __global__ void __launch_bounds__(cuda::kThreads)
       ov.v[k] = static_cast<scalar_t>(r);
     }
     store<kVec>(out, v, ov);
+    if constexpr (kFused && kHasP) {
+      if (in.gated_out) store<kVec>(in.gated_out, v, go);
+    }
   }
 }
 
@@ -330,7 +336,7 @@ void launch_affine(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t n,
 template <typename scalar_t, typename index_t, int kVec>
 void launch_affine(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t n,
                    const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
-  if (in.gate || in.residual || in.relu) {
+  if (in.gate || in.residual || in.relu || in.gated_out) {
     launch_affine<scalar_t, index_t, kVec, true>(in, l, n, coeffs, out);
   } else {
     launch_affine<scalar_t, index_t, kVec, false>(in, l, n, coeffs, out);
@@ -344,7 +350,7 @@ void launch_affine(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t n,
   const int64_t inner = l.channels_last ? l.C : l.S;
   auto fits = [](const scalar_t* operand) { return !operand || cuda::aligned16(operand); };
   const bool vectorize = inner % kVec == 0 && cuda::aligned16(out) && fits(in.p) && fits(in.q) &&
-                         fits(in.gate) && fits(in.residual);
+                         fits(in.gate) && fits(in.residual) && fits(in.gated_out);
   if (vectorize) {
     launch_affine<scalar_t, index_t, kVec>(in, l, n, coeffs, out);
   } else {
@@ -362,7 +368,8 @@ void affine_cuda(const Operands& in, const Layout& l, const at::Tensor& coeffs, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "modekernels_bn_affine", [&] {
     using T = at::opmath_type<scalar_t>;
     const AffinePtrs<scalar_t> ptrs{ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), ptr<scalar_t>(in.gate),
-                                    ptr<scalar_t>(in.residual), in.relu};
+                                    ptr<scalar_t>(in.residual), in.relu,
+                                    in.gated_out.defined() ? in.gated_out.data_ptr<scalar_t>() : nullptr};
     const int64_t n = out.numel();
     if (cuda::fits_int32(n)) {
       launch_affine<scalar_t, uint32_t>(ptrs, l, n, coeffs.const_data_ptr<T>(), out.data_ptr<scalar_t>());

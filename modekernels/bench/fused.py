@@ -28,7 +28,9 @@ TOKENS = {"tiny": ((2, 8, 32),), "quick": ((8, 512, 1024),),
 SHAPES = {"bn_relu": ACTIVATIONS, "bn_add_relu": ACTIVATIONS, "dropout_add": TOKENS,
           "bias_dropout_add": TOKENS, "dropout2d": ACTIVATIONS}
 # Full-size tensors read or written: (forward, forward+backward), in either mode.
-TENSOR_PASSES = {"bn_relu": (2, 6), "bn_add_relu": (3, 8), "dropout_add": (3, 5),
+# The backward's residual gradient is grad_output itself for the dropout sums (no pass) and the
+# gated grad_output for BatchNorm+add+ReLU (one more write).
+TENSOR_PASSES = {"bn_relu": (2, 6), "bn_add_relu": (3, 9), "dropout_add": (3, 5),
                  "bias_dropout_add": (3, 5), "dropout2d": (2, 4)}
 
 
@@ -96,7 +98,11 @@ def prepare(case, device):
     x, residual, bias, grad = inputs(case.shape, case.dtype, device)
     # BatchNorm parameters stay float32 for bfloat16 inputs, as in mixed-precision training.
     module = layer(case.op, case.variant, x.shape[1]).to(device).train(case.mode == "train")
+    # fwd+bwd differentiates with respect to the activation and, where there is one, the residual
+    # (in a ResNet block or a transformer layer both need their gradient).
     xr = x.detach().requires_grad_()
+    rr = residual.detach().requires_grad_()
+    wrt = (xr, rr) if case.op in ("bn_add_relu", "dropout_add", "bias_dropout_add") else (xr,)
     passes = TENSOR_PASSES[case.op][DIRECTIONS.index(case.direction)]
 
     def verify():
@@ -106,8 +112,8 @@ def prepare(case, device):
     if case.direction == "fwd":
         return Bench(lambda: call(case.op, case.variant, module, x, residual, bias), verify,
                      passes * x.nbytes, output_bytes=x.nbytes)
-    return Bench(lambda: torch.autograd.grad(call(case.op, case.variant, module, xr, residual, bias), xr, grad),
-                 verify, passes * x.nbytes, forward=lambda: call(case.op, case.variant, module, xr, residual, bias))
+    return Bench(lambda: torch.autograd.grad(call(case.op, case.variant, module, xr, rr, bias), wrt, grad),
+                 verify, passes * x.nbytes, forward=lambda: call(case.op, case.variant, module, xr, rr, bias))
 
 
 def cases(size, dtypes):
