@@ -259,17 +259,18 @@ def batch_norm_grad_sums(grad_output, input, mean):
 
 def batch_norm_backward(grad_output, input, mean, var, weight, eps, training, output_mask,
                         sum_dy=None, sum_dy_xmu=None, count=None, relu_output=None,
-                        residual_grad=False):
+                        residual_grad=False, relu=False, bias=None):
     """(grad_input, grad_weight, grad_bias, grad_residual), None where not asked for.
 
     With sum_dy, sum_dy_xmu and count given (all-reduced over processes), the training-mode
-    gradient is that of the whole distributed batch. After a fused ReLU, relu_output (the forward
-    output) gates grad_output; residual_grad also returns that gated grad_output (a fused
-    residual's gradient), written in the same pass as grad_input.
+    gradient is that of the whole distributed batch. After a fused ReLU, grad_output passes only
+    where the ReLU's output was > 0: give that output as relu_output, or relu=True and the
+    forward's bias to have the gate recomputed from input. residual_grad (with relu_output) also
+    returns the gated grad_output (a fused residual's gradient), from the pass of grad_input.
     """
     grads = _ops.batch_norm_backward.default(grad_output, input, mean, var, weight, eps, training,
                                              output_mask, sum_dy, sum_dy_xmu, count, relu_output,
-                                             residual_grad)
+                                             residual_grad, relu, bias)
     return tuple(g if wanted else None for g, wanted in zip(grads, (*output_mask, residual_grad)))
 
 
@@ -285,7 +286,7 @@ def _(grad_output, input, mean):
 
 @torch.library.register_fake("modekernels::batch_norm_backward")
 def _(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy=None,
-      sum_dy_xmu=None, count=None, relu_output=None, residual_grad=False):
+      sum_dy_xmu=None, count=None, relu_output=None, residual_grad=False, relu=False, bias=None):
     param_dtype = weight.dtype if weight is not None else _opmath(input.dtype)
     C = input.shape[1]
 
@@ -304,16 +305,22 @@ def _(running_mean, running_var, mean, var, count, momentum, num_batches_tracked
 
 
 def _bn_save(ctx, training, inputs, output, stats, param_index):
-    """What both modes' backward needs. inputs[param_index:] = weight, bias, eps, residual, relu."""
+    """What both modes' backward needs. inputs[param_index:] = weight, bias, eps, residual, relu.
+
+    BN+ReLU recomputes its ReLU's gate from the input (and bias), so it keeps no activation but
+    its input; BN+add+ReLU keeps its output as the gate.
+    """
     weight, bias, eps, residual, relu = inputs[param_index:]
     ctx.training, ctx.eps = training, eps
     ctx.indices = param_index, param_index + 1, param_index + 3
-    ctx.save_for_backward(inputs[0], weight, *stats, output if relu else None)
+    ctx.recompute_gate = relu and residual is None
+    gate = output if relu and residual is not None else None
+    ctx.save_for_backward(inputs[0], weight, bias if ctx.recompute_gate else None, *stats, gate)
 
 
 def _bn_grads(ctx, grad_out):
     """(grad_input, grad_weight, grad_bias, grad_residual)."""
-    input, weight, mean, var, gate = ctx.saved_tensors
+    input, weight, bias, mean, var, gate = ctx.saved_tensors
     w, b, r = ctx.indices
     # Arguments left at their defaults (residual=None, relu=False) have no entry here.
     need = tuple(ctx.needs_input_grad) + (False, False)
@@ -321,7 +328,8 @@ def _bn_grads(ctx, grad_out):
     # The residual's gradient is grad_out through the ReLU's gate, from the pass of grad_input.
     fused_residual = need[r] and gate is not None
     gi, gw, gb, gr = batch_norm_backward(grad_out, input, mean, var, weight, ctx.eps, ctx.training,
-                                         mask, relu_output=gate, residual_grad=fused_residual)
+                                         mask, relu_output=gate, residual_grad=fused_residual,
+                                         relu=ctx.recompute_gate, bias=bias)
     if need[r] and gate is None:
         gr = grad_out
     return gi, gw, gb, gr

@@ -67,7 +67,9 @@ def test_fused_module_is_a_batchnorm_with_its_state_dict():
     theirs.load_state_dict(ours.state_dict(), strict=True)
 
 
-def test_backward_saves_input_and_output_not_the_pre_activation():
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_backward_saves_no_pre_activation(variant):
+    # BN+ReLU keeps only its input (the gate is recomputed); BN+add+ReLU its input and output.
     x = torch.randn(8, 16, 32, 32, requires_grad=True)
     r = torch.randn_like(x)
     saved = []
@@ -77,10 +79,51 @@ def test_backward_saves_input_and_output_not_the_pre_activation():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = modekernels.BatchNormAddReLU2d(16)(x, r)
+        y = call(VARIANTS[variant][0](16), x, r)
     big = [t for t in saved if t.numel() == x.numel()]
-    assert len(big) == 2
-    assert any(t is x for t in big) and any(t.data_ptr() == y.data_ptr() for t in big)
+    assert any(t is x for t in big)
+    if variant == "bn-relu":
+        assert len(big) == 1
+    else:
+        assert len(big) == 2 and any(t.data_ptr() == y.data_ptr() for t in big)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "2d"])
+@pytest.mark.parametrize("threads", [1, 8])
+def test_recomputed_relu_gate_is_exactly_the_saved_one(device, dtype, layout, threads):
+    # BN+ReLU's backward recomputes where the forward's ReLU passed. It must agree with the saved
+    # output everywhere, also where the value rounds to 0 in float16/bfloat16: channels with tiny
+    # weights put many values near 0 and below the smallest subnormal.
+    gen = torch.Generator().manual_seed(0)
+    shape = (64, 6) if layout == "2d" else (4, 6, 5, 7)
+    x = torch.randn(shape, generator=gen).to(device, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=gen).to(device, dtype)
+    param = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w = torch.tensor([1.0, 1e-6, 1e-8, 3e-7, 2.0, 1e-30], dtype=param, device=device)
+    b = torch.tensor([0.0, 1e-7, -1e-8, 0.0, -0.5, 1e-40], dtype=param, device=device)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 1: the CPU's cache-resident passes; 8: the separate ones
+    try:
+        for training in (True, False):
+            if training:
+                out, mean, var = mkops.batch_norm_train(x, w, b, 1e-5, None, True)
+            else:
+                mean, var = torch.zeros(6, dtype=param, device=device), torch.ones(6, dtype=param, device=device)
+                out = mkops.batch_norm_eval(x, mean, var, w, b, 1e-5, None, True)
+            mask = [True, True, True]
+            saved = mkops.batch_norm_backward(dy, x, mean, var, w, 1e-5, training, mask,
+                                              relu_output=out)
+            recomputed = mkops.batch_norm_backward(dy, x, mean, var, w, 1e-5, training, mask,
+                                                   relu=True, bias=b)
+            for a, b_ in zip(saved[:3], recomputed[:3]):
+                assert torch.equal(a, b_)
+    finally:
+        torch.set_num_threads(previous)
+    assert ((out == 0) & (x != 0)).any()  # values that the ReLU (or rounding) closed
 
 
 @pytest.mark.parametrize("device", DEVICES)

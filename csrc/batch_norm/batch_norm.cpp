@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, cons
     sum_dy.zero_();
     sum_dy_xmu.zero_();
   } else {
-    be.grad_sums(dense(grad_output, fmt), at::Tensor(), x, layout_of(x), mean.to(acc), sum_dy,
+    be.grad_sums(dense(grad_output, fmt), Gate(), x, layout_of(x), mean.to(acc), sum_dy,
                  sum_dy_xmu);
   }
   return {sum_dy, sum_dy_xmu};
@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, co
   const at::Tensor r = like_input(residual, "residual", input, fmt);
   const at::Tensor x = dense(input, fmt);
   const Layout layout = layout_of(x);
-  const Operands in{at::Tensor(), x, at::Tensor(), r, relu};
+  const Operands in{at::Tensor(), x, Gate(), r, relu};
   const auto acc = opmath(input.scalar_type());
   at::Tensor mean = channel_empty(input, acc);
   at::Tensor var = channel_empty(input, acc);
@@ -187,7 +187,7 @@ at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
   const auto acc = opmath(input.scalar_type());
   at::Tensor coeffs = channel_empty(input, acc, 4);
   be.forward_coeffs(running_mean.to(acc), running_var.to(acc), opt(weight), opt(bias), eps, coeffs);
-  be.affine({at::Tensor(), x, at::Tensor(), r, relu}, layout_of(x), coeffs, out);
+  be.affine({at::Tensor(), x, Gate(), r, relu}, layout_of(x), coeffs, out);
   return out;
 }
 
@@ -196,11 +196,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& var, const OptTensor& weight, double eps, bool training,
     std::array<bool, 3> output_mask, const OptTensor& sum_dy_given,
     const OptTensor& sum_dy_xmu_given, std::optional<int64_t> count_given,
-    const OptTensor& relu_output, bool residual_grad, const Backend& be) {
+    const OptTensor& relu_output, bool residual_grad, bool relu, const OptTensor& bias,
+    const Backend& be) {
   check_grad(grad_output, input);
   check_channel(mean, "mean", input);
   check_channel(var, "var", input);
-  check_params(input, weight, std::nullopt);
+  check_params(input, weight, bias);
   const at::Tensor w = opt(weight);
   const bool want_dx = output_mask[0];
   const bool want_dw = output_mask[1] && w.defined();
@@ -210,13 +211,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const auto fmt = kernel_format(input);
   const at::Tensor x = dense(input, fmt);
   const at::Tensor dy = dense(grad_output, fmt);
-  const at::Tensor gate = like_input(relu_output, "relu_output", input, fmt);
-  TORCH_CHECK(!residual_grad || gate.defined(),
+  const at::Tensor saved_gate = like_input(relu_output, "relu_output", input, fmt);
+  TORCH_CHECK(!(relu && saved_gate.defined()),
+              "modekernels batch_norm: give the ReLU's gate as relu_output or relu=True, not both");
+  TORCH_CHECK(!residual_grad || saved_gate.defined(),
               "modekernels batch_norm: residual_grad needs relu_output (the gate it applies)");
   const Layout layout = layout_of(x);
   const auto acc = opmath(input.scalar_type());
   const at::Tensor mean_acc = mean.to(acc);
   const at::Tensor var_acc = var.to(acc);
+  Gate gate{saved_gate, at::Tensor()};
+  if (relu) {  // the forward's coefficients, computed as the forward computed them
+    gate = {x, channel_empty(input, acc, 4)};
+    be.forward_coeffs(mean_acc, var_acc, w, opt(bias), eps, gate.coeffs);
+  }
 
   at::Tensor grad_input = want_dx ? at::empty_like(x, fmt) : at::empty({0}, input.options());
   at::Tensor grad_weight = want_dw ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
@@ -224,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor grad_residual = residual_grad ? at::empty_like(x, fmt) : at::empty({0}, input.options());
   // Written by the elementwise pass of grad_input, or on its own when grad_input is not wanted.
   const at::Tensor gated_out = want_dx ? grad_residual : at::Tensor();
-  if (residual_grad && !want_dx) grad_residual.copy_(at::where(gate.gt(0), dy, 0));
+  if (residual_grad && !want_dx) grad_residual.copy_(at::where(saved_gate.gt(0), dy, 0));
   // Sums over the whole (possibly distributed) batch may be given; otherwise they are this batch's.
   const bool given = sum_dy_given && sum_dy_given->defined();
   TORCH_CHECK(given == (sum_dy_xmu_given && sum_dy_xmu_given->defined()) && given == count_given.has_value(),

@@ -7,14 +7,18 @@
 //   eval forward:     affine (read x, write y)                             = 1 read,  1 write
 //   train backward:   grad_sums (read dy, x) + affine (read dy, x, write dx)
 //   eval backward:    affine (read dy, write dx) [+ grad_sums (read dy, x) if weight/bias need grads]
-// The fused variants add the residual to the forward's elementwise read, and the saved output
-// (the ReLU gate) to each backward read; BN+add+ReLU's backward also writes the residual's
-// gradient (the gated dy) from the elementwise pass of dx.
+// The fused variants add the residual to the forward's elementwise read. BN+ReLU's backward
+// recomputes the ReLU's gate from x (no extra read); BN+add+ReLU's reads the saved output as its
+// gate in each backward pass and also writes the residual's gradient (the gated dy) from the
+// elementwise pass of dx.
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
+
+#include "batch_norm/batch_norm_math.h"
 
 #include <array>
 #include <optional>
@@ -30,13 +34,31 @@ struct Layout {
   bool channels_last;
 };
 
+// The ReLU gate of a fused backward: dy counts only where the gate is open. Without coeffs,
+// `tensor` is the forward output, open where > 0 (BN+add+ReLU). With coeffs, the forward's (4, C)
+// coefficients, `tensor` is the input x, open where relu_open (batch_norm_math.h) says the forward
+// ReLU passed it (BN+ReLU, which so keeps nothing for the backward but its input).
+struct Gate {
+  at::Tensor tensor, coeffs;
+};
+
+template <typename scalar_t>
+GateView<scalar_t, at::opmath_type<scalar_t>> gate_view(const Gate& gate) {
+  using T = at::opmath_type<scalar_t>;
+  return {gate.tensor.defined() ? gate.tensor.const_data_ptr<scalar_t>() : nullptr,
+          gate.coeffs.defined() ? gate.coeffs.const_data_ptr<T>() : nullptr,
+          gate.coeffs.defined() ? gate.coeffs.size(1) : 0};
+}
+
 // The operands of the elementwise pass (batch_norm_math.h), any of them undefined when absent:
-//   out = relu?(gated(p) * a + (q - m) * b + d + residual),  gated(p) = p where gate > 0, else 0.
-// The forward of BN+ReLU and BN+add+ReLU uses residual and relu; their backward uses gate (the
-// forward output), so the pre-activation tensor is never stored. A pass with p and gate may also
-// write gated(p) to gated_out (dense like p): the residual's gradient, at the cost of one store.
+//   out = relu?(gated(p) * a + (q - m) * b + d + residual),  gated(p) = p where the gate is open.
+// The forward of BN+ReLU and BN+add+ReLU uses residual and relu; their backward uses the gate, so
+// the pre-activation tensor is never stored. A pass with p and a gate may also write gated(p) to
+// gated_out (dense like p): the residual's gradient, at the cost of one store.
 struct Operands {
-  at::Tensor p, q, gate, residual;
+  at::Tensor p, q;
+  Gate gate;
+  at::Tensor residual;
   bool relu = false;
   at::Tensor gated_out;
 };
@@ -47,8 +69,8 @@ struct Operands {
 struct Backend {
   void (*moments)(const at::Tensor& x, const Layout& layout, const at::Tensor& mean,
                   const at::Tensor& var);
-  // Sums of dy, with dy taken as 0 where `gate` (if defined) is not > 0: the ReLU backward.
-  void (*grad_sums)(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& x,
+  // Sums of dy, with dy taken as 0 where the gate (if any) is closed: the ReLU backward.
+  void (*grad_sums)(const at::Tensor& dy, const Gate& gate, const at::Tensor& x,
                     const Layout& layout, const at::Tensor& mean, const at::Tensor& sum_dy,
                     const at::Tensor& sum_dy_xmu);
   void (*forward_coeffs)(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
@@ -106,8 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const OptTensor& weight, double eps, bool training,
     std::array<bool, 3> output_mask, const OptTensor& sum_dy, const OptTensor& sum_dy_xmu,
-    std::optional<int64_t> count, const OptTensor& relu_output, bool residual_grad,
-    const Backend& be);
+    std::optional<int64_t> count, const OptTensor& relu_output, bool residual_grad, bool relu,
+    const OptTensor& bias, const Backend& be);
 void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                   const at::Tensor& var, int64_t count, std::optional<double> momentum,
                   const OptTensor& num_batches_tracked, const Backend& be);
@@ -138,9 +160,10 @@ struct Ops {
       const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
       const at::Tensor& var, const OptTensor& weight, double eps, bool training,
       std::array<bool, 3> output_mask, const OptTensor& sum_dy, const OptTensor& sum_dy_xmu,
-      std::optional<int64_t> count, const OptTensor& relu_output, bool residual_grad) {
+      std::optional<int64_t> count, const OptTensor& relu_output, bool residual_grad, bool relu,
+      const OptTensor& bias) {
     return backward(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy,
-                    sum_dy_xmu, count, relu_output, residual_grad, be);
+                    sum_dy_xmu, count, relu_output, residual_grad, relu, bias, be);
   }
   static void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
                                        const at::Tensor& mean, const at::Tensor& var,

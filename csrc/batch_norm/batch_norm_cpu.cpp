@@ -80,12 +80,13 @@ T sum_lanes(const typename Lanes<T>::type& v) {
   return s;
 }
 
-// dy[i] in opmath, or 0 where a gate is given and gate[i] is not > 0 (ReLU's backward).
-template <typename opmath_t, typename scalar_t>
-opmath_t gated(const scalar_t* dy, const scalar_t* gate, int64_t i) {
-  const opmath_t g = static_cast<opmath_t>(dy[i]);
-  return gate && !(static_cast<opmath_t>(gate[i]) > opmath_t(0)) ? opmath_t(0) : g;
-}
+// Coefficients of one channel as the elementwise loops take them: kA..kD (batch_norm_math.h),
+// then the forward's b and d that a recomputed ReLU gate needs (its m is kM).
+enum : int64_t { kGateB = 4, kGateD = 5, kChannelCoeffs = 6 };
+
+// The gate of a fused backward (batch_norm_math.h GateView) for scalar_t inputs.
+template <typename scalar_t>
+using GatePtrs = GateView<scalar_t, at::opmath_type<scalar_t>>;
 
 // Sums of (x - K) and (x - K)^2 over one row, in opmath lanes.
 template <typename scalar_t, typename opmath_t>
@@ -139,21 +140,39 @@ Moments<double> channel_moments(const scalar_t* x, int64_t stride, int64_t n0, i
   return shifted_moments(static_cast<double>((n1 - n0) * S), static_cast<double>(shift), s1, s2);
 }
 
-// sum(dy) and sum(dy (x - mean)) of one row; with a gate, dy counts only where gate > 0.
+// sum(dy) and sum(dy (x - mean)) of elements [begin, begin + len) of channel c, one row; with a
+// gate, dy counts only where it is open.
 template <typename scalar_t, typename opmath_t>
-void row_grad_sums(const scalar_t* dy, const scalar_t* gate, const scalar_t* x, int64_t len,
-                   opmath_t mean, opmath_t& sdy, opmath_t& sdx) {
+void row_grad_sums(const scalar_t* dy, const GatePtrs<scalar_t>& gate, const scalar_t* x,
+                   int64_t begin, int64_t len, int64_t c, opmath_t mean, opmath_t& sdy,
+                   opmath_t& sdx) {
   using V = typename Lanes<opmath_t>::type;
+  const bool recompute = gate.coeffs != nullptr;  // then gate.g is x itself
+  opmath_t gm = 0, gb = 0, gd = 0;
+  if (recompute) {
+    gm = gate.coeffs[kM * gate.C + c];
+    gb = gate.coeffs[kB * gate.C + c];
+    gd = gate.coeffs[kD * gate.C + c];
+  }
   V a = {};
   V b = {};
-  int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
+  int64_t i = begin;
+  const int64_t end = begin + len;
+  for (; i + kLanes <= end; i += kLanes) {
     V g, v;
     load_lanes<opmath_t>(dy + i, g);
     load_lanes<opmath_t>(x + i, v);
-    if (gate) {
+    if (gate.g) {
       V open;
-      load_lanes<opmath_t>(gate + i, open);
+      if (!recompute) {
+        load_lanes<opmath_t>(gate.g + i, open);
+      } else if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+        open = gd + (v - gm) * gb;  // normalized(), lane by lane; rounding to scalar_t is exact
+      } else {
+        for (int64_t k = 0; k < kLanes; ++k) {  // rounded to scalar_t, element by element
+          open[k] = static_cast<opmath_t>(static_cast<scalar_t>(normalized(v[k], gm, gb, gd)));
+        }
+      }
       const auto keep = open > opmath_t(0);  // all ones where the gate is open
       g = (V)((decltype(keep))g & keep);
     }
@@ -162,8 +181,8 @@ void row_grad_sums(const scalar_t* dy, const scalar_t* gate, const scalar_t* x, 
   }
   sdy = sum_lanes<opmath_t>(a);
   sdx = sum_lanes<opmath_t>(b);
-  for (; i < len; ++i) {
-    const opmath_t g = gated<opmath_t>(dy, gate, i);
+  for (; i < end; ++i) {
+    const opmath_t g = gate.open(i, c) ? static_cast<opmath_t>(dy[i]) : opmath_t(0);
     sdy += g;
     sdx += g * (static_cast<opmath_t>(x[i]) - mean);
   }
@@ -247,13 +266,12 @@ void moments_cpu(const at::Tensor& x, const Layout& l, const at::Tensor& mean, c
 // ----------------------------------------------------------------------------- grad sums
 
 template <typename scalar_t>
-void grad_sums_kernel(const at::Tensor& dy_t, const at::Tensor& gate_t, const at::Tensor& x_t,
-                      const Layout& l,
-                      const at::Tensor& mean_t, const at::Tensor& sum_dy_t,
+void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tensor& x_t,
+                      const Layout& l, const at::Tensor& mean_t, const at::Tensor& sum_dy_t,
                       const at::Tensor& sum_dy_xmu_t) {
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* dy = dy_t.const_data_ptr<scalar_t>();
-  const scalar_t* gate = gate_t.defined() ? gate_t.const_data_ptr<scalar_t>() : nullptr;
+  const auto gate = gate_view<scalar_t>(gate_t);
   const scalar_t* x = x_t.const_data_ptr<scalar_t>();
   const opmath_t* mean = mean_t.const_data_ptr<opmath_t>();
   const int64_t C = l.C;
@@ -269,8 +287,7 @@ void grad_sums_kernel(const at::Tensor& dy_t, const at::Tensor& gate_t, const at
         for (int64_t n = l.N * k / per; n < l.N * (k + 1) / per; ++n) {
           opmath_t ra, rb;
           const int64_t off = (n * C + c) * l.S;
-          row_grad_sums<scalar_t, opmath_t>(dy + off, gate ? gate + off : nullptr, x + off, l.S,
-                                            mean[c], ra, rb);
+          row_grad_sums<scalar_t, opmath_t>(dy, gate, x, off, l.S, c, mean[c], ra, rb);
           a += ra;
           b += rb;
         }
@@ -294,14 +311,19 @@ void grad_sums_kernel(const at::Tensor& dy_t, const at::Tensor& gate_t, const at
         for (int64_t r0 = rows * k / chunks; r0 < end; r0 += block_rows) {
           std::fill(a.begin(), a.end(), opmath_t(0));
           std::fill(b.begin(), b.end(), opmath_t(0));
-          for (int64_t r = r0; r < std::min(end, r0 + block_rows); ++r) {
-            const scalar_t* v = x + r * C;
-            for (int64_t c = 0; c < C; ++c) {
-              const opmath_t gc = gated<opmath_t>(dy, gate, r * C + c);
-              a[c] += gc;
-              b[c] += gc * (static_cast<opmath_t>(v[c]) - mean[c]);
+          // The gate's test is compiled in only where there is one, so plain BatchNorm vectorizes.
+          auto sweep = [&](auto gated) {
+            for (int64_t r = r0; r < std::min(end, r0 + block_rows); ++r) {
+              const scalar_t* v = x + r * C;
+              for (int64_t c = 0; c < C; ++c) {
+                opmath_t gc = static_cast<opmath_t>(dy[r * C + c]);
+                if constexpr (decltype(gated)::value) gc = gate.open(r * C + c, c) ? gc : opmath_t(0);
+                a[c] += gc;
+                b[c] += gc * (static_cast<opmath_t>(v[c]) - mean[c]);
+              }
             }
-          }
+          };
+          gate.g ? sweep(std::true_type{}) : sweep(std::false_type{});
           for (int64_t c = 0; c < C; ++c) {
             pdy[k * C + c] += a[c];
             pdx[k * C + c] += b[c];
@@ -324,7 +346,7 @@ void grad_sums_kernel(const at::Tensor& dy_t, const at::Tensor& gate_t, const at
   }
 }
 
-void grad_sums_cpu(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& x, const Layout& l,
+void grad_sums_cpu(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const Layout& l,
                    const at::Tensor& mean, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modekernels_bn_grad_sums", [&] {
     grad_sums_kernel<scalar_t>(dy, gate, x, l, mean, sum_dy, sum_dy_xmu);
@@ -337,63 +359,85 @@ template <typename scalar_t>
 struct AffinePtrs {
   const scalar_t* p;
   const scalar_t* q;
-  const scalar_t* gate;
+  GatePtrs<scalar_t> gate;
   const scalar_t* residual;
   bool relu;
   scalar_t* gated_out;  // or null
 };
 
 // Which operands an elementwise pass has, fixed at compile time so that every variant's inner
-// loop stays branch-free and vectorizes: kGate (the fused-ReLU backward), kResidual, kRelu,
-// kGatedOut (the fused-residual backward).
-template <bool P, bool Q, bool G, bool R, bool L, bool W = false>
+// loop stays branch-free and vectorizes: kGate (the fused-ReLU backward: kNoGate, kSavedGate
+// or kRecomputedGate), kResidual, kRelu, kGatedOut (the fused-residual backward).
+enum GateKind { kNoGate, kSavedGate, kRecomputedGate };
+
+template <bool P, bool Q, GateKind G, bool R, bool L, bool W = false>
 struct Variant {
-  static constexpr bool kHasP = P, kHasQ = Q, kGate = G, kResidual = R, kRelu = L, kGatedOut = W;
+  static constexpr bool kHasP = P, kHasQ = Q, kResidual = R, kRelu = L, kGatedOut = W;
+  static constexpr GateKind kGate = G;
 };
 
 // fn(Variant<...>{}) for the combinations the op bodies use: forward (q; + residual, relu),
-// backward (p, or p and q in training; + gate, + gated_out).
+// backward (p, or p and q in training; + a saved gate, and gated_out, or a recomputed gate).
 template <typename scalar_t, typename Fn>
 void with_variant(const AffinePtrs<scalar_t>& in, const Fn& fn) {
   if (!in.p) {
     if (in.residual) {
-      in.relu ? fn(Variant<false, true, false, true, true>{}) : fn(Variant<false, true, false, true, false>{});
+      in.relu ? fn(Variant<false, true, kNoGate, true, true>{}) : fn(Variant<false, true, kNoGate, true, false>{});
     } else {
-      in.relu ? fn(Variant<false, true, false, false, true>{}) : fn(Variant<false, true, false, false, false>{});
+      in.relu ? fn(Variant<false, true, kNoGate, false, true>{}) : fn(Variant<false, true, kNoGate, false, false>{});
     }
-  } else if (!in.gate) {
-    in.q ? fn(Variant<true, true, false, false, false>{}) : fn(Variant<true, false, false, false, false>{});
+  } else if (!in.gate.g) {
+    in.q ? fn(Variant<true, true, kNoGate, false, false>{}) : fn(Variant<true, false, kNoGate, false, false>{});
+  } else if (in.gate.coeffs) {
+    in.q ? fn(Variant<true, true, kRecomputedGate, false, false>{})
+         : fn(Variant<true, false, kRecomputedGate, false, false>{});
   } else if (in.gated_out) {
-    in.q ? fn(Variant<true, true, true, false, false, true>{}) : fn(Variant<true, false, true, false, false, true>{});
+    in.q ? fn(Variant<true, true, kSavedGate, false, false, true>{})
+         : fn(Variant<true, false, kSavedGate, false, false, true>{});
   } else {
-    in.q ? fn(Variant<true, true, true, false, false>{}) : fn(Variant<true, false, true, false, false>{});
+    in.q ? fn(Variant<true, true, kSavedGate, false, false>{}) : fn(Variant<true, false, kSavedGate, false, false>{});
   }
 }
 
-// The pointers are taken by value: held in locals, the compiler knows that stores to `out`
-// cannot change them, and the loops that call this vectorize.
+// Element i with its channel's coefficients (a, b, m, d; gb, gd for a recomputed gate). The
+// pointers are taken by value: held in locals, the compiler knows that stores to `out` cannot
+// change them, and the loops that call this vectorize.
 template <typename V, typename scalar_t, typename opmath_t>
 inline void affine_element(AffinePtrs<scalar_t> in, int64_t i, opmath_t a, opmath_t b, opmath_t m,
-                           opmath_t d, scalar_t* out) {
-  opmath_t v = d;
+                           opmath_t d, opmath_t gb, opmath_t gd, scalar_t* out) {
+  opmath_t v;
   if constexpr (V::kHasP) {
-    const opmath_t pv = static_cast<opmath_t>(in.p[i]);
-    const opmath_t g = V::kGate ? (static_cast<opmath_t>(in.gate[i]) > opmath_t(0) ? pv : opmath_t(0)) : pv;
+    bool open = true;
+    if constexpr (V::kGate == kSavedGate) open = static_cast<opmath_t>(in.gate.g[i]) > opmath_t(0);
+    if constexpr (V::kGate == kRecomputedGate) {
+      open = relu_open<scalar_t>(static_cast<opmath_t>(in.gate.g[i]), m, gb, gd);
+    }
+    const opmath_t pv = static_cast<opmath_t>(in.p[i]);  // loaded either way: no branch
+    const opmath_t g = open ? pv : opmath_t(0);
     if constexpr (V::kGatedOut) in.gated_out[i] = static_cast<scalar_t>(g);
-    v += g * a;
+    v = d + g * a;
+    if constexpr (V::kHasQ) v += (static_cast<opmath_t>(in.q[i]) - m) * b;
+  } else {
+    v = normalized(static_cast<opmath_t>(in.q[i]), m, b, d);  // what a recomputed gate recomputes
   }
-  if constexpr (V::kHasQ) v += (static_cast<opmath_t>(in.q[i]) - m) * b;
   if constexpr (V::kResidual) v += static_cast<opmath_t>(in.residual[i]);
   if constexpr (V::kRelu) v = v < opmath_t(0) ? opmath_t(0) : v;  // NaN stays NaN, as in torch.relu
   out[i] = static_cast<scalar_t>(v);
 }
 
-// One channels-first row: elements [begin, begin + len) of one channel.
+// One channels-first row: elements [begin, begin + len) of one channel, k its kChannelCoeffs.
 template <typename V, typename scalar_t, typename opmath_t>
 inline void affine_row(AffinePtrs<scalar_t> in, int64_t begin, int64_t len, const opmath_t* k,
                        scalar_t* out) {
-  const opmath_t a = k[kA], b = k[kB], m = k[kM], d = k[kD];
-  for (int64_t i = begin; i < begin + len; ++i) affine_element<V>(in, i, a, b, m, d, out);
+  const opmath_t a = k[kA], b = k[kB], m = k[kM], d = k[kD], gb = k[kGateB], gd = k[kGateD];
+  for (int64_t i = begin; i < begin + len; ++i) affine_element<V>(in, i, a, b, m, d, gb, gd, out);
+}
+
+// The gate coefficients of channel c in k[kGateB], k[kGateD] (zeros without a recomputed gate).
+template <typename scalar_t, typename opmath_t>
+void gate_coeffs(const GatePtrs<scalar_t>& gate, int64_t c, opmath_t* k) {
+  k[kGateB] = gate.coeffs ? gate.coeffs[kB * gate.C + c] : opmath_t(0);
+  k[kGateD] = gate.coeffs ? gate.coeffs[kD * gate.C + c] : opmath_t(0);
 }
 
 template <typename V, typename scalar_t>
@@ -410,7 +454,8 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
     at::parallel_for(0, l.N * C, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
-        const opmath_t k[4] = {A[c], B[c], M[c], D[c]};
+        opmath_t k[kChannelCoeffs] = {A[c], B[c], M[c], D[c]};
+        gate_coeffs(in.gate, c, k);
         affine_row<V>(in, r * l.S, l.S, k, out);
       }
     });
@@ -419,7 +464,17 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
     at::parallel_for(0, l.N * l.S, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t base = r * C;
-        for (int64_t c = 0; c < C; ++c) affine_element<V>(in, base + c, A[c], B[c], M[c], D[c], out);
+        if constexpr (V::kGate == kRecomputedGate) {
+          const opmath_t* GB = in.gate.coeffs + kB * C;
+          const opmath_t* GD = in.gate.coeffs + kD * C;
+          for (int64_t c = 0; c < C; ++c) {
+            affine_element<V>(in, base + c, A[c], B[c], M[c], D[c], GB[c], GD[c], out);
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            affine_element<V>(in, base + c, A[c], B[c], M[c], D[c], opmath_t(0), opmath_t(0), out);
+          }
+        }
       }
     });
   }
@@ -432,7 +487,7 @@ const scalar_t* ptr(const at::Tensor& t) {
 
 template <typename scalar_t>
 AffinePtrs<scalar_t> affine_ptrs(const Operands& in) {
-  return {ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), ptr<scalar_t>(in.gate), ptr<scalar_t>(in.residual),
+  return {ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), gate_view<scalar_t>(in.gate), ptr<scalar_t>(in.residual),
           in.relu, in.gated_out.defined() ? in.gated_out.data_ptr<scalar_t>() : nullptr};
 }
 
@@ -483,7 +538,7 @@ bool train_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& w
             const auto m = channel_moments<scalar_t, opmath_t>(ptrs.q + c * l.S, l.C * l.S, 0, l.N, l.S);
             mean[c] = static_cast<opmath_t>(m.mean);
             var[c] = static_cast<opmath_t>(m.m2 / m.n);
-            opmath_t k[4];
+            opmath_t k[kChannelCoeffs] = {};
             forward_coeffs<opmath_t, P>(0, 1, mean + c, var + c, w ? w + c : nullptr,
                                         b ? b + c : nullptr, eps, k);
             for (int64_t n = 0; n < l.N; ++n) {
@@ -501,7 +556,8 @@ bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor
                            const at::Tensor& var_t, const at::Tensor& weight, double eps,
                            const at::Tensor& grad_input, const at::Tensor& grad_weight,
                            const at::Tensor& grad_bias) {
-  const int64_t reread = in.gate.defined() ? 3 : 2;  // dy, x and the gate are read again
+  // dy, x and a saved gate are read again (a recomputed gate reads x).
+  const int64_t reread = in.gate.tensor.defined() && !in.gate.coeffs.defined() ? 3 : 2;
   if (!resident(l, reread * static_cast<int64_t>(grad_input.element_size()))) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_input.scalar_type(), "modekernels_bn_backward_resident", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -520,19 +576,19 @@ bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor
           for (int64_t c = c0; c < c1; ++c) {
             double a = 0.0, b = 0.0;
             for (int64_t n = 0; n < l.N; ++n) {
-              const int64_t off = (n * l.C + c) * l.S;
               opmath_t ra, rb;
-              row_grad_sums<scalar_t, opmath_t>(ptrs.p + off, ptrs.gate ? ptrs.gate + off : nullptr,
-                                                ptrs.q + off, l.S, mean[c], ra, rb);
+              row_grad_sums<scalar_t, opmath_t>(ptrs.p, ptrs.gate, ptrs.q, (n * l.C + c) * l.S, l.S,
+                                                c, mean[c], ra, rb);
               a += ra;
               b += rb;
             }
             const auto sdy = static_cast<opmath_t>(a);
             const auto sdx = static_cast<opmath_t>(b);
-            opmath_t k[4];
+            opmath_t k[kChannelCoeffs];
             backward_coeffs<opmath_t, P>(0, 1, true, mean + c, var + c, w ? w + c : nullptr, eps,
                                          &sdy, &sdx, count, k, gw ? gw + c : nullptr,
                                          gb ? gb + c : nullptr);
+            gate_coeffs(ptrs.gate, c, k);
             for (int64_t n = 0; n < l.N; ++n) {
               affine_row<decltype(v)>(ptrs, (n * l.C + c) * l.S, l.S, k, o);
             }

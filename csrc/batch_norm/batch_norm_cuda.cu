@@ -33,19 +33,16 @@ constexpr int kRowsCL = 8;     // rows per block step in the channels-last reduc
 template <typename index_t>
 using Divider = at::cuda::detail::IntDivider<index_t>;
 
-// dy[i], or 0 where a gate is given and gate[i] is not > 0 (ReLU's backward).
-template <typename T, typename scalar_t>
-__device__ __forceinline__ T gated(const scalar_t* dy, const scalar_t* gate, int64_t i) {
-  return gate && !(static_cast<T>(gate[i]) > T(0)) ? T(0) : static_cast<T>(dy[i]);
-}
+template <typename scalar_t>
+using GateOf = GateView<scalar_t, at::opmath_type<scalar_t>>;
 
 // What a reduction accumulates per channel: Welford moments of x, or sums of dy and dy (x - mean).
 template <typename T>
 struct MomentsAcc {
   Moments<T> m;
   template <typename scalar_t>
-  __device__ void push(const scalar_t* /*dy*/, const scalar_t* /*gate*/, const scalar_t* x,
-                       int64_t i, T /*center*/) {
+  __device__ void push(const scalar_t* /*dy*/, const GateOf<scalar_t>& /*gate*/, const scalar_t* x,
+                       int64_t i, int64_t /*c*/, T /*center*/) {
     const T v = static_cast<T>(x[i]);
     m.n += T(1);
     const T delta = v - m.mean;
@@ -72,9 +69,9 @@ struct GradAcc {
   T sdy = T(0);
   T sdx = T(0);
   template <typename scalar_t>
-  __device__ void push(const scalar_t* dy, const scalar_t* gate, const scalar_t* x, int64_t i,
-                       T center) {
-    const T g = gated<T>(dy, gate, i);
+  __device__ void push(const scalar_t* dy, const GateOf<scalar_t>& gate, const scalar_t* x,
+                       int64_t i, int64_t c, T center) {
+    const T g = gate.open(i, c) ? static_cast<T>(dy[i]) : T(0);  // the ReLU backward
     sdy += g;
     sdx += g * (static_cast<T>(x[i]) - center);
   }
@@ -116,7 +113,7 @@ __device__ Acc block_merge(Acc acc) {
 // S is small (7x7), and split with a multiply-shift division (IntDivider) when 32 bits suffice.
 template <typename scalar_t, typename Acc, typename index_t>
 __global__ void __launch_bounds__(cuda::kThreads)
-    reduce_cf(const scalar_t* dy, const scalar_t* gate, const scalar_t* x, index_t N, int64_t C,
+    reduce_cf(const scalar_t* dy, GateOf<scalar_t> gate, const scalar_t* x, index_t N, int64_t C,
               Divider<index_t> s_div,
               const at::opmath_type<scalar_t>* center, Acc* partial) {
   const int64_t c = blockIdx.x;
@@ -128,7 +125,7 @@ __global__ void __launch_bounds__(cuda::kThreads)
   Acc acc;
   for (index_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
     const auto ns = s_div.divmod(e);
-    acc.push(dy, gate, x, (static_cast<int64_t>(ns.div) * C + c) * S + ns.mod, ctr);
+    acc.push(dy, gate, x, (static_cast<int64_t>(ns.div) * C + c) * S + ns.mod, c, ctr);
   }
   acc = block_merge(acc);
   if (threadIdx.x == 0) partial[blockIdx.y * C + c] = acc;
@@ -137,7 +134,7 @@ __global__ void __launch_bounds__(cuda::kThreads)
 // Channels-last partials: block (tile, split), threads (lane = channel in tile, row).
 template <typename scalar_t, typename Acc>
 __global__ void __launch_bounds__(kLanesCL * kRowsCL)
-    reduce_cl(const scalar_t* dy, const scalar_t* gate, const scalar_t* x, int64_t rows, int64_t C,
+    reduce_cl(const scalar_t* dy, GateOf<scalar_t> gate, const scalar_t* x, int64_t rows, int64_t C,
               const at::opmath_type<scalar_t>* center, Acc* partial) {
   __shared__ alignas(16) char smem[sizeof(Acc) * kLanesCL * kRowsCL];
   Acc* accs = reinterpret_cast<Acc*>(smem);
@@ -150,7 +147,7 @@ __global__ void __launch_bounds__(kLanesCL * kRowsCL)
   Acc acc;
   if (c < C) {
     const auto ctr = center ? center[c] : at::opmath_type<scalar_t>(0);
-    for (int64_t r = r0 + row; r < r1; r += kRowsCL) acc.push(dy, gate, x, r * C + c, ctr);
+    for (int64_t r = r0 + row; r < r1; r += kRowsCL) acc.push(dy, gate, x, r * C + c, c, ctr);
   }
   accs[threadIdx.x] = acc;
   __syncthreads();
@@ -180,14 +177,14 @@ int64_t row_splits(int64_t columns, int64_t rows) {
 
 // Reduces x (and dy) per channel into out0/out1 (opmath, (C,)) with accumulator Acc.
 template <typename scalar_t, template <typename> class AccT>
-void reduce(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& x, const Layout& l,
+void reduce(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const Layout& l,
             const at::Tensor& center, const at::Tensor& out0, const at::Tensor& out1) {
   using T = at::opmath_type<scalar_t>;
   using Acc = AccT<T>;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* dyp = dy.defined() ? dy.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* gp = gate.defined() ? gate.const_data_ptr<scalar_t>() : nullptr;
+  const auto gp = gate_view<scalar_t>(gate);
   const T* cp = center.defined() ? center.const_data_ptr<T>() : nullptr;
   const int64_t C = l.C;
   int64_t splits;
@@ -220,11 +217,11 @@ void reduce(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& x, c
 void moments_cuda(const at::Tensor& x, const Layout& l, const at::Tensor& mean, const at::Tensor& var) {
   c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modekernels_bn_moments", [&] {
-    reduce<scalar_t, MomentsAcc>(at::Tensor(), at::Tensor(), x, l, at::Tensor(), mean, var);
+    reduce<scalar_t, MomentsAcc>(at::Tensor(), Gate(), x, l, at::Tensor(), mean, var);
   });
 }
 
-void grad_sums_cuda(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& x, const Layout& l,
+void grad_sums_cuda(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const Layout& l,
                     const at::Tensor& mean, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
   c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modekernels_bn_grad_sums", [&] {
@@ -261,7 +258,7 @@ template <typename scalar_t>
 struct AffinePtrs {
   const scalar_t* p;
   const scalar_t* q;
-  const scalar_t* gate;
+  GateOf<scalar_t> gate;
   const scalar_t* residual;
   bool relu;
   scalar_t* gated_out;  // or null: also write the gated p (the fused residual's gradient)
@@ -284,20 +281,22 @@ __global__ void __launch_bounds__(cuda::kThreads)
     if constexpr (kHasP) load<kVec>(in.p, v, pv);
     if constexpr (kHasQ) load<kVec>(in.q, v, qv);
     if constexpr (kFused) {
-      if (in.gate) load<kVec>(in.gate, v, gv);
+      if (in.gate.g) load<kVec>(in.gate.g, v, gv);
       if (in.residual) load<kVec>(in.residual, v, rv);
     }
     MK_UNROLL
     for (int k = 0; k < kVec; ++k) {
       const index_t c = channels_last ? c0 + k : c0;
-      T r = coeffs[kD * C + c];
+      T r;
       if constexpr (kHasP) {
-        const bool open = !kFused || !in.gate || static_cast<T>(gv.v[k]) > T(0);
+        const bool open = !kFused || !in.gate.g || in.gate.passes(static_cast<T>(gv.v[k]), c);
         const T g = open ? static_cast<T>(pv.v[k]) : T(0);
         if constexpr (kFused) go.v[k] = static_cast<scalar_t>(g);
-        r += g * coeffs[kA * C + c];
+        r = coeffs[kD * C + c] + g * coeffs[kA * C + c];
+        if constexpr (kHasQ) r += (static_cast<T>(qv.v[k]) - coeffs[kM * C + c]) * coeffs[kB * C + c];
+      } else {  // what a recomputed gate recomputes
+        r = normalized(static_cast<T>(qv.v[k]), coeffs[kM * C + c], coeffs[kB * C + c], coeffs[kD * C + c]);
       }
-      if constexpr (kHasQ) r += (static_cast<T>(qv.v[k]) - coeffs[kM * C + c]) * coeffs[kB * C + c];
       if constexpr (kFused) {
         if (in.residual) r += static_cast<T>(rv.v[k]);
         if (in.relu && r < T(0)) r = T(0);  // NaN stays NaN, as in torch.relu
@@ -336,7 +335,7 @@ void launch_affine(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t n,
 template <typename scalar_t, typename index_t, int kVec>
 void launch_affine(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t n,
                    const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
-  if (in.gate || in.residual || in.relu || in.gated_out) {
+  if (in.gate.g || in.residual || in.relu || in.gated_out) {
     launch_affine<scalar_t, index_t, kVec, true>(in, l, n, coeffs, out);
   } else {
     launch_affine<scalar_t, index_t, kVec, false>(in, l, n, coeffs, out);
@@ -350,7 +349,7 @@ void launch_affine(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t n,
   const int64_t inner = l.channels_last ? l.C : l.S;
   auto fits = [](const scalar_t* operand) { return !operand || cuda::aligned16(operand); };
   const bool vectorize = inner % kVec == 0 && cuda::aligned16(out) && fits(in.p) && fits(in.q) &&
-                         fits(in.gate) && fits(in.residual) && fits(in.gated_out);
+                         fits(in.gate.g) && fits(in.residual) && fits(in.gated_out);
   if (vectorize) {
     launch_affine<scalar_t, index_t, kVec>(in, l, n, coeffs, out);
   } else {
@@ -367,7 +366,7 @@ void affine_cuda(const Operands& in, const Layout& l, const at::Tensor& coeffs, 
   c10::cuda::CUDAGuard guard(out.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "modekernels_bn_affine", [&] {
     using T = at::opmath_type<scalar_t>;
-    const AffinePtrs<scalar_t> ptrs{ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), ptr<scalar_t>(in.gate),
+    const AffinePtrs<scalar_t> ptrs{ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), gate_view<scalar_t>(in.gate),
                                     ptr<scalar_t>(in.residual), in.relu,
                                     in.gated_out.defined() ? in.gated_out.data_ptr<scalar_t>() : nullptr};
     const int64_t n = out.numel();

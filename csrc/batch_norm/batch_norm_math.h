@@ -20,6 +20,44 @@ namespace modekernels::batch_norm {
 // Coefficients are stored as a (4, C) opmath tensor: rows a, b, m, d.
 enum CoeffRow : int64_t { kA = 0, kB = 1, kM = 2, kD = 3 };
 
+// The forward's elementwise value before any residual or ReLU: d + (q - m) b. The backward of
+// BatchNorm+ReLU recomputes it to find the ReLU's gate, so both must round it alike: on the GPU
+// the multiply-add is fused explicitly; the CPU build has no FMA contraction (baseline ISA).
+template <typename T>
+MK_HOST_DEVICE T normalized(T q, T m, T b, T d) {
+#ifdef __CUDA_ARCH__
+  return fma(q - m, b, d);
+#else
+  return d + (q - m) * b;
+#endif
+}
+
+// Whether the forward's ReLU passed element x with forward coefficients (m, b, d): its output,
+// rounded to scalar_t as the forward stored it, is > 0 (false for NaN, as torch's ReLU backward).
+template <typename scalar_t, typename T>
+MK_HOST_DEVICE bool relu_open(T x, T m, T b, T d) {
+  return static_cast<T>(static_cast<scalar_t>(normalized(x, m, b, d))) > T(0);
+}
+
+// A fused backward's ReLU gate (batch_norm.h Gate) as the kernels see it: g is null (no gate),
+// the forward output (open where > 0), or, with coeffs (the forward's (4, C) coefficients), the
+// input (open where relu_open).
+template <typename scalar_t, typename T>
+struct GateView {
+  const scalar_t* g;
+  const T* coeffs;
+  int64_t C;
+
+  // Whether channel c's gate value v (g's element, in T) lets dy through.
+  MK_HOST_DEVICE bool passes(T v, int64_t c) const {
+    return coeffs ? relu_open<scalar_t>(v, coeffs[kM * C + c], coeffs[kB * C + c], coeffs[kD * C + c])
+                  : v > T(0);
+  }
+  MK_HOST_DEVICE bool open(int64_t i, int64_t c) const {
+    return !g || passes(static_cast<T>(g[i]), c);
+  }
+};
+
 template <typename T>
 MK_HOST_DEVICE T invstd_of(T var, double eps) {
   return T(1) / static_cast<T>(sqrt(static_cast<double>(var) + eps));
