@@ -42,8 +42,12 @@ struct Gate {
   at::Tensor tensor, coeffs;
 };
 
+// The kernels' view of a Gate over scalar_t inputs.
 template <typename scalar_t>
-GateView<scalar_t, at::opmath_type<scalar_t>> gate_view(const Gate& gate) {
+using GateOf = GateView<scalar_t, at::opmath_type<scalar_t>>;
+
+template <typename scalar_t>
+GateOf<scalar_t> gate_view(const Gate& gate) {
   using T = at::opmath_type<scalar_t>;
   return {gate.tensor.defined() ? gate.tensor.const_data_ptr<scalar_t>() : nullptr,
           gate.coeffs.defined() ? gate.coeffs.const_data_ptr<T>() : nullptr,

@@ -84,10 +84,6 @@ T sum_lanes(const typename Lanes<T>::type& v) {
 // then the forward's b and d that a recomputed ReLU gate needs (its m is kM).
 enum : int64_t { kGateB = 4, kGateD = 5, kChannelCoeffs = 6 };
 
-// The gate of a fused backward (batch_norm_math.h GateView) for scalar_t inputs.
-template <typename scalar_t>
-using GatePtrs = GateView<scalar_t, at::opmath_type<scalar_t>>;
-
 // Sums of (x - K) and (x - K)^2 over one row, in opmath lanes.
 template <typename scalar_t, typename opmath_t>
 void row_shifted_sums(const scalar_t* x, int64_t len, opmath_t shift, opmath_t& s1, opmath_t& s2) {
@@ -143,7 +139,7 @@ Moments<double> channel_moments(const scalar_t* x, int64_t stride, int64_t n0, i
 // sum(dy) and sum(dy (x - mean)) of elements [begin, begin + len) of channel c, one row; with a
 // gate, dy counts only where it is open.
 template <typename scalar_t, typename opmath_t>
-void row_grad_sums(const scalar_t* dy, const GatePtrs<scalar_t>& gate, const scalar_t* x,
+void row_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scalar_t* x,
                    int64_t begin, int64_t len, int64_t c, opmath_t mean, opmath_t& sdy,
                    opmath_t& sdx) {
   using V = typename Lanes<opmath_t>::type;
@@ -359,7 +355,7 @@ template <typename scalar_t>
 struct AffinePtrs {
   const scalar_t* p;
   const scalar_t* q;
-  GatePtrs<scalar_t> gate;
+  GateOf<scalar_t> gate;
   const scalar_t* residual;
   bool relu;
   scalar_t* gated_out;  // or null
@@ -435,7 +431,7 @@ inline void affine_row(AffinePtrs<scalar_t> in, int64_t begin, int64_t len, cons
 
 // The gate coefficients of channel c in k[kGateB], k[kGateD] (zeros without a recomputed gate).
 template <typename scalar_t, typename opmath_t>
-void gate_coeffs(const GatePtrs<scalar_t>& gate, int64_t c, opmath_t* k) {
+void gate_coeffs(const GateOf<scalar_t>& gate, int64_t c, opmath_t* k) {
   k[kGateB] = gate.coeffs ? gate.coeffs[kB * gate.C + c] : opmath_t(0);
   k[kGateD] = gate.coeffs ? gate.coeffs[kD * gate.C + c] : opmath_t(0);
 }

@@ -33,9 +33,6 @@ constexpr int kRowsCL = 8;     // rows per block step in the channels-last reduc
 template <typename index_t>
 using Divider = at::cuda::detail::IntDivider<index_t>;
 
-template <typename scalar_t>
-using GateOf = GateView<scalar_t, at::opmath_type<scalar_t>>;
-
 // What a reduction accumulates per channel: Welford moments of x, or sums of dy and dy (x - mean).
 template <typename T>
 struct MomentsAcc {
