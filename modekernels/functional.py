@@ -1,8 +1,6 @@
 """The functional API: the same signatures and semantics as torch.nn.functional."""
 import warnings
 
-import torch
-
 from . import _ops
 
 

@@ -27,10 +27,11 @@ TOKENS = {"tiny": ((2, 8, 32),), "quick": ((8, 512, 1024),),
           "full": ((16, 512, 1024), (32, 1024, 1024))}
 SHAPES = {"bn_relu": ACTIVATIONS, "bn_add_relu": ACTIVATIONS, "dropout_add": TOKENS,
           "bias_dropout_add": TOKENS, "dropout2d": ACTIVATIONS}
-# Full-size tensors read or written: (forward, forward+backward), in either mode.
-# The backward's residual gradient is grad_output itself for the dropout sums (no pass) and the
-# gated grad_output for BatchNorm+add+ReLU (one more write).
-TENSOR_PASSES = {"bn_relu": (2, 6), "bn_add_relu": (3, 9), "dropout_add": (3, 5),
+# Full-size tensors read or written: (forward, forward+backward), in either mode. BatchNorm+ReLU:
+# x, y; then dy, x, dx (the ReLU's gate is recomputed from x). BatchNorm+add+ReLU: x, residual, y;
+# then dy, x, y (the gate), dx and the residual's gradient. The dropout sums' residual gradient is
+# grad_output itself (no pass).
+TENSOR_PASSES = {"bn_relu": (2, 5), "bn_add_relu": (3, 8), "dropout_add": (3, 5),
                  "bias_dropout_add": (3, 5), "dropout2d": (2, 4)}
 
 
