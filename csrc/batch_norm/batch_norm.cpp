@@ -229,10 +229,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor grad_input = want_dx ? at::empty_like(x, fmt) : at::empty({0}, input.options());
   at::Tensor grad_weight = want_dw ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
   at::Tensor grad_bias = want_db ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
-  at::Tensor grad_residual = residual_grad ? at::empty_like(x, fmt) : at::empty({0}, input.options());
-  // Written by the elementwise pass of grad_input, or on its own when grad_input is not wanted.
-  const at::Tensor gated_out = want_dx ? grad_residual : at::Tensor();
-  if (residual_grad && !want_dx) grad_residual.copy_(at::where(saved_gate.gt(0), dy, 0));
+  // The residual's gradient is written by the elementwise pass of grad_input, or on its own when
+  // grad_input is not wanted.
+  at::Tensor grad_residual = !residual_grad ? at::empty({0}, input.options())
+                             : want_dx      ? at::empty_like(x, fmt)
+                                            : at::where(saved_gate.gt(0), dy, 0);
+  const at::Tensor gated_out = residual_grad && want_dx ? grad_residual : at::Tensor();
   // Sums over the whole (possibly distributed) batch may be given; otherwise they are this batch's.
   const bool given = sum_dy_given && sum_dy_given->defined();
   TORCH_CHECK(given == (sum_dy_xmu_given && sum_dy_xmu_given->defined()) && given == count_given.has_value(),
