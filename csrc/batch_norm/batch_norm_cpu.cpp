@@ -2,8 +2,9 @@
 //
 // moments: the work is cut into tasks that at::parallel_for shares out. Channels-first memory
 //   (N, C, S): a task is one channel over a range of the batch, so few channels still fill every
-//   thread; the task sums (x - K) and (x - K)^2 over its rows (K the task's first element), row
-//   by row in opmath lanes and across rows in double, then takes its moments once.
+//   thread; the task sums (x - K) and (x - K)^2 over its rows (K the task's first element) in
+//   opmath lanes, adds them into double every few thousand elements (RowSums), then takes its
+//   moments once. The next row's start is prefetched, since rows lie C * S elements apart.
 //   Channels-last memory (N*S, C): a task is a range of rows; blocks of rows (>= 64 rows) get
 //   per-channel sums of (x - K) and (x - K)^2 in one sweep, K being the channel's first element,
 //   so the squares never lose precision to a large mean; block sums add up in double per task,
@@ -11,10 +12,10 @@
 // grad_sums: the same task split, accumulating sum(dy) and sum(dy (x - mean)). One pass.
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows.
 // Resident variants: for channels-first memory with small channels, a training forward or
-//   backward runs reduction and elementwise pass channel by channel, the second pass reading from
-//   cache: one pass over memory in all (see "cache-resident" below).
-// Row-level sums use 16 independent accumulators held in one GCC vector (SIMD, and enough to
-// hide the add latency), in the opmath type; task and final merges are in double. The file is
+//   backward runs reduction and elementwise pass over a group of channels, the second pass
+//   reading from cache: one pass over memory in all (see "cache-resident" below).
+// Row-level sums use 16 independent accumulators (four 16-byte SIMD registers for float; enough
+// to hide the add latency), in the opmath type; task and final merges are in double. The file is
 // built for the baseline ISA: on the development machine (AMD EPYC) an AVX2+FMA build of these
 // reductions measured 2-3x slower, and the elementwise pass is memory-bound either way.
 #include "batch_norm/batch_norm.h"
@@ -27,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -49,61 +51,109 @@ int64_t row_chunks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
 }
 
-// kLanes values of type T as one GCC/Clang vector: arithmetic on it compiles to SIMD
-// instructions of whatever width the target has, with kLanes independent accumulators.
+// kLanes values of type T as kParts native 16-byte SIMD vectors (GCC/Clang vector extension):
+// kLanes independent accumulators. Loops go part by part, each part loaded, combined and
+// accumulated before the next, so that everything stays in the baseline ISA's 16 registers. (One
+// kLanes-wide vector type would be simpler, but GCC lowers it operation by operation across all
+// parts, which spills to the stack, and turns its comparisons into scalar branches.)
 template <typename T>
 struct Lanes {
-  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
+  typedef T Part __attribute__((vector_size(16)));
+  static constexpr int64_t kWidth = 16 / sizeof(T);
+  static constexpr int64_t kParts = kLanes / kWidth;
 };
 
+// Part k of the kLanes scalar_t values at p, in T.
 template <typename T, typename scalar_t>
-void load_lanes(const scalar_t* p, typename Lanes<T>::type& v) {
+typename Lanes<T>::Part load_part(const scalar_t* p, int64_t k) {
+  using L = Lanes<T>;
+  typename L::Part v;
+  p += k * L::kWidth;
   if constexpr (std::is_same_v<T, scalar_t>) {
     std::memcpy(&v, p, sizeof(v));
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
     // bfloat16 is the upper half of a float: widen the bits, as one vector operation.
-    typedef uint16_t Half __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-    typedef uint32_t Word __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+    typedef uint16_t Half __attribute__((vector_size(8)));  // 4 lanes
+    typedef uint32_t Word __attribute__((vector_size(16)));
     Half h;
     std::memcpy(&h, p, sizeof(h));
     const Word w = __builtin_convertvector(h, Word) << 16;
     std::memcpy(&v, &w, sizeof(v));
   } else {
-    for (int64_t k = 0; k < kLanes; ++k) v[k] = static_cast<T>(p[k]);
+    for (int64_t j = 0; j < L::kWidth; ++j) v[j] = static_cast<T>(p[j]);
   }
+  return v;
 }
 
+// The sum of all lanes, lane by lane in order.
 template <typename T>
-T sum_lanes(const typename Lanes<T>::type& v) {
+T sum_lanes(const typename Lanes<T>::Part (&v)[Lanes<T>::kParts]) {
   T s = 0;
-  for (int64_t k = 0; k < kLanes; ++k) s += v[k];
+  for (int64_t k = 0; k < Lanes<T>::kParts; ++k) {
+    for (int64_t j = 0; j < Lanes<T>::kWidth; ++j) s += v[k][j];
+  }
   return s;
 }
+
+// Rows of one channel lie C * S elements apart, too far for the hardware prefetcher to follow
+// from one row to the next: the reductions ask for the next row's lanes while they read this
+// row's (`ahead` elements on; 0 on the last row).
+template <typename scalar_t>
+inline void prefetch_lanes(const scalar_t* p) {
+  for (size_t k = 0; k < kLanes * sizeof(scalar_t); k += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + k);
+}
+
+// Two sums over rows of one channel: rows add into the same opmath lanes (and tail scalars), which
+// are added into double at most every kFlushElems elements or at the end of a row longer than
+// that. Long rows so cost one horizontal sum per row, and short rows (small spatial sizes) one per
+// kFlushElems elements rather than one per row; a lane never sums more than kFlushElems / kLanes
+// values, or a row's worth.
+constexpr int64_t kFlushElems = 4096;
+
+template <typename opmath_t>
+struct RowSums {
+  using L = Lanes<opmath_t>;
+  typename L::Part v1[L::kParts] = {}, v2[L::kParts] = {};
+  opmath_t t1 = 0, t2 = 0;
+  int64_t pending = 0;
+  double s1 = 0.0, s2 = 0.0;
+
+  // Before a row of len elements is added.
+  void start_row(int64_t len) {
+    if (pending > 0 && pending + len > kFlushElems) flush();
+    pending += len;
+  }
+  // After the last row: s1 and s2 hold the sums.
+  void flush() {
+    s1 += static_cast<double>(sum_lanes<opmath_t>(v1) + t1);
+    s2 += static_cast<double>(sum_lanes<opmath_t>(v2) + t2);
+    *this = RowSums{.s1 = s1, .s2 = s2};
+  }
+};
 
 // Coefficients of one channel as the elementwise loops take them: kA..kD (batch_norm_math.h),
 // then the forward's b and d that a recomputed ReLU gate needs (its m is kM).
 enum : int64_t { kGateB = 4, kGateD = 5, kChannelCoeffs = 6 };
 
-// Sums of (x - K) and (x - K)^2 over one row, in opmath lanes.
+// Adds (x - K) and (x - K)^2 of one row to acc.
 template <typename scalar_t, typename opmath_t>
-void row_shifted_sums(const scalar_t* x, int64_t len, opmath_t shift, opmath_t& s1, opmath_t& s2) {
-  using V = typename Lanes<opmath_t>::type;
-  V v1 = {};
-  V v2 = {};
+void row_shifted_sums(const scalar_t* x, int64_t len, int64_t ahead, opmath_t shift,
+                      RowSums<opmath_t>& acc) {
+  using L = Lanes<opmath_t>;
+  acc.start_row(len);
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
-    V d;
-    load_lanes<opmath_t>(x + i, d);
-    d -= shift;
-    v1 += d;
-    v2 += d * d;
+    prefetch_lanes(x + i + ahead);
+    for (int64_t k = 0; k < L::kParts; ++k) {
+      const auto d = load_part<opmath_t>(x + i, k) - shift;
+      acc.v1[k] += d;
+      acc.v2[k] += d * d;
+    }
   }
-  s1 = sum_lanes<opmath_t>(v1);
-  s2 = sum_lanes<opmath_t>(v2);
   for (; i < len; ++i) {
     const opmath_t d = static_cast<opmath_t>(x[i]) - shift;
-    s1 += d;
-    s2 += d * d;
+    acc.t1 += d;
+    acc.t2 += d * d;
   }
 }
 
@@ -118,31 +168,49 @@ inline Moments<double> shifted_moments(double n, double shift, double s1, double
   return m;
 }
 
-// Moments of rows n0 <= n < n1 of one channel, row n starting at x + n * stride, S elements each.
-// The shift K is the channel's first element, close enough to the mean that the squares keep
-// their precision; the rows' sums add up in double, and there is one division in all, so short
-// rows (small spatial sizes) cost little more than their elements.
-template <typename scalar_t, typename opmath_t>
-Moments<double> channel_moments(const scalar_t* x, int64_t stride, int64_t n0, int64_t n1, int64_t S) {
-  if (n0 == n1 || S == 0) return {};
-  const auto shift = static_cast<opmath_t>(x[n0 * stride]);
-  double s1 = 0.0, s2 = 0.0;
+// Calls row(c, offset, ahead) for the rows n0 <= n < n1 of channels c0 <= c < c1 of
+// channels-first memory, in memory order: offset is where the row (n, c) starts, ahead how far
+// on the next row visited starts (0 after the last).
+template <typename Fn>
+void for_rows(const Layout& l, int64_t c0, int64_t c1, int64_t n0, int64_t n1, const Fn& row) {
   for (int64_t n = n0; n < n1; ++n) {
-    opmath_t a, b;
-    row_shifted_sums<scalar_t, opmath_t>(x + n * stride, S, shift, a, b);
-    s1 += a;
-    s2 += b;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t ahead = c + 1 < c1 ? l.S : n + 1 < n1 ? (l.C - (c1 - 1 - c0)) * l.S : 0;
+      row(c, (n * l.C + c) * l.S, ahead);
+    }
   }
-  return shifted_moments(static_cast<double>((n1 - n0) * S), static_cast<double>(shift), s1, s2);
 }
 
-// sum(dy) and sum(dy (x - mean)) of elements [begin, begin + len) of channel c, one row; with a
-// gate, dy counts only where it is open.
+// Moments of channels c0 <= c < c1 over rows n0 <= n < n1 of channels-first x, into
+// out[c - c0]. The shift K is each channel's first element, close enough to the mean that the
+// squares keep their precision; there is one division per channel in all.
+template <typename scalar_t, typename opmath_t>
+void channel_moments(const scalar_t* x, const Layout& l, int64_t c0, int64_t c1, int64_t n0,
+                     int64_t n1, Moments<double>* out) {
+  if (n0 == n1 || l.S == 0) {
+    std::fill(out, out + (c1 - c0), Moments<double>{});
+    return;
+  }
+  const auto shift = [&](int64_t c) { return static_cast<opmath_t>(x[(n0 * l.C + c) * l.S]); };
+  std::vector<RowSums<opmath_t>> acc(c1 - c0);
+  for_rows(l, c0, c1, n0, n1, [&](int64_t c, int64_t off, int64_t ahead) {
+    row_shifted_sums<scalar_t, opmath_t>(x + off, l.S, ahead, shift(c), acc[c - c0]);
+  });
+  for (int64_t c = c0; c < c1; ++c) {
+    auto& sums = acc[c - c0];
+    sums.flush();
+    out[c - c0] = shifted_moments(static_cast<double>((n1 - n0) * l.S),
+                                  static_cast<double>(shift(c)), sums.s1, sums.s2);
+  }
+}
+
+// Adds dy and dy (x - mean) of elements [begin, begin + len) of channel c, one row, to acc; with
+// a gate, dy counts only where it is open.
 template <typename scalar_t, typename opmath_t>
 void row_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scalar_t* x,
-                   int64_t begin, int64_t len, int64_t c, opmath_t mean, opmath_t& sdy,
-                   opmath_t& sdx) {
-  using V = typename Lanes<opmath_t>::type;
+                   int64_t begin, int64_t len, int64_t ahead, int64_t c, opmath_t mean,
+                   RowSums<opmath_t>& acc) {
+  using L = Lanes<opmath_t>;
   const bool recompute = gate.coeffs != nullptr;  // then gate.g is x itself
   opmath_t gm = 0, gb = 0, gd = 0;
   if (recompute) {
@@ -150,37 +218,54 @@ void row_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scala
     gb = gate.coeffs[kB * gate.C + c];
     gd = gate.coeffs[kD * gate.C + c];
   }
-  V a = {};
-  V b = {};
+  acc.start_row(len);
   int64_t i = begin;
   const int64_t end = begin + len;
   for (; i + kLanes <= end; i += kLanes) {
-    V g, v;
-    load_lanes<opmath_t>(dy + i, g);
-    load_lanes<opmath_t>(x + i, v);
-    if (gate.g) {
-      V open;
-      if (!recompute) {
-        load_lanes<opmath_t>(gate.g + i, open);
-      } else if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-        open = gd + (v - gm) * gb;  // normalized(), lane by lane; rounding to scalar_t is exact
-      } else {
-        for (int64_t k = 0; k < kLanes; ++k) {  // rounded to scalar_t, element by element
-          open[k] = static_cast<opmath_t>(static_cast<scalar_t>(normalized(v[k], gm, gb, gd)));
+    prefetch_lanes(dy + i + ahead);
+    prefetch_lanes(x + i + ahead);
+    if (gate.g && !recompute) prefetch_lanes(gate.g + i + ahead);
+    for (int64_t k = 0; k < L::kParts; ++k) {
+      auto g = load_part<opmath_t>(dy + i, k);
+      const auto v = load_part<opmath_t>(x + i, k);
+      if (gate.g) {
+        typename L::Part open;
+        if (!recompute) {
+          open = load_part<opmath_t>(gate.g + i, k);
+        } else if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+          open = gd + (v - gm) * gb;  // normalized(), lane by lane; rounding to scalar_t is exact
+        } else {
+          for (int64_t j = 0; j < L::kWidth; ++j) {  // rounded to scalar_t, element by element
+            open[j] = static_cast<opmath_t>(static_cast<scalar_t>(normalized(v[j], gm, gb, gd)));
+          }
         }
+        g = open > opmath_t(0) ? g : typename L::Part{};  // closed for NaN too
       }
-      const auto keep = open > opmath_t(0);  // all ones where the gate is open
-      g = (V)((decltype(keep))g & keep);
+      acc.v1[k] += g;
+      acc.v2[k] += g * (v - mean);
     }
-    a += g;
-    b += g * (v - mean);
   }
-  sdy = sum_lanes<opmath_t>(a);
-  sdx = sum_lanes<opmath_t>(b);
   for (; i < end; ++i) {
     const opmath_t g = gate.open(i, c) ? static_cast<opmath_t>(dy[i]) : opmath_t(0);
-    sdy += g;
-    sdx += g * (static_cast<opmath_t>(x[i]) - mean);
+    acc.t1 += g;
+    acc.t2 += g * (static_cast<opmath_t>(x[i]) - mean);
+  }
+}
+
+// sum(dy) and sum(dy (x - mean)) of channels c0 <= c < c1 over rows n0 <= n < n1 of
+// channels-first memory, into sdy[c - c0] and sdx[c - c0].
+template <typename scalar_t, typename opmath_t>
+void channel_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scalar_t* x,
+                       const Layout& l, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
+                       const opmath_t* mean, double* sdy, double* sdx) {
+  std::vector<RowSums<opmath_t>> acc(c1 - c0);
+  for_rows(l, c0, c1, n0, n1, [&](int64_t c, int64_t off, int64_t ahead) {
+    row_grad_sums<scalar_t, opmath_t>(dy, gate, x, off, l.S, ahead, c, mean[c], acc[c - c0]);
+  });
+  for (int64_t c = c0; c < c1; ++c) {
+    acc[c - c0].flush();
+    sdy[c - c0] = acc[c - c0].s1;
+    sdx[c - c0] = acc[c - c0].s2;
   }
 }
 
@@ -200,8 +285,8 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c = t / per;
         const int64_t k = t % per;
-        part[t] = channel_moments<scalar_t, opmath_t>(x + c * l.S, C * l.S, l.N * k / per,
-                                                      l.N * (k + 1) / per, l.S);
+        channel_moments<scalar_t, opmath_t>(x, l, c, c + 1, l.N * k / per, l.N * (k + 1) / per,
+                                            &part[t]);
       }
     });
     for (int64_t t = 0; t < C * per; ++t) total[t / per].merge(part[t]);
@@ -279,16 +364,8 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c = t / per;
         const int64_t k = t % per;
-        double a = 0.0, b = 0.0;
-        for (int64_t n = l.N * k / per; n < l.N * (k + 1) / per; ++n) {
-          opmath_t ra, rb;
-          const int64_t off = (n * C + c) * l.S;
-          row_grad_sums<scalar_t, opmath_t>(dy, gate, x, off, l.S, c, mean[c], ra, rb);
-          a += ra;
-          b += rb;
-        }
-        pdy[t] = a;
-        pdx[t] = b;
+        channel_grad_sums<scalar_t, opmath_t>(dy, gate, x, l, c, c + 1, l.N * k / per,
+                                              l.N * (k + 1) / per, mean, &pdy[t], &pdx[t]);
       }
     });
     for (int64_t t = 0; t < C * per; ++t) {
@@ -499,25 +576,44 @@ void affine_cpu(const Operands& in, const Layout& l, const at::Tensor& coeffs, c
 
 // ----------------------------------------------------------------------- cache-resident
 
-// Channels-first memory with at least one channel per thread and small channels: one task per
-// channel runs the reduction over the channel's N rows and then, with its coefficients, the
+// Channels-first memory with at least one channel per thread and small channels: a task takes a
+// group of channels, runs the reduction over their rows and then, with their coefficients, the
 // elementwise pass over the same rows, which it finds in cache. Memory traffic drops from two
 // reads to one (training forward: read x, write y; backward: read dy, x [, gate], write dx
-// [, the gated dy]).
-// Merges run in the same order as in the separate passes, so results are bit-identical.
+// [, the gated dy]). Both passes walk the group's rows in memory order, G * S elements at a time,
+// so that small spatial sizes still read long runs of memory.
+// Each channel's sums run in the same order as in the separate passes (whose tasks are single
+// channels when there are as many channels as threads), so results are bit-identical.
 // A channel's operands that the second pass reads again must stay in cache between the passes:
-// 384 KB of them, three quarters of the development machine's 512 KB L2 per core.
+// 384 KB of them, three quarters of the development machine's 512 KB L2 per core. A group of
+// several channels also keeps its writes within that budget: the second pass's stores allocate
+// cache lines too, and would otherwise evict the group's operands just before they are read.
 constexpr int64_t kResidentBytes = 384 << 10;
 
-bool resident(const Layout& l, int64_t bytes_per_element) {
-  return !l.channels_last && l.C >= at::get_num_threads() &&
-         l.N * l.S * bytes_per_element <= kResidentBytes;
+// Channels per group of the cache-resident passes, or 0 where the layout does not suit them. The
+// second pass reads `reread` and writes `written` bytes per element. At least two groups per
+// thread.
+int64_t resident_group(const Layout& l, int64_t reread, int64_t written) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t elems = std::max<int64_t>(1, l.N * l.S);
+  if (l.channels_last || l.C < threads || elems * reread > kResidentBytes) return 0;
+  return std::clamp<int64_t>(kResidentBytes / (elems * (reread + written)), 1,
+                             std::max<int64_t>(1, l.C / (2 * threads)));
+}
+
+// fn(c0, c1) for each group of G channels, in parallel.
+template <typename Fn>
+void for_groups(const Layout& l, int64_t G, const Fn& fn) {
+  at::parallel_for(0, (l.C + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) fn(g * G, std::min(l.C, (g + 1) * G));
+  });
 }
 
 bool train_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& weight,
                         const at::Tensor& bias, double eps, const at::Tensor& mean_t,
                         const at::Tensor& var_t, const at::Tensor& out) {
-  if (!resident(l, out.element_size())) return false;  // x is read again
+  const int64_t G = resident_group(l, out.element_size(), out.element_size());  // x read, out written
+  if (G == 0) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "modekernels_bn_train_resident", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     dispatch_param(weight.defined() ? weight : bias, mean_t.scalar_type(), [&](auto tag) {
@@ -529,18 +625,19 @@ bool train_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& w
       opmath_t* var = var_t.data_ptr<opmath_t>();
       scalar_t* o = out.data_ptr<scalar_t>();
       with_variant(ptrs, [&](auto v) {
-        at::parallel_for(0, l.C, 1, [&](int64_t c0, int64_t c1) {
+        for_groups(l, G, [&](int64_t c0, int64_t c1) {
+          std::vector<Moments<double>> m(c1 - c0);
+          std::vector<std::array<opmath_t, kChannelCoeffs>> k(c1 - c0);
+          channel_moments<scalar_t, opmath_t>(ptrs.q, l, c0, c1, 0, l.N, m.data());
           for (int64_t c = c0; c < c1; ++c) {
-            const auto m = channel_moments<scalar_t, opmath_t>(ptrs.q + c * l.S, l.C * l.S, 0, l.N, l.S);
-            mean[c] = static_cast<opmath_t>(m.mean);
-            var[c] = static_cast<opmath_t>(m.m2 / m.n);
-            opmath_t k[kChannelCoeffs] = {};
+            mean[c] = static_cast<opmath_t>(m[c - c0].mean);
+            var[c] = static_cast<opmath_t>(m[c - c0].m2 / m[c - c0].n);
             forward_coeffs<opmath_t, P>(0, 1, mean + c, var + c, w ? w + c : nullptr,
-                                        b ? b + c : nullptr, eps, k);
-            for (int64_t n = 0; n < l.N; ++n) {
-              affine_row<decltype(v)>(ptrs, (n * l.C + c) * l.S, l.S, k, o);
-            }
+                                        b ? b + c : nullptr, eps, k[c - c0].data());
           }
+          for_rows(l, c0, c1, 0, l.N, [&](int64_t c, int64_t off, int64_t) {
+            affine_row<decltype(v)>(ptrs, off, l.S, k[c - c0].data(), o);
+          });
         });
       });
     });
@@ -554,7 +651,10 @@ bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor
                            const at::Tensor& grad_bias) {
   // dy, x and a saved gate are read again (a recomputed gate reads x).
   const int64_t reread = in.gate.tensor.defined() && !in.gate.coeffs.defined() ? 3 : 2;
-  if (!resident(l, reread * static_cast<int64_t>(grad_input.element_size()))) return false;
+  const int64_t written = in.gated_out.defined() ? 2 : 1;  // dx [and the gated dy]
+  const int64_t G = resident_group(l, reread * grad_input.element_size(),
+                                   written * grad_input.element_size());
+  if (G == 0) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_input.scalar_type(), "modekernels_bn_backward_resident", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     dispatch_param(weight.defined() ? weight : grad_bias, mean_t.scalar_type(), [&](auto tag) {
@@ -568,27 +668,23 @@ bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor
       const auto count = static_cast<opmath_t>(l.N * l.S);
       scalar_t* o = grad_input.data_ptr<scalar_t>();
       with_variant(ptrs, [&](auto v) {
-        at::parallel_for(0, l.C, 1, [&](int64_t c0, int64_t c1) {
+        for_groups(l, G, [&](int64_t c0, int64_t c1) {
+          std::vector<double> sdy(c1 - c0), sdx(c1 - c0);
+          std::vector<std::array<opmath_t, kChannelCoeffs>> k(c1 - c0);
+          channel_grad_sums<scalar_t, opmath_t>(ptrs.p, ptrs.gate, ptrs.q, l, c0, c1, 0, l.N, mean,
+                                                sdy.data(), sdx.data());
           for (int64_t c = c0; c < c1; ++c) {
-            double a = 0.0, b = 0.0;
-            for (int64_t n = 0; n < l.N; ++n) {
-              opmath_t ra, rb;
-              row_grad_sums<scalar_t, opmath_t>(ptrs.p, ptrs.gate, ptrs.q, (n * l.C + c) * l.S, l.S,
-                                                c, mean[c], ra, rb);
-              a += ra;
-              b += rb;
-            }
-            const auto sdy = static_cast<opmath_t>(a);
-            const auto sdx = static_cast<opmath_t>(b);
-            opmath_t k[kChannelCoeffs];
+            const auto dy_sum = static_cast<opmath_t>(sdy[c - c0]);
+            const auto dxmu_sum = static_cast<opmath_t>(sdx[c - c0]);
+            opmath_t* kc = k[c - c0].data();
             backward_coeffs<opmath_t, P>(0, 1, true, mean + c, var + c, w ? w + c : nullptr, eps,
-                                         &sdy, &sdx, count, k, gw ? gw + c : nullptr,
+                                         &dy_sum, &dxmu_sum, count, kc, gw ? gw + c : nullptr,
                                          gb ? gb + c : nullptr);
-            gate_coeffs(ptrs.gate, c, k);
-            for (int64_t n = 0; n < l.N; ++n) {
-              affine_row<decltype(v)>(ptrs, (n * l.C + c) * l.S, l.S, k, o);
-            }
+            gate_coeffs(ptrs.gate, c, kc);
           }
+          for_rows(l, c0, c1, 0, l.N, [&](int64_t c, int64_t off, int64_t) {
+            affine_row<decltype(v)>(ptrs, off, l.S, k[c - c0].data(), o);
+          });
         });
       });
     });
