@@ -609,6 +609,19 @@ void for_groups(const Layout& l, int64_t G, const Fn& fn) {
   });
 }
 
+// The kChannelCoeffs coefficients of each channel of a group, and the group's elementwise pass
+// with them (the second pass of both resident functions), in memory order.
+template <typename opmath_t>
+using GroupCoeffs = std::vector<std::array<opmath_t, kChannelCoeffs>>;
+
+template <typename V, typename scalar_t, typename opmath_t>
+void affine_group(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t c0, int64_t c1,
+                  const GroupCoeffs<opmath_t>& k, scalar_t* out) {
+  for_rows(l, c0, c1, 0, l.N, [&](int64_t c, int64_t off, int64_t) {
+    affine_row<V>(in, off, l.S, k[c - c0].data(), out);
+  });
+}
+
 bool train_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& weight,
                         const at::Tensor& bias, double eps, const at::Tensor& mean_t,
                         const at::Tensor& var_t, const at::Tensor& out) {
@@ -627,7 +640,7 @@ bool train_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& w
       with_variant(ptrs, [&](auto v) {
         for_groups(l, G, [&](int64_t c0, int64_t c1) {
           std::vector<Moments<double>> m(c1 - c0);
-          std::vector<std::array<opmath_t, kChannelCoeffs>> k(c1 - c0);
+          GroupCoeffs<opmath_t> k(c1 - c0);
           channel_moments<scalar_t, opmath_t>(ptrs.q, l, c0, c1, 0, l.N, m.data());
           for (int64_t c = c0; c < c1; ++c) {
             mean[c] = static_cast<opmath_t>(m[c - c0].mean);
@@ -635,9 +648,7 @@ bool train_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& w
             forward_coeffs<opmath_t, P>(0, 1, mean + c, var + c, w ? w + c : nullptr,
                                         b ? b + c : nullptr, eps, k[c - c0].data());
           }
-          for_rows(l, c0, c1, 0, l.N, [&](int64_t c, int64_t off, int64_t) {
-            affine_row<decltype(v)>(ptrs, off, l.S, k[c - c0].data(), o);
-          });
+          affine_group<decltype(v)>(ptrs, l, c0, c1, k, o);
         });
       });
     });
@@ -670,7 +681,7 @@ bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor
       with_variant(ptrs, [&](auto v) {
         for_groups(l, G, [&](int64_t c0, int64_t c1) {
           std::vector<double> sdy(c1 - c0), sdx(c1 - c0);
-          std::vector<std::array<opmath_t, kChannelCoeffs>> k(c1 - c0);
+          GroupCoeffs<opmath_t> k(c1 - c0);
           channel_grad_sums<scalar_t, opmath_t>(ptrs.p, ptrs.gate, ptrs.q, l, c0, c1, 0, l.N, mean,
                                                 sdy.data(), sdx.data());
           for (int64_t c = c0; c < c1; ++c) {
@@ -682,9 +693,7 @@ bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor
                                          gb ? gb + c : nullptr);
             gate_coeffs(ptrs.gate, c, kc);
           }
-          for_rows(l, c0, c1, 0, l.N, [&](int64_t c, int64_t off, int64_t) {
-            affine_row<decltype(v)>(ptrs, off, l.S, k[c - c0].data(), o);
-          });
+          affine_group<decltype(v)>(ptrs, l, c0, c1, k, o);
         });
       });
     });
