@@ -4,7 +4,8 @@
 //   (N, C, S): a task is one channel over a range of the batch, so few channels still fill every
 //   thread; the task sums (x - K) and (x - K)^2 over its rows (K the task's first element) in
 //   opmath lanes, adds them into double every few thousand elements (RowSums), then takes its
-//   moments once. The next row's start is prefetched, since rows lie C * S elements apart.
+//   moments once. It reads four rows at a time (four streams of memory in flight) and prefetches
+//   the next four, since rows lie C * S elements apart.
 //   Channels-last memory (N*S, C): a task is a range of rows; blocks of rows (>= 64 rows) get
 //   per-channel sums of (x - K) and (x - K)^2 in one sweep, K being the channel's first element,
 //   so the squares never lose precision to a large mean; block sums add up in double per task,
@@ -96,18 +97,24 @@ T sum_lanes(const typename Lanes<T>::Part (&v)[Lanes<T>::kParts]) {
 }
 
 // Rows of one channel lie C * S elements apart, too far for the hardware prefetcher to follow
-// from one row to the next: the reductions ask for the next row's lanes while they read this
-// row's (`ahead` elements on; 0 on the last row).
+// from one row to the next: the reductions ask for the next rows' lanes while they read these
+// rows' (`ahead` elements on; 0 on the last rows).
 template <typename scalar_t>
 inline void prefetch_lanes(const scalar_t* p) {
   for (size_t k = 0; k < kLanes * sizeof(scalar_t); k += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + k);
 }
 
+// The reductions read kBatchRows rows of a channel at once, kLanes / kBatchRows lanes each. With
+// four streams of memory in flight the development machine (AMD EPYC, 2 cores) reads a tensor
+// 1.3-1.4x faster than row by row: the statistics alone took 0.7-0.9 ms instead of 1.0-1.1 ms
+// at 8x256x56x56 float32, BatchNorm's backward 10-15% less (20% at 64x512x7x7).
+constexpr int64_t kBatchRows = 4;
+
 // Two sums over rows of one channel: rows add into the same opmath lanes (and tail scalars), which
-// are added into double at most every kFlushElems elements or at the end of a row longer than
-// that. Long rows so cost one horizontal sum per row, and short rows (small spatial sizes) one per
-// kFlushElems elements rather than one per row; a lane never sums more than kFlushElems / kLanes
-// values, or a row's worth.
+// are added into double at most every kFlushElems elements or at the end of a batch of rows longer
+// than that. Long rows so cost one horizontal sum per batch, and short rows (small spatial sizes)
+// one per kFlushElems elements; a lane never sums more than kFlushElems / kLanes values, or a
+// batch's worth.
 constexpr int64_t kFlushElems = 4096;
 
 template <typename opmath_t>
@@ -118,7 +125,7 @@ struct RowSums {
   int64_t pending = 0;
   double s1 = 0.0, s2 = 0.0;
 
-  // Before a row of len elements is added.
+  // Before a batch of len elements is added.
   void start_row(int64_t len) {
     if (pending > 0 && pending + len > kFlushElems) flush();
     pending += len;
@@ -135,26 +142,69 @@ struct RowSums {
 // then the forward's b and d that a recomputed ReLU gate needs (its m is kM).
 enum : int64_t { kGateB = 4, kGateD = 5, kChannelCoeffs = 6 };
 
-// Adds (x - K) and (x - K)^2 of one row to acc.
-template <typename scalar_t, typename opmath_t>
-void row_shifted_sums(const scalar_t* x, int64_t len, int64_t ahead, opmath_t shift,
-                      RowSums<opmath_t>& acc) {
-  using L = Lanes<opmath_t>;
-  acc.start_row(len);
+// Walks R rows of len elements as the reductions read them: each kLanes elements on, calls
+// prefetch(r, i) for row r at element i, then part(r, i, j, lane) for the SIMD parts j of
+// kLanes / R elements of each row in turn, lane being the accumulator part it adds to (each row
+// has kLanes / R lanes); tail(r, i) for the elements after the last kLanes.
+template <int64_t R, typename opmath_t, typename Prefetch, typename Part, typename Tail>
+inline void walk_rows(int64_t len, const Prefetch& prefetch, const Part& part, const Tail& tail) {
+  constexpr int64_t kStep = kLanes / R;
+  constexpr int64_t kRowParts = kStep / Lanes<opmath_t>::kWidth;
+  static_assert(kRowParts >= 1, "a row needs at least one SIMD part per step");
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
-    prefetch_lanes(x + i + ahead);
-    for (int64_t k = 0; k < L::kParts; ++k) {
-      const auto d = load_part<opmath_t>(x + i, k) - shift;
-      acc.v1[k] += d;
-      acc.v2[k] += d * d;
+    for (int64_t r = 0; r < R; ++r) prefetch(r, i);
+    for (int64_t s = 0; s < kLanes; s += kStep) {
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t j = 0; j < kRowParts; ++j) part(r, i + s, j, r * kRowParts + j);
+      }
     }
   }
-  for (; i < len; ++i) {
-    const opmath_t d = static_cast<opmath_t>(x[i]) - shift;
-    acc.t1 += d;
-    acc.t2 += d * d;
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t k = i; k < len; ++k) tail(r, k);
   }
+}
+
+// Calls row(c, offset, ahead, R) for the rows n0 <= n < n1 of channels c0 <= c < c1 of
+// channels-first memory, in memory order, in batches of R rows of one channel: (n, c) to
+// (n + R - 1, c), C * S elements apart. offset is where the batch's first row starts, ahead how
+// far on the next batch visited starts (0 after the last). R (a std::integral_constant) is
+// kStep, and 1 for the rows that do not fill a batch.
+template <int64_t kStep, typename Fn>
+void for_rows(const Layout& l, int64_t c0, int64_t c1, int64_t n0, int64_t n1, const Fn& row) {
+  int64_t n = n0;
+  const auto batches = [&](auto R) {
+    for (; n + R <= n1; n += R) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t ahead = c + 1 < c1 ? l.S : n + R < n1 ? (R * l.C - (c1 - 1 - c0)) * l.S : 0;
+        row(c, (n * l.C + c) * l.S, ahead, R);
+      }
+    }
+  };
+  batches(std::integral_constant<int64_t, kStep>{});
+  if constexpr (kStep > 1) batches(std::integral_constant<int64_t, 1>{});
+}
+
+// Adds (x - K) and (x - K)^2 of R rows of len elements, `stride` apart, to acc.
+template <int64_t R, typename scalar_t, typename opmath_t>
+void rows_shifted_sums(const scalar_t* x, int64_t stride, int64_t len, int64_t ahead,
+                       opmath_t shift, RowSums<opmath_t>& acc) {
+  acc.start_row(R * len);
+  auto v1 = std::to_array(acc.v1), v2 = std::to_array(acc.v2);  // held in registers
+  walk_rows<R, opmath_t>(
+      len, [&](int64_t r, int64_t i) { prefetch_lanes(x + r * stride + i + ahead); },
+      [&](int64_t r, int64_t i, int64_t j, int64_t lane) {
+        const auto d = load_part<opmath_t>(x + r * stride + i, j) - shift;
+        v1[lane] += d;
+        v2[lane] += d * d;
+      },
+      [&](int64_t r, int64_t i) {
+        const opmath_t d = static_cast<opmath_t>(x[r * stride + i]) - shift;
+        acc.t1 += d;
+        acc.t2 += d * d;
+      });
+  std::copy(v1.begin(), v1.end(), acc.v1);
+  std::copy(v2.begin(), v2.end(), acc.v2);
 }
 
 // The moments of n values from the sums s1 of (x - shift) and s2 of (x - shift)^2.
@@ -166,19 +216,6 @@ inline Moments<double> shifted_moments(double n, double shift, double s1, double
   m.mean = shift + mean_d;
   m.m2 = std::max(0.0, s2 - mean_d * s1);
   return m;
-}
-
-// Calls row(c, offset, ahead) for the rows n0 <= n < n1 of channels c0 <= c < c1 of
-// channels-first memory, in memory order: offset is where the row (n, c) starts, ahead how far
-// on the next row visited starts (0 after the last).
-template <typename Fn>
-void for_rows(const Layout& l, int64_t c0, int64_t c1, int64_t n0, int64_t n1, const Fn& row) {
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t ahead = c + 1 < c1 ? l.S : n + 1 < n1 ? (l.C - (c1 - 1 - c0)) * l.S : 0;
-      row(c, (n * l.C + c) * l.S, ahead);
-    }
-  }
 }
 
 // Moments of channels c0 <= c < c1 over rows n0 <= n < n1 of channels-first x, into
@@ -193,8 +230,8 @@ void channel_moments(const scalar_t* x, const Layout& l, int64_t c0, int64_t c1,
   }
   const auto shift = [&](int64_t c) { return static_cast<opmath_t>(x[(n0 * l.C + c) * l.S]); };
   std::vector<RowSums<opmath_t>> acc(c1 - c0);
-  for_rows(l, c0, c1, n0, n1, [&](int64_t c, int64_t off, int64_t ahead) {
-    row_shifted_sums<scalar_t, opmath_t>(x + off, l.S, ahead, shift(c), acc[c - c0]);
+  for_rows<kBatchRows>(l, c0, c1, n0, n1, [&](int64_t c, int64_t off, int64_t ahead, auto R) {
+    rows_shifted_sums<decltype(R)::value>(x + off, l.C * l.S, l.S, ahead, shift(c), acc[c - c0]);
   });
   for (int64_t c = c0; c < c1; ++c) {
     auto& sums = acc[c - c0];
@@ -204,12 +241,12 @@ void channel_moments(const scalar_t* x, const Layout& l, int64_t c0, int64_t c1,
   }
 }
 
-// Adds dy and dy (x - mean) of elements [begin, begin + len) of channel c, one row, to acc; with
-// a gate, dy counts only where it is open.
-template <typename scalar_t, typename opmath_t>
-void row_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scalar_t* x,
-                   int64_t begin, int64_t len, int64_t ahead, int64_t c, opmath_t mean,
-                   RowSums<opmath_t>& acc) {
+// Adds dy and dy (x - mean) of R rows of channel c, len elements each starting at begin,
+// begin + stride, ..., to acc; with a gate, dy counts only where it is open.
+template <int64_t R, typename scalar_t, typename opmath_t>
+void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scalar_t* x,
+                    int64_t begin, int64_t stride, int64_t len, int64_t ahead, int64_t c,
+                    opmath_t mean, RowSums<opmath_t>& acc) {
   using L = Lanes<opmath_t>;
   const bool recompute = gate.coeffs != nullptr;  // then gate.g is x itself
   opmath_t gm = 0, gb = 0, gd = 0;
@@ -218,38 +255,44 @@ void row_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scala
     gb = gate.coeffs[kB * gate.C + c];
     gd = gate.coeffs[kD * gate.C + c];
   }
-  acc.start_row(len);
-  int64_t i = begin;
-  const int64_t end = begin + len;
-  for (; i + kLanes <= end; i += kLanes) {
-    prefetch_lanes(dy + i + ahead);
-    prefetch_lanes(x + i + ahead);
-    if (gate.g && !recompute) prefetch_lanes(gate.g + i + ahead);
-    for (int64_t k = 0; k < L::kParts; ++k) {
-      auto g = load_part<opmath_t>(dy + i, k);
-      const auto v = load_part<opmath_t>(x + i, k);
-      if (gate.g) {
-        typename L::Part open;
-        if (!recompute) {
-          open = load_part<opmath_t>(gate.g + i, k);
-        } else if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-          open = gd + (v - gm) * gb;  // normalized(), lane by lane; rounding to scalar_t is exact
-        } else {
-          for (int64_t j = 0; j < L::kWidth; ++j) {  // rounded to scalar_t, element by element
-            open[j] = static_cast<opmath_t>(static_cast<scalar_t>(normalized(v[j], gm, gb, gd)));
+  acc.start_row(R * len);
+  auto v1 = std::to_array(acc.v1), v2 = std::to_array(acc.v2);  // held in registers
+  walk_rows<R, opmath_t>(
+      len,
+      [&](int64_t r, int64_t i) {
+        const int64_t at = begin + r * stride + i + ahead;
+        prefetch_lanes(dy + at);
+        prefetch_lanes(x + at);
+        if (gate.g && !recompute) prefetch_lanes(gate.g + at);
+      },
+      [&](int64_t r, int64_t i, int64_t j, int64_t lane) {
+        const int64_t at = begin + r * stride + i;
+        auto g = load_part<opmath_t>(dy + at, j);
+        const auto v = load_part<opmath_t>(x + at, j);
+        if (gate.g) {
+          typename L::Part open;
+          if (!recompute) {
+            open = load_part<opmath_t>(gate.g + at, j);
+          } else if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+            open = gd + (v - gm) * gb;  // normalized(), lane by lane; rounding to scalar_t is exact
+          } else {
+            for (int64_t k = 0; k < L::kWidth; ++k) {  // rounded to scalar_t, element by element
+              open[k] = static_cast<opmath_t>(static_cast<scalar_t>(normalized(v[k], gm, gb, gd)));
+            }
           }
+          g = open > opmath_t(0) ? g : typename L::Part{};  // closed for NaN too
         }
-        g = open > opmath_t(0) ? g : typename L::Part{};  // closed for NaN too
-      }
-      acc.v1[k] += g;
-      acc.v2[k] += g * (v - mean);
-    }
-  }
-  for (; i < end; ++i) {
-    const opmath_t g = gate.open(i, c) ? static_cast<opmath_t>(dy[i]) : opmath_t(0);
-    acc.t1 += g;
-    acc.t2 += g * (static_cast<opmath_t>(x[i]) - mean);
-  }
+        v1[lane] += g;
+        v2[lane] += g * (v - mean);
+      },
+      [&](int64_t r, int64_t i) {
+        const int64_t at = begin + r * stride + i;
+        const opmath_t g = gate.open(at, c) ? static_cast<opmath_t>(dy[at]) : opmath_t(0);
+        acc.t1 += g;
+        acc.t2 += g * (static_cast<opmath_t>(x[at]) - mean);
+      });
+  std::copy(v1.begin(), v1.end(), acc.v1);
+  std::copy(v2.begin(), v2.end(), acc.v2);
 }
 
 // sum(dy) and sum(dy (x - mean)) of channels c0 <= c < c1 over rows n0 <= n < n1 of
@@ -259,8 +302,8 @@ void channel_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const s
                        const Layout& l, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
                        const opmath_t* mean, double* sdy, double* sdx) {
   std::vector<RowSums<opmath_t>> acc(c1 - c0);
-  for_rows(l, c0, c1, n0, n1, [&](int64_t c, int64_t off, int64_t ahead) {
-    row_grad_sums<scalar_t, opmath_t>(dy, gate, x, off, l.S, ahead, c, mean[c], acc[c - c0]);
+  for_rows<kBatchRows>(l, c0, c1, n0, n1, [&](int64_t c, int64_t off, int64_t ahead, auto R) {
+    rows_grad_sums<decltype(R)::value>(dy, gate, x, off, l.C * l.S, l.S, ahead, c, mean[c], acc[c - c0]);
   });
   for (int64_t c = c0; c < c1; ++c) {
     acc[c - c0].flush();
@@ -617,7 +660,7 @@ using GroupCoeffs = std::vector<std::array<opmath_t, kChannelCoeffs>>;
 template <typename V, typename scalar_t, typename opmath_t>
 void affine_group(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t c0, int64_t c1,
                   const GroupCoeffs<opmath_t>& k, scalar_t* out) {
-  for_rows(l, c0, c1, 0, l.N, [&](int64_t c, int64_t off, int64_t) {
+  for_rows<1>(l, c0, c1, 0, l.N, [&](int64_t c, int64_t off, int64_t, auto) {
     affine_row<V>(in, off, l.S, k[c - c0].data(), out);
   });
 }
