@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from modekernels.bench import cli, verify
+from modekernels.bench import cli, harness, verify
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +60,25 @@ def test_a_wrong_kernel_fails_its_row(monkeypatch):
     monkeypatch.setattr(verify, "CHECKS", [verify.Check("dropout", (4, 8, 6, 5))])
     rows = verify.verify("cpu", [torch.float32], progress=False)
     assert [r["passed"] for r in rows if r["mode"] == "train"] == [False, False]
+
+
+def test_variants_are_timed_in_turns(monkeypatch):
+    # A fake clock that each fn advances by its own step: the fns must be called in turns (after
+    # one warm-up call each), until min_calls turns and min_run_time per fn, and each must get
+    # the median of its own calls.
+    now, calls = [0.0], []
+
+    def advancing(name, step):
+        def fn():
+            calls.append(name)
+            now[0] += step
+        return fn
+
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
+    times = harness.time_interleaved([advancing("a", 1e-3), advancing("b", 3e-3)], "cpu",
+                                     min_run_time=0.05, min_calls=4)
+    assert times == pytest.approx([1e-3, 3e-3])
+    assert calls[:2] == ["a", "b"]
+    turns = len(calls[2:]) // 2
+    assert calls[2:] == ["a", "b"] * turns
+    assert turns >= 25  # 0.1 s of calls in turns of 4 ms

@@ -12,7 +12,7 @@ import torch
 
 import modekernels
 
-from .harness import BASELINE, add_speedups, dtype_str, progress_bar, shape_str, time_fn
+from .harness import BASELINE, add_speedups, dtype_str, progress_bar, shape_str, time_interleaved
 
 VARIANTS = (BASELINE, "modekernels")
 
@@ -87,13 +87,13 @@ def peak_bytes(fn, model):
 
 
 def run_models(device, dtype, size="quick", min_run_time=0.5, progress=True):
-    """One row per (model, step, variant); `speedup` is torch's time over the variant's."""
+    """One row per (model, step, variant); `speedup` is torch's time over the variant's. The
+    variants of a (model, step) are timed in turns (time_interleaved)."""
     rows = []
-    grid = [(name, step, variant) for name in MODELS for step in ("train", "inference")
-            for variant in VARIANTS]
+    grid = [(name, step) for name in MODELS for step in ("train", "inference")]
     bar, log = progress_bar(grid, "models", progress)
     built = {}
-    for name, step, variant in bar:
+    for name, step in bar:
         build, shapes, loss_kind = MODELS[name]
         if name not in built:
             model = build()
@@ -102,19 +102,22 @@ def run_models(device, dtype, size="quick", min_run_time=0.5, progress=True):
             built[name] = model
         if built[name] is None:
             continue
-        model = copy.deepcopy(built[name])
-        if variant == "modekernels":
-            modekernels.convert(model, fuse=True)
-        model.to(device, dtype)
         shape = shapes[size]
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-        train_step, inference_step = _steps(model, x, loss_kind)
-        fn = train_step if step == "train" else inference_step
-        seconds = time_fn(fn, device, min_run_time)
-        rows.append({
-            "model": name, "step": step, "variant": variant, "shape": shape_str(shape),
-            "dtype": dtype_str(dtype), "time_ms": 1e3 * seconds, "speedup": None,
-            "peak_bytes": peak_bytes(fn, model),
-        })
+        fns = {}
+        for variant in VARIANTS:
+            model = copy.deepcopy(built[name])
+            if variant == "modekernels":
+                modekernels.convert(model, fuse=True)
+            model.to(device, dtype)
+            train_step, inference_step = _steps(model, x, loss_kind)
+            fns[variant] = (train_step if step == "train" else inference_step), model
+        times = time_interleaved([fn for fn, _ in fns.values()], device, min_run_time)
+        for (variant, (fn, model)), seconds in zip(fns.items(), times):
+            rows.append({
+                "model": name, "step": step, "variant": variant, "shape": shape_str(shape),
+                "dtype": dtype_str(dtype), "time_ms": 1e3 * seconds, "speedup": None,
+                "peak_bytes": peak_bytes(fn, model),
+            })
     add_speedups(rows, ("model", "step"))
     return rows
