@@ -48,6 +48,18 @@ int64_t tasks_per_channel(const Layout& l) {
   return l.C >= threads ? 1 : std::min<int64_t>(l.N, (4 * threads + l.C - 1) / l.C);
 }
 
+// fn(t, c, n0, n1) for the channels-first reduction tasks t < C * per, in parallel: task t is
+// channel c = t / per over the batch rows n0 <= n < n1, the (t % per)-th of per equal ranges.
+template <typename Fn>
+void for_channel_tasks(const Layout& l, int64_t per, const Fn& fn) {
+  at::parallel_for(0, l.C * per, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t % per;
+      fn(t, t / per, l.N * k / per, l.N * (k + 1) / per);
+    }
+  });
+}
+
 int64_t row_chunks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
 }
@@ -126,7 +138,7 @@ struct RowSums {
   double s1 = 0.0, s2 = 0.0;
 
   // Before a batch of len elements is added.
-  void start_row(int64_t len) {
+  void start_batch(int64_t len) {
     if (pending > 0 && pending + len > kFlushElems) flush();
     pending += len;
   }
@@ -189,7 +201,7 @@ void for_rows(const Layout& l, int64_t c0, int64_t c1, int64_t n0, int64_t n1, c
 template <int64_t R, typename scalar_t, typename opmath_t>
 void rows_shifted_sums(const scalar_t* x, int64_t stride, int64_t len, int64_t ahead,
                        opmath_t shift, RowSums<opmath_t>& acc) {
-  acc.start_row(R * len);
+  acc.start_batch(R * len);
   auto v1 = std::to_array(acc.v1), v2 = std::to_array(acc.v2);  // held in registers
   walk_rows<R, opmath_t>(
       len, [&](int64_t r, int64_t i) { prefetch_lanes(x + r * stride + i + ahead); },
@@ -255,7 +267,7 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
     gb = gate.coeffs[kB * gate.C + c];
     gd = gate.coeffs[kD * gate.C + c];
   }
-  acc.start_row(R * len);
+  acc.start_batch(R * len);
   auto v1 = std::to_array(acc.v1), v2 = std::to_array(acc.v2);  // held in registers
   walk_rows<R, opmath_t>(
       len,
@@ -324,13 +336,8 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
   if (!l.channels_last) {
     const int64_t per = tasks_per_channel(l);
     std::vector<Moments<double>> part(C * per);
-    at::parallel_for(0, C * per, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t c = t / per;
-        const int64_t k = t % per;
-        channel_moments<scalar_t, opmath_t>(x, l, c, c + 1, l.N * k / per, l.N * (k + 1) / per,
-                                            &part[t]);
-      }
+    for_channel_tasks(l, per, [&](int64_t t, int64_t c, int64_t n0, int64_t n1) {
+      channel_moments<scalar_t, opmath_t>(x, l, c, c + 1, n0, n1, &part[t]);
     });
     for (int64_t t = 0; t < C * per; ++t) total[t / per].merge(part[t]);
   } else {
@@ -403,13 +410,8 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
   if (!l.channels_last) {
     const int64_t per = tasks_per_channel(l);
     std::vector<double> pdy(C * per), pdx(C * per);
-    at::parallel_for(0, C * per, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t c = t / per;
-        const int64_t k = t % per;
-        channel_grad_sums<scalar_t, opmath_t>(dy, gate, x, l, c, c + 1, l.N * k / per,
-                                              l.N * (k + 1) / per, mean, &pdy[t], &pdx[t]);
-      }
+    for_channel_tasks(l, per, [&](int64_t t, int64_t c, int64_t n0, int64_t n1) {
+      channel_grad_sums<scalar_t, opmath_t>(dy, gate, x, l, c, c + 1, n0, n1, mean, &pdy[t], &pdx[t]);
     });
     for (int64_t t = 0; t < C * per; ++t) {
       sdy[t / per] += pdy[t];
