@@ -13,6 +13,9 @@ mkops = torch.ops.modekernels
 # (torch class, our class, input shape, memory formats that apply)
 CASES = {
     "1d-NC": (torch.nn.BatchNorm1d, modekernels.BatchNorm1d, (16, 7), ["contiguous"]),
+    # Rows of 4 KB or more: the CPU's channels-last passes take four rows at a time, with rows
+    # left over in each thread's range.
+    "1d-NC-wide": (torch.nn.BatchNorm1d, modekernels.BatchNorm1d, (50, 2048), ["contiguous"]),
     "1d-NCL": (torch.nn.BatchNorm1d, modekernels.BatchNorm1d, (4, 5, 13), ["contiguous", "strided"]),
     # Batch of 6: the CPU reductions read a channel's rows four at a time, with two rows left over.
     "2d": (torch.nn.BatchNorm2d, modekernels.BatchNorm2d, (6, 6, 7, 9), ["contiguous", "channels_last", "strided"]),

@@ -22,23 +22,26 @@ def call(module, x, r):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "channels_last-wide"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_equals_torch_composition_in_both_modes(device, dtype, layout, variant):
     ours_cls, pre_activation = VARIANTS[variant]
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    theirs = torch.nn.BatchNorm2d(6).to(device, param_dtype)
+    # Wide: rows of 4 KB or more, which the CPU's channels-last passes take four at a time.
+    shape = (10, 2048, 1, 5) if layout == "channels_last-wide" else (4, 6, 5, 7)
+    layout = layout.removesuffix("-wide")
+    theirs = torch.nn.BatchNorm2d(shape[1]).to(device, param_dtype)
     with torch.no_grad():
         theirs.weight.uniform_(0.5, 1.5)
         theirs.bias.uniform_(-0.5, 0.5)
-    ours = ours_cls(6).to(device, param_dtype)
+    ours = ours_cls(shape[1]).to(device, param_dtype)
     ours.load_state_dict(theirs.state_dict())
     tol = BN_TOL[dtype]
     for training in (True, True, False):
         theirs.train(training)
         ours.train(training)
-        base = torch.randn(4, 6, 5, 7, device=device).to(dtype)
-        res = torch.randn(4, 6, 5, 7, device=device).to(dtype)  # contiguous, whatever x's layout
+        base = torch.randn(shape, device=device).to(dtype)
+        res = torch.randn(shape, device=device).to(dtype)  # contiguous, whatever x's layout
         x_t, x_o = (make_layout(base, layout).requires_grad_() for _ in range(2))
         r_t, r_o = (res.clone().requires_grad_() for _ in range(2))
         pre = pre_activation(theirs, x_t, r_t)
