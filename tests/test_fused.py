@@ -254,6 +254,20 @@ def test_dropout_add_eval_and_p0_are_the_plain_sum_without_a_draw(device, dtype,
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_half_precision_values_convert_and_round_as_torch(device, dtype):
+    # Every 16-bit pattern (subnormals, infinities, NaNs) widened to float, added to another in
+    # float and rounded back to nearest even: our own conversions (common/convert.h) against
+    # torch's. Sums cover ties, overflow to infinity and results in the subnormal range.
+    bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).to(device)
+    for r in (torch.zeros_like(x), x.roll(1), x.flip(0), x.roll(2**14) * 0.5):
+        expected = (x.float() + r.float()).to(dtype)
+        torch.testing.assert_close(MF.dropout_add(x, r, 0.5, training=False), expected,
+                                   atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ops_at_p0_keep_everything_and_record_no_draw(device):
     from modekernels import _ops
     x, r = torch.randn(2, 3, 16, device=device), torch.randn(2, 3, 16, device=device)

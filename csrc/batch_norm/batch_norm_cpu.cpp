@@ -23,6 +23,7 @@
 // reductions measured 2-3x slower, and the elementwise pass is memory-bound either way.
 #include "batch_norm/batch_norm.h"
 #include "batch_norm/batch_norm_math.h"
+#include "common/convert.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -32,6 +33,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -83,16 +85,19 @@ typename Lanes<T>::Part load_part(const scalar_t* p, int64_t k) {
   p += k * L::kWidth;
   if constexpr (std::is_same_v<T, scalar_t>) {
     std::memcpy(&v, p, sizeof(v));
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
-    // bfloat16 is the upper half of a float: widen the bits, as one vector operation.
-    typedef uint16_t Half __attribute__((vector_size(8)));  // 4 lanes
-    typedef uint32_t Word __attribute__((vector_size(16)));
-    Half h;
-    std::memcpy(&h, p, sizeof(h));
-    const Word w = __builtin_convertvector(h, Word) << 16;
-    std::memcpy(&v, &w, sizeof(v));
   } else {
-    for (int64_t j = 0; j < L::kWidth; ++j) v[j] = static_cast<T>(p[j]);
+    static_assert(std::is_same_v<T, float> && sizeof(scalar_t) == 2, "float16 or bfloat16 into float");
+    // The four values' bits in 32-bit lanes, widened as vector operations.
+    typedef uint16_t Bits __attribute__((vector_size(8)));
+    typedef int32_t Word __attribute__((vector_size(16)));
+    Bits h;
+    std::memcpy(&h, p, sizeof(h));
+    const Word w = __builtin_convertvector(h, Word);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      v = std::bit_cast<typename L::Part>(w << 16);  // the upper half of a float
+    } else {
+      v = detail::half_bits_to_float<typename L::Part>(w);
+    }
   }
   return v;
 }
@@ -211,7 +216,7 @@ void rows_shifted_sums(const scalar_t* x, int64_t stride, int64_t len, int64_t a
         v2[lane] += d * d;
       },
       [&](int64_t r, int64_t i) {
-        const opmath_t d = static_cast<opmath_t>(x[r * stride + i]) - shift;
+        const opmath_t d = widen<opmath_t>(x[r * stride + i]) - shift;
         acc.t1 += d;
         acc.t2 += d * d;
       });
@@ -240,7 +245,7 @@ void channel_moments(const scalar_t* x, const Layout& l, int64_t c0, int64_t c1,
     std::fill(out, out + (c1 - c0), Moments<double>{});
     return;
   }
-  const auto shift = [&](int64_t c) { return static_cast<opmath_t>(x[(n0 * l.C + c) * l.S]); };
+  const auto shift = [&](int64_t c) { return widen<opmath_t>(x[(n0 * l.C + c) * l.S]); };
   std::vector<RowSums<opmath_t>> acc(c1 - c0);
   for_rows<kBatchRows>(l, c0, c1, n0, n1, [&](int64_t c, int64_t off, int64_t ahead, auto R) {
     rows_shifted_sums<decltype(R)::value>(x + off, l.C * l.S, l.S, ahead, shift(c), acc[c - c0]);
@@ -289,7 +294,7 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
             open = gd + (v - gm) * gb;  // normalized(), lane by lane; rounding to scalar_t is exact
           } else {
             for (int64_t k = 0; k < L::kWidth; ++k) {  // rounded to scalar_t, element by element
-              open[k] = static_cast<opmath_t>(static_cast<scalar_t>(normalized(v[k], gm, gb, gd)));
+              open[k] = widen<opmath_t>(narrow<scalar_t>(normalized(v[k], gm, gb, gd)));
             }
           }
           g = open > opmath_t(0) ? g : typename L::Part{};  // closed for NaN too
@@ -299,9 +304,9 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
       },
       [&](int64_t r, int64_t i) {
         const int64_t at = begin + r * stride + i;
-        const opmath_t g = gate.open(at, c) ? static_cast<opmath_t>(dy[at]) : opmath_t(0);
+        const opmath_t g = gate.open(at, c) ? widen<opmath_t>(dy[at]) : opmath_t(0);
         acc.t1 += g;
-        acc.t2 += g * (static_cast<opmath_t>(x[at]) - mean);
+        acc.t2 += g * (widen<opmath_t>(x[at]) - mean);
       });
   std::copy(v1.begin(), v1.end(), acc.v1);
   std::copy(v2.begin(), v2.end(), acc.v2);
@@ -417,7 +422,7 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
     // One shift per channel for the whole batch (its first row), so the tasks' shifted sums
     // simply add up, with no per-block divisions or merges.
     std::vector<opmath_t> shift(C);
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(x[c]);
+    for (int64_t c = 0; c < C; ++c) shift[c] = widen<opmath_t>(x[c]);
     std::vector<double> s1, s2;
     rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
       const scalar_t* row = x + r * C;
@@ -425,7 +430,7 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
       for (int64_t c = 0; c < C; ++c) {
         opmath_t sum = 0, sq = 0;
         unrolled(R, [&](int64_t j) {
-          const opmath_t d = static_cast<opmath_t>(row[j * C + c]) - shift[c];
+          const opmath_t d = widen<opmath_t>(row[j * C + c]) - shift[c];
           sum += d;
           sq += d * d;
         });
@@ -483,10 +488,10 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
           opmath_t sum = 0, dot = 0;
           unrolled(R, [&](int64_t j) {
             const int64_t i = (r + j) * C + c;
-            opmath_t g = static_cast<opmath_t>(dy[i]);
+            opmath_t g = widen<opmath_t>(dy[i]);
             if constexpr (decltype(gated)::value) g = gate.open(i, c) ? g : opmath_t(0);
             sum += g;
-            dot += g * (static_cast<opmath_t>(x[i]) - mean[c]);
+            dot += g * (widen<opmath_t>(x[i]) - mean[c]);
           });
           a[c] += sum;
           b[c] += dot;
@@ -565,21 +570,21 @@ inline void affine_element(AffinePtrs<scalar_t> in, int64_t i, opmath_t a, opmat
   opmath_t v;
   if constexpr (V::kHasP) {
     bool open = true;
-    if constexpr (V::kGate == kSavedGate) open = static_cast<opmath_t>(in.gate.g[i]) > opmath_t(0);
+    if constexpr (V::kGate == kSavedGate) open = widen<opmath_t>(in.gate.g[i]) > opmath_t(0);
     if constexpr (V::kGate == kRecomputedGate) {
-      open = relu_open<scalar_t>(static_cast<opmath_t>(in.gate.g[i]), m, gb, gd);
+      open = relu_open<scalar_t>(widen<opmath_t>(in.gate.g[i]), m, gb, gd);
     }
-    const opmath_t pv = static_cast<opmath_t>(in.p[i]);  // loaded either way: no branch
+    const opmath_t pv = widen<opmath_t>(in.p[i]);  // loaded either way: no branch
     const opmath_t g = open ? pv : opmath_t(0);
-    if constexpr (V::kGatedOut) in.gated_out[i] = static_cast<scalar_t>(g);
+    if constexpr (V::kGatedOut) in.gated_out[i] = narrow<scalar_t>(g);
     v = d + g * a;
-    if constexpr (V::kHasQ) v += (static_cast<opmath_t>(in.q[i]) - m) * b;
+    if constexpr (V::kHasQ) v += (widen<opmath_t>(in.q[i]) - m) * b;
   } else {
-    v = normalized(static_cast<opmath_t>(in.q[i]), m, b, d);  // what a recomputed gate recomputes
+    v = normalized(widen<opmath_t>(in.q[i]), m, b, d);  // what a recomputed gate recomputes
   }
-  if constexpr (V::kResidual) v += static_cast<opmath_t>(in.residual[i]);
+  if constexpr (V::kResidual) v += widen<opmath_t>(in.residual[i]);
   if constexpr (V::kRelu) v = v < opmath_t(0) ? opmath_t(0) : v;  // NaN stays NaN, as in torch.relu
-  out[i] = static_cast<scalar_t>(v);
+  out[i] = narrow<scalar_t>(v);
 }
 
 // One channels-first row: elements [begin, begin + len) of one channel, k its kChannelCoeffs.

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/convert.h"
 #include "common/macros.h"
 
 namespace modekernels::batch_norm {
@@ -36,7 +37,7 @@ MK_HOST_DEVICE T normalized(T q, T m, T b, T d) {
 // rounded to scalar_t as the forward stored it, is > 0 (false for NaN, as torch's ReLU backward).
 template <typename scalar_t, typename T>
 MK_HOST_DEVICE bool relu_open(T x, T m, T b, T d) {
-  return static_cast<T>(static_cast<scalar_t>(normalized(x, m, b, d))) > T(0);
+  return widen<T>(narrow<scalar_t>(normalized(x, m, b, d))) > T(0);
 }
 
 // A fused backward's ReLU gate (batch_norm.h Gate) as the kernels see it: g is null (no gate),
@@ -54,7 +55,7 @@ struct GateView {
                   : v > T(0);
   }
   MK_HOST_DEVICE bool open(int64_t i, int64_t c) const {
-    return !g || passes(static_cast<T>(g[i]), c);
+    return !g || passes(widen<T>(g[i]), c);
   }
 };
 

@@ -8,6 +8,7 @@
 // computes one multiplier per (n, c) and applies it to that channel's elements, also one pass.
 // The random stream is the one of dropout.h, so CUDA gives the same mask for the same
 // (seed, offset); with p == 0 no words are computed at all.
+#include "common/convert.h"
 #include "common/philox_cpu.h"
 #include "dropout/dropout.h"
 
@@ -78,18 +79,18 @@ void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
           const int64_t run = std::min(len - i, extras.H - j);
           const scalar_t* bias = extras.bias + j;
           for (int64_t k = 0; k < run; ++k) {
-            opmath_t v = (static_cast<opmath_t>(s[i + k]) + static_cast<opmath_t>(bias[k])) * mult[i + k];
-            if constexpr (kResidual) v += static_cast<opmath_t>(extras.residual[begin + i + k]);
-            d[i + k] = static_cast<scalar_t>(v);
+            opmath_t v = (widen<opmath_t>(s[i + k]) + widen<opmath_t>(bias[k])) * mult[i + k];
+            if constexpr (kResidual) v += widen<opmath_t>(extras.residual[begin + i + k]);
+            d[i + k] = narrow<scalar_t>(v);
           }
           i += run;
           j = 0;
         }
       } else {
         for (int64_t i = 0; i < len; ++i) {
-          opmath_t v = static_cast<opmath_t>(s[i]) * mult[i];
-          if constexpr (kResidual) v += static_cast<opmath_t>(extras.residual[begin + i]);
-          d[i] = static_cast<scalar_t>(v);
+          opmath_t v = widen<opmath_t>(s[i]) * mult[i];
+          if constexpr (kResidual) v += widen<opmath_t>(extras.residual[begin + i]);
+          d[i] = narrow<scalar_t>(v);
         }
       }
     }
@@ -118,7 +119,7 @@ void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
       for (int64_t u = u0; u < u1; ++u) {
         const opmath_t m = unit_multiplier(u);
         for (int64_t i = u * S; i < (u + 1) * S; ++i) {
-          dst[i] = static_cast<scalar_t>(static_cast<opmath_t>(src[i]) * m);
+          dst[i] = narrow<scalar_t>(widen<opmath_t>(src[i]) * m);
         }
       }
     });
@@ -131,7 +132,7 @@ void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
         for (int64_t row = 0; row < S; ++row) {
           const int64_t base = (sample * S + row) * C;
           for (int64_t c = 0; c < C; ++c) {
-            dst[base + c] = static_cast<scalar_t>(static_cast<opmath_t>(src[base + c]) * mult[c]);
+            dst[base + c] = narrow<scalar_t>(widen<opmath_t>(src[base + c]) * mult[c]);
           }
         }
       }
