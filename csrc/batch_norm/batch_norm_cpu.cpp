@@ -341,8 +341,8 @@ inline void unrolled(R, const Fn& fn) {
 // Channels-last passes sweep over the channels of kBatchRows rows at once where a row takes at
 // least kMinBatchRowBytes: each channel's sums or coefficients are then loaded and stored once
 // per four rows. Measured on the development machine (float32, against row by row): statistics
-// 1.3-1.6x faster with 2048 to 4096 channels, the elementwise pass and gradient sums 1.05-1.3x;
-// on shorter rows (256 or 512 channels) all three were 10-40% slower.
+// 1.3-1.8x faster with 1024 to 4096 channels, gradient sums 1.0-1.5x, the elementwise pass
+// 0.85-1.1x (noise); on shorter rows (256 or 512 channels) all three were 10-40% slower.
 constexpr int64_t kMinBatchRowBytes = 4096;
 
 template <typename scalar_t>
