@@ -33,7 +33,6 @@
 
 #include <algorithm>
 #include <array>
-#include <bit>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -94,7 +93,7 @@ typename Lanes<T>::Part load_part(const scalar_t* p, int64_t k) {
     std::memcpy(&h, p, sizeof(h));
     const Word w = __builtin_convertvector(h, Word);
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      v = std::bit_cast<typename L::Part>(w << 16);  // the upper half of a float
+      v = detail::bfloat16_bits_to_float<typename L::Part>(w);
     } else {
       v = detail::half_bits_to_float<typename L::Part>(w);
     }

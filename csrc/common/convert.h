@@ -43,6 +43,12 @@ inline F half_bits_to_float(I bits) {
   return std::bit_cast<F>(f | sign);
 }
 
+// The float of bfloat16 bits (in the low 16 bits of I): their upper half. F and I as above.
+template <typename F, typename I>
+inline F bfloat16_bits_to_float(I bits) {
+  return std::bit_cast<F>(bits << 16);
+}
+
 inline uint16_t float_to_half(float v) {
   const uint32_t x = std::bit_cast<uint32_t>(v);
   const uint32_t sign = (x >> 16) & 0x8000;
@@ -74,7 +80,7 @@ MK_HOST_DEVICE T widen(scalar_t v) {
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
     return static_cast<T>(detail::half_bits_to_float<float>(static_cast<int32_t>(v.x)));
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return static_cast<T>(std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16));
+    return static_cast<T>(detail::bfloat16_bits_to_float<float>(static_cast<uint32_t>(v.x)));
   }
 #endif
   return static_cast<T>(v);
