@@ -1,16 +1,24 @@
-// The modekernels op schemas, declared once for every backend, and the empty Python module `_C`
-// whose import runs the static TORCH_LIBRARY registrations (no pybind: the ops are reached
-// through torch.ops.modekernels).
+// The modekernels op schemas, declared once for every backend, and the Python module `_C`, whose
+// import runs the static TORCH_LIBRARY registrations (no pybind: the ops are reached through
+// torch.ops.modekernels). Its one attribute, cpu_capability, names the build of the CPU kernels
+// in use ("AVX2" or "DEFAULT", common/cpu_capability.h).
 //
 // Randomness is explicit: ops that draw from a generator carry the nondeterministic_seeded tag and
 // return the (seed, offset) they used as an int64[2] `rng_state`, which is all the backward needs.
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/cpu_capability.h"
+
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module && PyModule_AddStringConstant(module, "cpu_capability", modekernels::cpu_capability()) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

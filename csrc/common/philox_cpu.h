@@ -2,7 +2,7 @@
 // counters are (c0, c1, first_group + j), written in group-major order (group j's four words at
 // out[4j .. 4j+3]), which is element order for the streams of this project.
 //
-// On x86-64 with AVX2 (checked at run time) eight counters advance together in 256-bit
+// With AVX2 (cpu_capability.h) eight counters advance together in 256-bit
 // registers: the 32x32->64 multiplies of even and odd lanes are split with _mm256_mul_epu32 and
 // blended back, and the 4x8 result is transposed into element order. Elsewhere, the portable
 // philox4x32_10 of philox.h runs per group. Both give the same words.
@@ -10,10 +10,10 @@
 
 #include <cstdint>
 
+#include "common/cpu_capability.h"
 #include "common/philox.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MK_PHILOX_AVX2 1
+#ifdef MK_CPU_AVX2
 #include <immintrin.h>
 #endif
 
@@ -29,7 +29,7 @@ inline void philox_groups_portable(uint32_t c0, uint32_t c1, uint64_t first_grou
   }
 }
 
-#ifdef MK_PHILOX_AVX2
+#ifdef MK_CPU_AVX2
 __attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m256i& hi,
                                                      __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(a, m);
@@ -91,9 +91,8 @@ __attribute__((target("avx2"))) inline void philox_groups_avx2(uint32_t c0, uint
 
 inline void philox_groups(uint32_t c0, uint32_t c1, uint64_t first_group, int64_t count,
                           uint32_t k0, uint32_t k1, uint32_t* out) {
-#ifdef MK_PHILOX_AVX2
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) {
+#ifdef MK_CPU_AVX2
+  if (cpu_avx2()) {
     philox_groups_avx2(c0, c1, first_group, count, k0, k1, out);
     return;
   }

@@ -72,6 +72,9 @@ def environment(device):
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "built_with": modekernels.built_with(),
+        # Which build of the CPU kernels ran (csrc/common/cpu_capability.h), and torch's.
+        "cpu_kernels": modekernels._C.cpu_capability,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 

@@ -79,7 +79,8 @@ def environment_line(env):
     built = env.get("built_with") or {}
     return (f"{env['device_name']} ({env['device']}, {env['threads']} threads of {env['cpu_count']} "
             f"CPUs), torch {env['torch']} (CUDA {env['cuda']}), extension built for "
-            f"CUDA {built.get('cuda')} arch {built.get('cuda_arch_list')}, {env['date']}")
+            f"CUDA {built.get('cuda')} arch {built.get('cuda_arch_list')}, CPU kernels "
+            f"{env.get('cpu_kernels')} (torch's {env.get('torch_cpu_capability')}), {env['date']}")
 
 
 # ---------------------------------------------------------------------------------- files

@@ -1,0 +1,105 @@
+"""The two builds of the CPU kernels (csrc/common/cpu_capability.h): the AVX2 build, which runs
+here when the CPU has it, must give the same bits as the baseline build, which a subprocess runs
+with torch's switch ATEN_CPU_CAPABILITY=default. Neither build contracts multiply-adds, and both
+sum in the same order, so every output must be identical, not merely close."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import modekernels
+import modekernels._C
+from modekernels import functional as F
+
+ops = torch.ops.modekernels
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (N, C, H, W) and memory format: channels-first with the cache-resident passes, channels-last
+# with rows under and over 4 KB (row-by-row and four-row sweeps), and a size with tails.
+SHAPES = [((4, 6, 9, 7), "contiguous"), ((4, 24, 5, 3), "channels_last"),
+          ((10, 1040, 1, 3), "channels_last"), ((3, 5, 17, 1), "contiguous")]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def make_inputs():
+    torch.manual_seed(0)
+    cases = []
+    for shape, layout in SHAPES:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        for dtype in DTYPES:
+            x, residual, grad = (torch.randn(shape).to(dtype).contiguous(memory_format=fmt) for _ in range(3))
+            param = torch.float64 if dtype == torch.float64 else torch.float32
+            cases.append(dict(x=x, residual=residual, grad=grad, weight=torch.randn(shape[1], dtype=param),
+                              bias=torch.randn(shape[1], dtype=param), bias_last=torch.randn(shape[-1]).to(dtype)))
+    return cases
+
+
+def run_kernels(case):
+    """Every CPU kernel on one case: BatchNorm train, eval and backward (plain, +ReLU,
+    +add+ReLU), statistics and gradient sums, and the dropouts with a seeded generator."""
+    x, residual, grad, weight, bias = (case[k] for k in ("x", "residual", "grad", "weight", "bias"))
+    out = {}
+    for name, res, relu in (("bn", None, False), ("bn_relu", None, True), ("bn_add_relu", residual, True)):
+        y, mean, var = ops.batch_norm_train(x, weight, bias, 1e-5, res, relu)
+        back = ops.batch_norm_backward(grad, x, mean, var, weight, 1e-5, True, [True, True, True],
+                                       relu_output=y if relu else None, residual_grad=res is not None)
+        out[name] = [y, mean, var, *back]
+        out[name + "_eval"] = [ops.batch_norm_eval(x, mean, var + 0.5, weight, bias, 1e-5, res, relu),
+                               *ops.batch_norm_backward(grad, x, mean, var + 0.5, weight, 1e-5, False,
+                                                        [True, True, True])[:3]]
+    out["stats"] = [*ops.batch_norm_stats(x), *ops.batch_norm_grad_sums(grad, x, out["bn"][1])]
+    gen = torch.Generator().manual_seed(1)
+    out["dropout"] = [F.dropout(x, 0.3, generator=gen), F.dropout2d(x, 0.3, generator=gen),
+                      F.dropout_add(x, residual, 0.3, generator=gen),
+                      F.dropout_add(x, residual, 0.3, training=False),
+                      F.bias_dropout_add(x, case["bias_last"], residual, 0.3, generator=gen),
+                      F.bias_dropout_add(x, case["bias_last"], residual, 0.3, training=False)]
+    return out
+
+
+def outputs(cases):
+    return [run_kernels(case) for case in cases]
+
+
+def baseline_outputs(tmp_path, cases):
+    """outputs(cases) from a process whose torch and modekernels run their baseline kernels."""
+    src, dst = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
+    torch.save(cases, src)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    code = ("import sys, torch, modekernels._C; from tests.test_cpu_capability import outputs; "
+            "assert modekernels._C.cpu_capability == 'DEFAULT', modekernels._C.cpu_capability; "
+            "torch.save(outputs(torch.load(sys.argv[1])), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(src), str(dst)], env=env, check=True, cwd=ROOT)
+    return torch.load(dst)
+
+
+def cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or "x86" not in os.uname().machine,
+                    reason="the AVX2 build exists on x86-64 only")
+def test_capability_is_avx2_where_cpu_and_torch_have_it():
+    flags = cpu_flags()
+    has = "avx2" in flags and "f16c" in flags and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+    assert modekernels._C.cpu_capability == ("AVX2" if has else "DEFAULT")
+
+
+@pytest.mark.skipif(modekernels._C.cpu_capability != "AVX2", reason="this process runs the baseline build")
+def test_avx2_build_gives_the_baseline_build_bits(tmp_path):
+    cases = make_inputs()
+    got, expected = outputs(cases), baseline_outputs(tmp_path, cases)
+    checked = 0
+    for case, g, e in zip(cases, got, expected):
+        assert g.keys() == e.keys()
+        for name in g:
+            for i, (a, b) in enumerate(zip(g[name], e[name])):
+                where = f"{name}[{i}] {case['x'].dtype} {tuple(case['x'].shape)}"
+                assert a.dtype == b.dtype and a.shape == b.shape, where
+                assert torch.equal(a, b), where
+                checked += a.numel()
+    assert checked > 0
