@@ -9,9 +9,9 @@
 // The random stream is the one of dropout.h, so CUDA gives the same mask for the same
 // (seed, offset); with p == 0 no words are computed at all.
 //
-// Built twice, for the baseline ISA and from dropout_cpu_avx2.cpp for AVX2 (common/
-// cpu_capability.h): the AVX2 build's loops are 8 float lanes wide, which pays where float16 and
-// bfloat16 are widened and narrowed in integer registers.
+// Built twice (common/cpu_capability.h), for the baseline ISA and from dropout_cpu_avx2.cpp for
+// AVX2: the AVX2 build's loops are 8 float lanes wide, which pays where float16 and bfloat16 are
+// widened and narrowed in integer registers.
 #include "common/convert.h"
 #include "common/cpu_capability.h"
 #include "common/philox_cpu.h"
