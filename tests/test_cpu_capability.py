@@ -1,7 +1,10 @@
 """The two builds of the CPU kernels (csrc/common/cpu_capability.h): the AVX2 build, which runs
 here when the CPU has it, must give the same bits as the baseline build, which a subprocess runs
 with torch's switch ATEN_CPU_CAPABILITY=default. Neither build contracts multiply-adds, and both
-sum in the same order, so every output must be identical, not merely close."""
+sum in the same order, so every output must be identical, not merely close. float16 and
+bfloat16 inputs also run through every elementwise kernel with all 65536 of their bit patterns
+(NaNs with payloads, infinities, subnormals, values that overflow), as the AVX2 build converts
+float16 with F16C (csrc/common/f16c.h) and the baseline build with integer operations."""
 import os
 import subprocess
 import sys
@@ -33,7 +36,41 @@ def make_inputs():
             param = torch.float64 if dtype == torch.float64 else torch.float32
             cases.append(dict(x=x, residual=residual, grad=grad, weight=torch.randn(shape[1], dtype=param),
                               bias=torch.randn(shape[1], dtype=param), bias_last=torch.randn(shape[-1]).to(dtype)))
+    for dtype in (torch.float16, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+            x = x.reshape(16, 16, 16, 16).contiguous(memory_format=fmt)
+            residual, grad = (torch.randn(x.shape).to(dtype).contiguous(memory_format=fmt) for _ in range(2))
+            cases.append(dict(all_bits=True, x=x, residual=residual, grad=grad, weight=torch.randn(16),
+                              bias=torch.randn(16), bias_last=torch.randn(16).to(dtype),
+                              mean=torch.randn(16), var=torch.rand(16) + 0.5))
     return cases
+
+
+def run_elementwise(case):
+    """The elementwise kernels on one case: BatchNorm eval with the case's statistics (plain,
+    +ReLU, +add+ReLU) and its backward (x as the incoming gradient, then as the input of a
+    recomputed ReLU gate and as a saved one), and the dropouts."""
+    x, residual, grad, weight, bias, mean, var = (
+        case[k] for k in ("x", "residual", "grad", "weight", "bias", "mean", "var"))
+    stats = (mean, var, weight, 1e-5, False, [True, False, False])
+    out = {}
+    for name, res, relu in (("bn", None, False), ("bn_relu", None, True), ("bn_add_relu", residual, True)):
+        out[name] = [ops.batch_norm_eval(x, mean, var, weight, bias, 1e-5, res, relu)]
+    out["bn"].append(ops.batch_norm_backward(x, grad, *stats)[0])
+    out["bn_relu"].append(ops.batch_norm_backward(grad, x, *stats, relu=True, bias=bias)[0])
+    out["bn_add_relu"] += ops.batch_norm_backward(grad, grad, *stats, relu_output=x, residual_grad=True)[::3]
+    out["dropout"] = dropouts(case)
+    return out
+
+
+def dropouts(case):
+    x, residual, bias = case["x"], case["residual"], case["bias_last"]
+    gen = torch.Generator().manual_seed(1)
+    return [F.dropout(x, 0.3, generator=gen), F.dropout2d(x, 0.3, generator=gen),
+            F.dropout_add(x, residual, 0.3, generator=gen), F.dropout_add(x, residual, 0.3, training=False),
+            F.bias_dropout_add(x, bias, residual, 0.3, generator=gen),
+            F.bias_dropout_add(x, bias, residual, 0.3, training=False)]
 
 
 def run_kernels(case):
@@ -50,17 +87,17 @@ def run_kernels(case):
                                *ops.batch_norm_backward(grad, x, mean, var + 0.5, weight, 1e-5, False,
                                                         [True, True, True])[:3]]
     out["stats"] = [*ops.batch_norm_stats(x), *ops.batch_norm_grad_sums(grad, x, out["bn"][1])]
-    gen = torch.Generator().manual_seed(1)
-    out["dropout"] = [F.dropout(x, 0.3, generator=gen), F.dropout2d(x, 0.3, generator=gen),
-                      F.dropout_add(x, residual, 0.3, generator=gen),
-                      F.dropout_add(x, residual, 0.3, training=False),
-                      F.bias_dropout_add(x, case["bias_last"], residual, 0.3, generator=gen),
-                      F.bias_dropout_add(x, case["bias_last"], residual, 0.3, training=False)]
+    out["dropout"] = dropouts(case)
     return out
 
 
 def outputs(cases):
-    return [run_kernels(case) for case in cases]
+    return [run_elementwise(case) if case.get("all_bits") else run_kernels(case) for case in cases]
+
+
+def bits(t):
+    """t's bits as integers, so that NaNs compare too."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def baseline_outputs(tmp_path, cases):
@@ -100,6 +137,6 @@ def test_avx2_build_gives_the_baseline_build_bits(tmp_path):
             for i, (a, b) in enumerate(zip(g[name], e[name])):
                 where = f"{name}[{i}] {case['x'].dtype} {tuple(case['x'].shape)}"
                 assert a.dtype == b.dtype and a.shape == b.shape, where
-                assert torch.equal(a, b), where
+                assert torch.equal(bits(a), bits(b)), where
                 checked += a.numel()
     assert checked > 0

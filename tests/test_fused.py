@@ -98,16 +98,20 @@ def test_backward_saves_no_pre_activation(variant):
 def test_recomputed_relu_gate_is_exactly_the_saved_one(device, dtype, layout, threads):
     # BN+ReLU's backward recomputes where the forward's ReLU passed. It must agree with the saved
     # output everywhere, also where the value rounds to 0 in float16/bfloat16: channels with tiny
-    # weights put many values near 0 and below the smallest subnormal.
+    # weights put many values near 0 and below the smallest subnormal, and channels with weight 0
+    # have their bias as every value: the largest that rounds to 0 in float16 (2^-25) and in
+    # bfloat16 (2^-134), and the next float above each.
     gen = torch.Generator().manual_seed(0)
-    shape = (64, 6) if layout == "2d" else (6, 6, 5, 7)  # rows read four at a time, two left over
+    C = 10
+    shape = (64, C) if layout == "2d" else (6, C, 5, 7)  # rows read four at a time, two left over
     x = torch.randn(shape, generator=gen).to(device, dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     dy = torch.randn(shape, generator=gen).to(device, dtype)
     param = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    w = torch.tensor([1.0, 1e-6, 1e-8, 3e-7, 2.0, 1e-30], dtype=param, device=device)
-    b = torch.tensor([0.0, 1e-7, -1e-8, 0.0, -0.5, 1e-40], dtype=param, device=device)
+    bounds = [2.0**-25, 2.0**-25 * (1 + 2.0**-23), 2.0**-134, 2.0**-134 + 2.0**-149]
+    w = torch.tensor([1.0, 1e-6, 1e-8, 3e-7, 2.0, 1e-30] + [0.0] * 4, dtype=param, device=device)
+    b = torch.tensor([0.0, 1e-7, -1e-8, 0.0, -0.5, 1e-40] + bounds, dtype=param, device=device)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # 1: the CPU's cache-resident passes; 8: the separate ones
     try:
@@ -115,7 +119,7 @@ def test_recomputed_relu_gate_is_exactly_the_saved_one(device, dtype, layout, th
             if training:
                 out, mean, var = mkops.batch_norm_train(x, w, b, 1e-5, None, True)
             else:
-                mean, var = torch.zeros(6, dtype=param, device=device), torch.ones(6, dtype=param, device=device)
+                mean, var = torch.zeros(C, dtype=param, device=device), torch.ones(C, dtype=param, device=device)
                 out = mkops.batch_norm_eval(x, mean, var, w, b, 1e-5, None, True)
             mask = [True, True, True]
             saved = mkops.batch_norm_backward(dy, x, mean, var, w, 1e-5, training, mask,
@@ -127,6 +131,10 @@ def test_recomputed_relu_gate_is_exactly_the_saved_one(device, dtype, layout, th
     finally:
         torch.set_num_threads(previous)
     assert ((out == 0) & (x != 0)).any()  # values that the ReLU (or rounding) closed
+    tiny = out[:, 6:].reshape(out.shape[0], 4, -1)[:, :, 0]  # one value per boundary channel
+    if dtype in (torch.float16, torch.bfloat16):  # the first of a pair rounds to 0, the second not
+        pair = slice(0, 2) if dtype == torch.float16 else slice(2, 4)
+        assert (tiny[:, pair] > 0).tolist() == [[False, True]] * out.shape[0]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,7 +13,7 @@
 //   over memory.
 // grad_sums: the same task split, accumulating sum(dy) and sum(dy (x - mean)). One pass.
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows
-//   (channels-last rows of 4 KB or more four at a time).
+//   (channels-last rows of 4 KB or more four at a time), in spans of at most kSpan elements.
 // Resident variants: for channels-first memory with small channels, a training forward or
 //   backward runs reduction and elementwise pass over a group of channels, the second pass
 //   reading from cache: one pass over memory in all (see "cache-resident" below).
@@ -22,14 +22,17 @@
 //
 // This file is compiled twice (common/cpu_capability.h): as itself for the baseline ISA, and from
 // batch_norm_cpu_avx2.cpp for AVX2, each build's kernels in a namespace of their own (baseline,
-// avx2). The AVX2 build's loops are 8 float lanes wide and widen and narrow float16/bfloat16 in
-// 256-bit integer registers: on the development machine (AMD EPYC, 8x256x56x56) the bfloat16
-// module went from 0.49-0.97x of torch's speed to 0.72-1.27x, float16 from 0.15-0.29x to
-// 0.25-0.52x, float32 within noise. The baseline build registers the ops.
+// avx2). The AVX2 build's loops are 8 float lanes wide, widen and narrow bfloat16 in 256-bit
+// integer registers and convert float16 with F16C (the reductions' loads, and the elementwise
+// passes' spans staged through float buffers: common/f16c.h). On the development machine (AMD
+// EPYC, 8x256x56x56) the bfloat16 module went from 0.49-0.97x of torch's speed to 0.75-1.18x,
+// float16 from 0.15-0.29x to 0.59-1.07x, float32 within noise. The baseline build registers the
+// ops.
 #include "batch_norm/batch_norm.h"
 #include "batch_norm/batch_norm_math.h"
 #include "common/convert.h"
 #include "common/cpu_capability.h"
+#include "common/f16c.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -283,11 +286,12 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
                     opmath_t mean, RowSums<opmath_t>& acc) {
   using L = Lanes<opmath_t>;
   const bool recompute = gate.coeffs != nullptr;  // then gate.g is x itself
-  opmath_t gm = 0, gb = 0, gd = 0;
+  opmath_t gm = 0, gb = 0, gd = 0, above = 0;  // open where the gate value is > above
   if (recompute) {
     gm = gate.coeffs[kM * gate.C + c];
     gb = gate.coeffs[kB * gate.C + c];
     gd = gate.coeffs[kD * gate.C + c];
+    above = zero_rounding_bound<scalar_t, opmath_t>();
   }
   acc.start_batch(R * len);
   auto v1 = std::to_array(acc.v1), v2 = std::to_array(acc.v2);  // held in registers
@@ -304,17 +308,9 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
         auto g = load_part<opmath_t>(dy + at, j);
         const auto v = load_part<opmath_t>(x + at, j);
         if (gate.g) {
-          typename L::Part open;
-          if (!recompute) {
-            open = load_part<opmath_t>(gate.g + at, j);
-          } else if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-            open = gd + (v - gm) * gb;  // normalized(), lane by lane; rounding to scalar_t is exact
-          } else {
-            for (int64_t k = 0; k < L::kWidth; ++k) {  // rounded to scalar_t, element by element
-              open[k] = widen<opmath_t>(narrow<scalar_t>(normalized(v[k], gm, gb, gd)));
-            }
-          }
-          g = open > opmath_t(0) ? g : typename L::Part{};  // closed for NaN too
+          // The saved output, or as relu_open recomputes it: normalized(), lane by lane.
+          const auto open = recompute ? gd + (v - gm) * gb : load_part<opmath_t>(gate.g + at, j);
+          g = open > above ? g : typename L::Part{};  // closed for NaN too
         }
         v1[lane] += g;
         v2[lane] += g * (v - mean);
@@ -578,12 +574,14 @@ void with_variant(const AffinePtrs<scalar_t>& in, const Fn& fn) {
   }
 }
 
-// Element i with its channel's coefficients (a, b, m, d; gb, gd for a recomputed gate). The
-// pointers are taken by value: held in locals, the compiler knows that stores to `out` cannot
-// change them, and the loops that call this vectorize.
-template <typename V, typename scalar_t, typename opmath_t>
-inline void affine_element(AffinePtrs<scalar_t> in, int64_t i, opmath_t a, opmath_t b, opmath_t m,
-                           opmath_t d, opmath_t gb, opmath_t gd, scalar_t* out) {
+// Element i with its channel's coefficients (a, b, m, d; gb, gd for a recomputed gate), its
+// operands and results stored as S: scalar_t, or float buffers staged from float16 (affine_span);
+// a recomputed gate is tested for scalar_t either way. The pointers are taken by value: held in
+// locals, the compiler knows that stores to `out` cannot change them, and the loops that call
+// this vectorize.
+template <typename V, typename scalar_t, typename S, typename opmath_t>
+inline void affine_element(AffinePtrs<S> in, int64_t i, opmath_t a, opmath_t b, opmath_t m,
+                           opmath_t d, opmath_t gb, opmath_t gd, S* out) {
   opmath_t v;
   if constexpr (V::kHasP) {
     bool open = true;
@@ -593,7 +591,7 @@ inline void affine_element(AffinePtrs<scalar_t> in, int64_t i, opmath_t a, opmat
     }
     const opmath_t pv = widen<opmath_t>(in.p[i]);  // loaded either way: no branch
     const opmath_t g = open ? pv : opmath_t(0);
-    if constexpr (V::kGatedOut) in.gated_out[i] = narrow<scalar_t>(g);
+    if constexpr (V::kGatedOut) in.gated_out[i] = narrow<S>(g);
     v = d + g * a;
     if constexpr (V::kHasQ) v += (widen<opmath_t>(in.q[i]) - m) * b;
   } else {
@@ -601,15 +599,51 @@ inline void affine_element(AffinePtrs<scalar_t> in, int64_t i, opmath_t a, opmat
   }
   if constexpr (V::kResidual) v += widen<opmath_t>(in.residual[i]);
   if constexpr (V::kRelu) v = v < opmath_t(0) ? opmath_t(0) : v;  // NaN stays NaN, as in torch.relu
-  out[i] = narrow<scalar_t>(v);
+  out[i] = narrow<S>(v);
+}
+
+// The elementwise passes go over memory in spans of at most kSpan elements.
+constexpr int64_t kSpan = 512;
+
+template <typename T>
+T* shifted(T* p, int64_t i) {
+  return p ? p + i : nullptr;
+}
+
+// Calls element(ptrs, k, o) for the elements i0 + k, k < n <= kSpan, of a pass: ptrs and o are
+// `in` and `out` from element i0 on or, for float16 in the AVX2 build, float buffers that F16C
+// fills before the loop and empties after it (common/f16c.h).
+template <typename V, typename scalar_t, typename Element>
+inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0, int64_t n, scalar_t* out,
+                        const Element& element) {
+  if constexpr (f16c_staged<scalar_t, MK_CPU_ISA_F16C>) {
+    alignas(32) float p[kSpan], q[kSpan], g[kSpan], residual[kSpan], o[kSpan], gated[kSpan];
+    if constexpr (V::kHasP) widen_block(in.p + i0, p, n);
+    if constexpr (V::kHasQ || !V::kHasP) widen_block(in.q + i0, q, n);
+    if constexpr (V::kGate != kNoGate) widen_block(in.gate.g + i0, g, n);
+    if constexpr (V::kResidual) widen_block(in.residual + i0, residual, n);
+    const AffinePtrs<float> staged{p, q, {g, in.gate.coeffs, in.gate.C}, residual, in.relu, gated};
+    for (int64_t k = 0; k < n; ++k) element(staged, k, o);
+    narrow_block(o, out + i0, n);
+    if constexpr (V::kGatedOut) narrow_block(gated, in.gated_out + i0, n);
+  } else {
+    const AffinePtrs<scalar_t> from{shifted(in.p, i0), shifted(in.q, i0),
+                                    {shifted(in.gate.g, i0), in.gate.coeffs, in.gate.C},
+                                    shifted(in.residual, i0), in.relu, shifted(in.gated_out, i0)};
+    for (int64_t k = 0; k < n; ++k) element(from, k, out + i0);
+  }
 }
 
 // One channels-first row: elements [begin, begin + len) of one channel, k its kChannelCoeffs.
 template <typename V, typename scalar_t, typename opmath_t>
-inline void affine_row(AffinePtrs<scalar_t> in, int64_t begin, int64_t len, const opmath_t* k,
-                       scalar_t* out) {
+inline void affine_row(const AffinePtrs<scalar_t>& in, int64_t begin, int64_t len,
+                       const opmath_t* k, scalar_t* out) {
   const opmath_t a = k[kA], b = k[kB], m = k[kM], d = k[kD], gb = k[kGateB], gd = k[kGateD];
-  for (int64_t i = begin; i < begin + len; ++i) affine_element<V>(in, i, a, b, m, d, gb, gd, out);
+  for (int64_t i0 = begin; i0 < begin + len; i0 += kSpan) {
+    affine_span<V>(in, i0, std::min(kSpan, begin + len - i0), out, [=](auto ptrs, int64_t i, auto* o) {
+      affine_element<V, scalar_t>(ptrs, i, a, b, m, d, gb, gd, o);
+    });
+  }
 }
 
 // The gate coefficients of channel c in k[kGateB], k[kGateD] (zeros without a recomputed gate).
@@ -640,21 +674,30 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(C, 1));
+    const auto gate_coeff = [&](int64_t row, int64_t c) {
+      return V::kGate == kRecomputedGate ? in.gate.coeffs[row * C + c] : opmath_t(0);
+    };
     // kBatchRows rows per sweep over the channels: each channel's coefficients are loaded once
-    // for them (with thousands of channels they come from L2).
-    const bool batched = batch_rows<scalar_t>(l);
+    // for them (with thousands of channels they come from L2). Staged float16 goes row by row.
+    constexpr bool kStaged = f16c_staged<scalar_t, MK_CPU_ISA_F16C>;
+    const bool batched = batch_rows<scalar_t>(l) && !kStaged;
     at::parallel_for(0, l.N * l.S, grain, [&](int64_t r0, int64_t r1) {
       for_row_batches(r0, r1, batched, [&](int64_t r, auto R) {
-        _Pragma("GCC ivdep")  // column c of R rows: no dependence between iterations
-        for (int64_t c = 0; c < C; ++c) {
-          opmath_t gb = 0, gd = 0;
-          if constexpr (V::kGate == kRecomputedGate) {
-            gb = in.gate.coeffs[kB * C + c];
-            gd = in.gate.coeffs[kD * C + c];
+        if constexpr (kStaged) {
+          for (int64_t c0 = 0; c0 < C; c0 += kSpan) {
+            affine_span<V>(in, r * C + c0, std::min(kSpan, C - c0), out, [&](auto ptrs, int64_t i, auto* o) {
+              const int64_t c = c0 + i;
+              affine_element<V, scalar_t>(ptrs, i, A[c], B[c], M[c], D[c], gate_coeff(kB, c), gate_coeff(kD, c), o);
+            });
           }
-          unrolled(R, [&](int64_t j) {
-            affine_element<V>(in, (r + j) * C + c, A[c], B[c], M[c], D[c], gb, gd, out);
-          });
+        } else {
+          _Pragma("GCC ivdep")  // column c of R rows: no dependence between iterations
+          for (int64_t c = 0; c < C; ++c) {
+            const opmath_t gb = gate_coeff(kB, c), gd = gate_coeff(kD, c);
+            unrolled(R, [&](int64_t j) {
+              affine_element<V, scalar_t>(in, (r + j) * C + c, A[c], B[c], M[c], D[c], gb, gd, out);
+            });
+          }
         }
       });
     });

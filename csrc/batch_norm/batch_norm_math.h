@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/convert.h"
 #include "common/macros.h"
@@ -33,11 +34,26 @@ MK_HOST_DEVICE T normalized(T q, T m, T b, T d) {
 #endif
 }
 
+// The largest T that rounds to zero as scalar_t, to nearest even: half the smallest positive
+// subnormal of float16 (2^-24) or bfloat16 (2^-133), 0 where scalar_t is T itself. A value v is
+// > 0 once rounded to scalar_t iff v > zero_rounding_bound (never for NaN).
+template <typename scalar_t, typename T>
+MK_HOST_DEVICE constexpr T zero_rounding_bound() {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return T(0x1p-25);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return T(0x1p-134);
+  } else {
+    return T(0);
+  }
+}
+
 // Whether the forward's ReLU passed element x with forward coefficients (m, b, d): its output,
 // rounded to scalar_t as the forward stored it, is > 0 (false for NaN, as torch's ReLU backward).
+// One comparison, with no rounding, so that the loops that recompute the gate vectorize.
 template <typename scalar_t, typename T>
 MK_HOST_DEVICE bool relu_open(T x, T m, T b, T d) {
-  return widen<T>(narrow<scalar_t>(normalized(x, m, b, d))) > T(0);
+  return normalized(x, m, b, d) > zero_rounding_bound<scalar_t, T>();
 }
 
 // A fused backward's ReLU gate (batch_norm.h Gate) as the kernels see it: g is null (no gate),

@@ -10,10 +10,11 @@
 // (seed, offset); with p == 0 no words are computed at all.
 //
 // Built twice (common/cpu_capability.h), for the baseline ISA and from dropout_cpu_avx2.cpp for
-// AVX2: the AVX2 build's loops are 8 float lanes wide, which pays where float16 and bfloat16 are
-// widened and narrowed in integer registers.
+// AVX2: the AVX2 build's loops are 8 float lanes wide, which pays where bfloat16 is widened and
+// narrowed in integer registers, and it converts float16 blocks with F16C (common/f16c.h).
 #include "common/convert.h"
 #include "common/cpu_capability.h"
+#include "common/f16c.h"
 #include "common/philox_cpu.h"
 #include "dropout/dropout.h"
 
@@ -48,6 +49,24 @@ void block_multipliers(uint64_t seed, uint64_t offset, uint64_t first_group, int
   }
 }
 
+// A block's operands and results in opmath (float16 staged through F16C in the AVX2 build).
+template <typename scalar_t>
+using In = BlockIn<scalar_t, kBlock, MK_CPU_ISA_F16C>;
+template <typename scalar_t>
+using Out = BlockOut<scalar_t, kBlock, MK_CPU_ISA_F16C>;
+
+// dst[i] = src[i] * m(i) for i < n, a block at a time.
+template <typename scalar_t, typename Mult>
+void scale_blocks(const scalar_t* src, scalar_t* dst, int64_t n, const Mult& m) {
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    const In<scalar_t> x(src + b, len);
+    Out<scalar_t> y(dst + b);
+    for (int64_t i = 0; i < len; ++i) y.set(i, x[i] * m(b + i));
+    y.store(len);
+  }
+}
+
 template <typename scalar_t>
 struct Extras {
   const scalar_t* residual;  // or null
@@ -77,30 +96,32 @@ void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
         block_multipliers(seed, offset, static_cast<uint64_t>(begin / 4), (len + 3) / 4,
                           threshold, scale, mult);
       }
-      const scalar_t* s = src + begin;
-      scalar_t* d = dst + begin;
+      const In<scalar_t> x(src + begin, len);
+      const In<scalar_t> residual(kResidual ? extras.residual + begin : nullptr, kResidual ? len : 0);
+      Out<scalar_t> y(dst + begin);
       if constexpr (kBias) {
         // Runs of the block that stay within one bias row, each a plain vectorizable loop.
         int64_t i = 0;
         int64_t j = begin % extras.H;
         while (i < len) {
           const int64_t run = std::min(len - i, extras.H - j);
-          const scalar_t* bias = extras.bias + j;
+          const In<scalar_t> bias(extras.bias + j, run);
           for (int64_t k = 0; k < run; ++k) {
-            opmath_t v = (widen<opmath_t>(s[i + k]) + widen<opmath_t>(bias[k])) * mult[i + k];
-            if constexpr (kResidual) v += widen<opmath_t>(extras.residual[begin + i + k]);
-            d[i + k] = narrow<scalar_t>(v);
+            opmath_t v = (x[i + k] + bias[k]) * mult[i + k];
+            if constexpr (kResidual) v += residual[i + k];
+            y.set(i + k, v);
           }
           i += run;
           j = 0;
         }
       } else {
         for (int64_t i = 0; i < len; ++i) {
-          opmath_t v = widen<opmath_t>(s[i]) * mult[i];
-          if constexpr (kResidual) v += widen<opmath_t>(extras.residual[begin + i]);
-          d[i] = narrow<scalar_t>(v);
+          opmath_t v = x[i] * mult[i];
+          if constexpr (kResidual) v += residual[i];
+          y.set(i, v);
         }
       }
+      y.store(len);
     }
   });
 }
@@ -126,9 +147,7 @@ void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
     at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         const opmath_t m = unit_multiplier(u);
-        for (int64_t i = u * S; i < (u + 1) * S; ++i) {
-          dst[i] = narrow<scalar_t>(widen<opmath_t>(src[i]) * m);
-        }
+        scale_blocks(src + u * S, dst + u * S, S, [m](int64_t) { return m; });
       }
     });
   } else {
@@ -139,9 +158,7 @@ void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
         for (int64_t c = 0; c < C; ++c) mult[c] = unit_multiplier(sample * C + c);
         for (int64_t row = 0; row < S; ++row) {
           const int64_t base = (sample * S + row) * C;
-          for (int64_t c = 0; c < C; ++c) {
-            dst[base + c] = narrow<scalar_t>(widen<opmath_t>(src[base + c]) * mult[c]);
-          }
+          scale_blocks(src + base, dst + base, C, [&mult](int64_t c) { return mult[c]; });
         }
       }
     });
