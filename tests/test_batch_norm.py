@@ -72,11 +72,21 @@ def cases_with_formats():
     return [pytest.param(c, f, id=f"{c}-{f}") for c, spec in CASES.items() for f in spec[3]]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+# torch's CUDA BatchNorm runs cuDNN where it can and its own kernels otherwise: ours is compared
+# with both ("cuda-native": cuDNN switched off).
+BACKENDS = [*DEVICES, pytest.param("cuda-native", marks=cuda)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case,fmt", cases_with_formats())
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_matches_torch_over_steps_in_both_modes(device, dtype, case, fmt, variant):
+def test_matches_torch_over_steps_in_both_modes(backend, dtype, case, fmt, variant):
+    with torch.backends.cudnn.flags(enabled=backend != "cuda-native"):
+        matches_torch_over_steps(backend.removesuffix("-native"), dtype, case, fmt, variant)
+
+
+def matches_torch_over_steps(device, dtype, case, fmt, variant):
     theirs, ours = twin_modules(case, variant, device, params_dtype_for(dtype))
     tol = BN_TOL[dtype]
     shape = CASES[case][2]
