@@ -215,9 +215,7 @@ void apply_cpu(const at::Tensor& src, const at::Tensor& dst, double p,
 #ifndef MK_CPU_AVX2_BUILD
 #ifdef MK_CPU_AVX2
 namespace avx2 {
-void apply_cpu(const at::Tensor& src, const at::Tensor& dst, double p,
-               const std::optional<at::Generator>& generator, const at::Tensor& state, bool draw,
-               const Fusion& fusion);
+decltype(baseline::apply_cpu) apply_cpu;  // dropout_cpu_avx2.cpp
 }
 #endif
 
