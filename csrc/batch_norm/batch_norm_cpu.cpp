@@ -47,10 +47,6 @@
 #include <utility>
 #include <vector>
 
-#ifdef MK_CPU_AVX2_BUILD
-#include <immintrin.h>
-#endif
-
 MK_CPU_ISA_TARGET
 
 namespace modekernels::batch_norm {
@@ -107,8 +103,8 @@ typename Lanes<T>::Part load_part(const scalar_t* p, int64_t k) {
     typedef int32_t Word __attribute__((vector_size(16)));
     Bits h;
     std::memcpy(&h, p, sizeof(h));
-#ifdef MK_CPU_AVX2_BUILD
-    if constexpr (std::is_same_v<scalar_t, c10::Half>) {  // F16C: one instruction
+#ifdef MK_CPU_AVX2
+    if constexpr (f16c_staged<scalar_t, MK_CPU_ISA_F16C>) {  // F16C (common/f16c.h): one instruction
       return std::bit_cast<typename L::Part>(_mm_cvtph_ps(_mm_set_epi64x(0, std::bit_cast<int64_t>(h))));
     }
 #endif
