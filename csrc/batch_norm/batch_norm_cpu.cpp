@@ -23,8 +23,9 @@
 // This file is compiled twice (common/cpu_capability.h): as itself for the baseline ISA, and from
 // batch_norm_cpu_avx2.cpp for AVX2, each build's kernels in a namespace of their own (baseline,
 // avx2). The AVX2 build's loops are 8 float lanes wide, widen and narrow bfloat16 in 256-bit
-// integer registers and convert float16 with F16C (the reductions' loads, and the elementwise
-// passes' spans staged through float buffers: common/f16c.h). On the development machine (AMD
+// integer registers and convert float16 with F16C (the channels-first reductions' loads; the
+// channels-last reductions' rows and the elementwise passes' spans staged through float buffers:
+// common/f16c.h). On the development machine (AMD
 // EPYC, 8x256x56x56) the bfloat16 module went from 0.49-0.97x of torch's speed to 0.75-1.18x,
 // float16 from 0.15-0.29x to 0.59-1.07x, float32 within noise. The baseline build registers the
 // ops.
@@ -43,6 +44,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -354,20 +356,56 @@ inline void unrolled(R, const Fn& fn) {
 // 0.85-1.1x (noise); on shorter rows (256 or 512 channels) all three were 10-40% slower.
 constexpr int64_t kMinBatchRowBytes = 4096;
 
-template <typename scalar_t>
-bool batch_rows(const Layout& l) {
-  return l.C * static_cast<int64_t>(sizeof(scalar_t)) >= kMinBatchRowBytes;
-}
-
-// Calls fn(r, R) for rows r0 <= r < r1 in batches of R rows, r to r + R - 1; R (a
-// std::integral_constant) is kBatchRows where `batched`, and 1 for the rows left over or all rows.
-template <typename Fn>
-void for_row_batches(int64_t r0, int64_t r1, bool batched, const Fn& fn) {
+// Calls fn(r, R) for rows r0 <= r < r1 of channels-last memory in batches of R rows, r to
+// r + R - 1; R (a std::integral_constant) is kBatchRows for rows of kMinBatchRowBytes or more, and
+// 1 for the rows left over and for shorter rows. Float16 goes row by row in both builds: the AVX2
+// build stages its rows (row_columns), and the baseline build sums in the same order.
+template <typename scalar_t, typename Fn>
+void for_row_batches(const Layout& l, int64_t r0, int64_t r1, const Fn& fn) {
   int64_t r = r0;
-  if (batched) {
-    for (; r + kBatchRows <= r1; r += kBatchRows) fn(r, std::integral_constant<int64_t, kBatchRows>{});
+  if constexpr (!std::is_same_v<scalar_t, c10::Half>) {
+    if (l.C * static_cast<int64_t>(sizeof(scalar_t)) >= kMinBatchRowBytes) {
+      for (; r + kBatchRows <= r1; r += kBatchRows) fn(r, std::integral_constant<int64_t, kBatchRows>{});
+    }
   }
   for (; r < r1; ++r) fn(r, std::integral_constant<int64_t, 1>{});
+}
+
+// Channels-last passes and the elementwise passes go over memory in spans of at most kSpan
+// elements where they stage float16 (common/f16c.h).
+constexpr int64_t kSpan = 512;
+
+template <typename T>
+T* shifted(T* p, int64_t i) {
+  return p ? p + i : nullptr;
+}
+
+// Calls cols(c0, n, v...) for the channels of R channels-last rows from row r on (R as
+// for_row_batches gives it), v being the operands' views, in the order given: channel c0 + k of
+// row r + j is v[j * C + k], k < n, each read with widen. A view is the operand's own memory from
+// row r on (c0 = 0, n = C) or, for float16 staged by F16C (which for_row_batches never batches), a
+// float copy of kSpan channels of row r at a time. Null operands stay null.
+template <typename R, typename Cols, typename scalar_t, typename... More>
+inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_t* first, More... more) {
+  if constexpr (f16c_staged<scalar_t, MK_CPU_ISA_F16C>) {
+    static_assert(R::value == 1, "staged float16 goes row by row");
+    constexpr size_t kViews = 1 + sizeof...(More);
+    alignas(32) float buf[kViews][kSpan];
+    for (int64_t c0 = 0; c0 < C; c0 += kSpan) {
+      const int64_t n = std::min(kSpan, C - c0);
+      const std::array<const scalar_t*, kViews> from{first, more...};
+      std::array<const float*, kViews> v{};
+      for (size_t k = 0; k < kViews; ++k) {
+        if (from[k]) {
+          widen_block(from[k] + r * C + c0, buf[k], n);
+          v[k] = buf[k];
+        }
+      }
+      std::apply([&](auto... views) { cols(c0, n, views...); }, v);
+    }
+  } else {
+    cols(int64_t{0}, C, shifted(first, r * C), shifted(more, r * C)...);
+  }
 }
 
 // Two sums per channel over the N * S rows of channels-last memory, into s1 and s2 (C each). A task
@@ -383,7 +421,6 @@ void rows_last_sums(const Layout& l, const AddRows& add_rows, std::vector<double
   const int64_t rows = l.N * l.S;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
   const int64_t block_rows = std::max<int64_t>(kMinBlockRows, kBlockElems / std::max<int64_t>(C, 1));
-  const bool batched = batch_rows<scalar_t>(l);
   std::vector<double> p1(chunks * C, 0.0), p2(chunks * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     std::vector<opmath_t> a(C), b(C);
@@ -392,8 +429,8 @@ void rows_last_sums(const Layout& l, const AddRows& add_rows, std::vector<double
       for (int64_t r0 = rows * k / chunks; r0 < end; r0 += block_rows) {
         std::fill(a.begin(), a.end(), opmath_t(0));
         std::fill(b.begin(), b.end(), opmath_t(0));
-        for_row_batches(r0, std::min(end, r0 + block_rows), batched,
-                        [&](int64_t r, auto R) { add_rows(r, R, a.data(), b.data()); });
+        for_row_batches<scalar_t>(l, r0, std::min(end, r0 + block_rows),
+                                  [&](int64_t r, auto R) { add_rows(r, R, a.data(), b.data()); });
         for (int64_t c = 0; c < C; ++c) {
           p1[k * C + c] += a[c];
           p2[k * C + c] += b[c];
@@ -434,18 +471,20 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
     for (int64_t c = 0; c < C; ++c) shift[c] = widen<opmath_t>(x[c]);
     std::vector<double> s1, s2;
     rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
-      const scalar_t* row = x + r * C;
-      _Pragma("GCC ivdep")  // column c of R rows: no dependence between iterations
-      for (int64_t c = 0; c < C; ++c) {
-        opmath_t sum = 0, sq = 0;
-        unrolled(R, [&](int64_t j) {
-          const opmath_t d = widen<opmath_t>(row[j * C + c]) - shift[c];
-          sum += d;
-          sq += d * d;
-        });
-        a[c] += sum;
-        b[c] += sq;
-      }
+      row_columns(r, R, C, [&](int64_t c0, int64_t n, const auto* xv) {
+        _Pragma("GCC ivdep")  // column c of R rows: no dependence between iterations
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t c = c0 + k;
+          opmath_t sum = 0, sq = 0;
+          unrolled(R, [&](int64_t j) {
+            const opmath_t d = widen<opmath_t>(xv[j * C + k]) - shift[c];
+            sum += d;
+            sq += d * d;
+          });
+          a[c] += sum;
+          b[c] += sq;
+        }
+      }, x);
     }, s1, s2);
     for (int64_t c = 0; c < C; ++c) {
       total[c] = shifted_moments(static_cast<double>(l.N * l.S), static_cast<double>(shift[c]), s1[c], s2[c]);
@@ -492,19 +531,23 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
     // The gate's test is compiled in only where there is one, so plain BatchNorm vectorizes.
     const auto sums = [&](auto gated) {
       rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
-        _Pragma("GCC ivdep")  // column c of R rows: no dependence between iterations
-        for (int64_t c = 0; c < C; ++c) {
-          opmath_t sum = 0, dot = 0;
-          unrolled(R, [&](int64_t j) {
-            const int64_t i = (r + j) * C + c;
-            opmath_t g = widen<opmath_t>(dy[i]);
-            if constexpr (decltype(gated)::value) g = gate.open(i, c) ? g : opmath_t(0);
-            sum += g;
-            dot += g * (widen<opmath_t>(x[i]) - mean[c]);
-          });
-          a[c] += sum;
-          b[c] += dot;
-        }
+        const auto cols = [&](int64_t c0, int64_t n, const auto* dyv, const auto* xv, const auto* gv) {
+          _Pragma("GCC ivdep")  // column c of R rows: no dependence between iterations
+          for (int64_t k = 0; k < n; ++k) {
+            const int64_t c = c0 + k;
+            opmath_t sum = 0, dot = 0;
+            unrolled(R, [&](int64_t j) {
+              const int64_t i = j * C + k;
+              opmath_t g = widen<opmath_t>(dyv[i]);
+              if constexpr (decltype(gated)::value) g = gate.passes(widen<opmath_t>(gv[i]), c) ? g : opmath_t(0);
+              sum += g;
+              dot += g * (widen<opmath_t>(xv[i]) - mean[c]);
+            });
+            a[c] += sum;
+            b[c] += dot;
+          }
+        };
+        row_columns(r, R, C, cols, dy, x, decltype(gated)::value ? gate.g : nullptr);
       }, sdy, sdx);
     };
     gate.g ? sums(std::true_type{}) : sums(std::false_type{});
@@ -598,14 +641,6 @@ inline void affine_element(AffinePtrs<S> in, int64_t i, opmath_t a, opmath_t b, 
   out[i] = narrow<S>(v);
 }
 
-// The elementwise passes go over memory in spans of at most kSpan elements.
-constexpr int64_t kSpan = 512;
-
-template <typename T>
-T* shifted(T* p, int64_t i) {
-  return p ? p + i : nullptr;
-}
-
 // Calls element(ptrs, k, o) for the elements i0 + k, k < n <= kSpan, of a pass: ptrs and o are
 // `in` and `out` from element i0 on or, for float16 in the AVX2 build, float buffers that F16C
 // fills before the loop and empties after it (common/f16c.h).
@@ -674,11 +709,10 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
       return V::kGate == kRecomputedGate ? in.gate.coeffs[row * C + c] : opmath_t(0);
     };
     // kBatchRows rows per sweep over the channels: each channel's coefficients are loaded once
-    // for them (with thousands of channels they come from L2). Staged float16 goes row by row.
+    // for them (with thousands of channels they come from L2).
     constexpr bool kStaged = f16c_staged<scalar_t, MK_CPU_ISA_F16C>;
-    const bool batched = batch_rows<scalar_t>(l) && !kStaged;
     at::parallel_for(0, l.N * l.S, grain, [&](int64_t r0, int64_t r1) {
-      for_row_batches(r0, r1, batched, [&](int64_t r, auto R) {
+      for_row_batches<scalar_t>(l, r0, r1, [&](int64_t r, auto R) {
         if constexpr (kStaged) {
           for (int64_t c0 = 0; c0 < C; c0 += kSpan) {
             affine_span<V>(in, r * C + c0, std::min(kSpan, C - c0), out, [&](auto ptrs, int64_t i, auto* o) {
