@@ -206,11 +206,12 @@ def test_torch_compile_fullgraph_resnet_block_tail(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["dropout-add", "bias-dropout-add"])
-def test_dropout_add_equals_residual_plus_dropout(device, dtype, with_bias):
+@pytest.mark.parametrize("H", [5, 33, 300])  # bias rows shorter and longer than the CPU's spans
+def test_dropout_add_equals_residual_plus_dropout(device, dtype, with_bias, H):
     from modekernels import _ops, reference
-    x = (torch.rand(3, 7, 33, device=device) + 0.5).to(dtype).requires_grad_()
-    r = torch.randn(3, 7, 33, device=device).to(dtype).requires_grad_()
-    b = torch.randn(33, device=device).to(dtype).requires_grad_()
+    x = (torch.rand(3, 7, H, device=device) + 0.5).to(dtype).requires_grad_()
+    r = torch.randn(3, 7, H, device=device).to(dtype).requires_grad_()
+    b = torch.randn(H, device=device).to(dtype).requires_grad_()
     if with_bias:
         y, state = _ops.bias_dropout_add(x, b, r, 0.3)
         dropped = reference.dropout((x + b).detach(), 0.3, state)

@@ -11,7 +11,8 @@
 //
 // Built twice (common/cpu_capability.h), for the baseline ISA and from dropout_cpu_avx2.cpp for
 // AVX2: the AVX2 build's loops are 8 float lanes wide, which pays where bfloat16 is widened and
-// narrowed in integer registers, and it converts float16 blocks with F16C (common/f16c.h).
+// narrowed in integer registers, and it converts float16 in spans of 32 with F16C
+// (common/f16c.h).
 #include "common/convert.h"
 #include "common/cpu_capability.h"
 #include "common/f16c.h"
@@ -49,22 +50,38 @@ void block_multipliers(uint64_t seed, uint64_t offset, uint64_t first_group, int
   }
 }
 
-// A block's operands and results in opmath (float16 staged through F16C in the AVX2 build).
+// A span's operands and results in opmath (float16 staged through F16C in the AVX2 build).
 template <typename scalar_t>
-using In = BlockIn<scalar_t, kBlock, MK_CPU_ISA_F16C>;
+using In = BlockIn<scalar_t, MK_CPU_ISA_F16C>;
 template <typename scalar_t>
-using Out = BlockOut<scalar_t, kBlock, MK_CPU_ISA_F16C>;
+using Out = BlockOut<scalar_t, MK_CPU_ISA_F16C>;
 
-// dst[i] = src[i] * m(i) for i < n, a block at a time.
+// The elements In and Out take at a time: kStagedSpan for staged float16 (common/f16c.h), kBlock
+// otherwise.
+template <typename scalar_t>
+constexpr int64_t kSpan = f16c_staged<scalar_t, MK_CPU_ISA_F16C> ? kStagedSpan : kBlock;
+
+// fn(k0, n) for the spans [k0, k0 + n) of n elements, n <= kSpan: FullSpan where a staged span is
+// full (common/f16c.h).
+template <typename scalar_t, typename Fn>
+void for_spans(int64_t n, const Fn& fn) {
+  constexpr int64_t kN = kSpan<scalar_t>;
+  int64_t k0 = 0;
+  if constexpr (f16c_staged<scalar_t, MK_CPU_ISA_F16C>) {
+    for (; k0 + kN <= n; k0 += kN) fn(k0, FullSpan{});
+  }
+  for (; k0 < n; k0 += kN) fn(k0, std::min(kN, n - k0));
+}
+
+// dst[i] = src[i] * m(i) for i < n.
 template <typename scalar_t, typename Mult>
 void scale_blocks(const scalar_t* src, scalar_t* dst, int64_t n, const Mult& m) {
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t len = std::min(kBlock, n - b);
+  for_spans<scalar_t>(n, [&](int64_t b, auto len) MK_SPAN_BODY {
     const In<scalar_t> x(src + b, len);
     Out<scalar_t> y(dst + b);
     for (int64_t i = 0; i < len; ++i) y.set(i, x[i] * m(b + i));
     y.store(len);
-  }
+  });
 }
 
 template <typename scalar_t>
@@ -76,8 +93,8 @@ struct Extras {
 
 // Elementwise dropout: Philox words a block at a time, then one vectorizable pass over the
 // block: dst = src * m, or with the fusion terms (kBias, kResidual)
-// dst = (src + bias[i % H]) * m + residual, in opmath. The bias term walks the block in runs that
-// stay within one row of H, so no element takes i % H.
+// dst = (src + bias[i % H]) * m + residual, in opmath. Each task widens the bias once, repeated
+// so that any span finds its bias terms in one run (no element takes i % H).
 template <typename scalar_t, bool kBias, bool kResidual>
 void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t seed,
                        uint64_t offset, double p, const Extras<scalar_t>& extras) {
@@ -89,6 +106,9 @@ void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
   at::parallel_for(0, blocks, at::internal::GRAIN_SIZE / kBlock, [&](int64_t b0, int64_t b1) {
     alignas(64) opmath_t mult[kBlock];
     if (!masked) std::fill(mult, mult + kBlock, opmath_t(1));
+    // bias[t % H] for t < H + kSpan: the span from element i on has its terms from bias[i % H] on.
+    std::vector<opmath_t> bias(kBias ? extras.H + kSpan<scalar_t> : 0);
+    for (size_t t = 0; t < bias.size(); ++t) bias[t] = widen<opmath_t>(extras.bias[t % extras.H]);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t begin = b * kBlock;
       const int64_t len = std::min(kBlock, n - begin);
@@ -96,32 +116,22 @@ void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
         block_multipliers(seed, offset, static_cast<uint64_t>(begin / 4), (len + 3) / 4,
                           threshold, scale, mult);
       }
-      const In<scalar_t> x(src + begin, len);
-      const In<scalar_t> residual(kResidual ? extras.residual + begin : nullptr, kResidual ? len : 0);
-      Out<scalar_t> y(dst + begin);
-      if constexpr (kBias) {
-        // Runs of the block that stay within one bias row, each a plain vectorizable loop.
-        int64_t i = 0;
-        int64_t j = begin % extras.H;
-        while (i < len) {
-          const int64_t run = std::min(len - i, extras.H - j);
-          const In<scalar_t> bias(extras.bias + j, run);
-          for (int64_t k = 0; k < run; ++k) {
-            opmath_t v = (x[i + k] + bias[k]) * mult[i + k];
-            if constexpr (kResidual) v += residual[i + k];
-            y.set(i + k, v);
-          }
-          i += run;
-          j = 0;
-        }
-      } else {
-        for (int64_t i = 0; i < len; ++i) {
-          opmath_t v = x[i] * mult[i];
+      for_spans<scalar_t>(len, [&](int64_t k0, auto span) MK_SPAN_BODY {
+        const int64_t at = begin + k0;
+        const opmath_t* m = mult + k0;
+        const In<scalar_t> x(src + at, span);
+        const In<scalar_t> residual(kResidual ? extras.residual + at : nullptr, kResidual ? span : 0);
+        Out<scalar_t> y(dst + at);
+        const opmath_t* b = kBias ? bias.data() + at % extras.H : nullptr;
+        for (int64_t i = 0; i < span; ++i) {
+          opmath_t v = x[i];
+          if constexpr (kBias) v += b[i];
+          v *= m[i];
           if constexpr (kResidual) v += residual[i];
           y.set(i, v);
         }
-      }
-      y.store(len);
+        y.store(span);
+      });
     }
   });
 }
