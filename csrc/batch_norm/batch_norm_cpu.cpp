@@ -24,11 +24,10 @@
 // batch_norm_cpu_avx2.cpp for AVX2, each build's kernels in a namespace of their own (baseline,
 // avx2). The AVX2 build's loops are 8 float lanes wide, widen and narrow bfloat16 in 256-bit
 // integer registers and convert float16 with F16C (the channels-first reductions' loads; the
-// channels-last reductions' rows and the elementwise passes' spans staged through float buffers:
-// common/f16c.h). On the development machine (AMD
-// EPYC, 8x256x56x56) the bfloat16 module went from 0.49-0.97x of torch's speed to 0.75-1.18x,
-// float16 from 0.15-0.29x to 0.59-1.07x, float32 within noise. The baseline build registers the
-// ops.
+// channels-last reductions' rows and the elementwise passes' spans of 32 staged as floats:
+// common/f16c.h). On the development machine (AMD EPYC, 8x256x56x56) the bfloat16 module went
+// from 0.49-0.97x of torch's speed to 0.75-1.18x, float16 from 0.15-0.29x to 0.70-1.22x, float32
+// within noise. The baseline build registers the ops.
 #include "batch_norm/batch_norm.h"
 #include "batch_norm/batch_norm_math.h"
 #include "common/convert.h"
