@@ -391,22 +391,18 @@ inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_
   if constexpr (f16c_staged<scalar_t, MK_CPU_ISA_F16C>) {
     static_assert(R::value == 1, "staged float16 goes row by row");
     constexpr size_t kViews = 1 + sizeof...(More);
-    constexpr int64_t kN = kSpan<scalar_t>;
     const std::array<const scalar_t*, kViews> from{first, more...};
-    for (int64_t c0 = 0; c0 < C; c0 += kN) {
-      const auto span = [&](auto n) MK_SPAN_BODY {
-        alignas(32) float buf[kViews][kN];
-        std::array<const float*, kViews> v{};
-        for (size_t k = 0; k < kViews; ++k) {
-          if (from[k]) {
-            widen_block(from[k] + r * C + c0, buf[k], n);
-            v[k] = buf[k];
-          }
+    for_spans<scalar_t, MK_CPU_ISA_F16C>(0, C, kSpan<scalar_t>, [&](int64_t c0, auto n) MK_SPAN_BODY {
+      alignas(32) float buf[kViews][kStagedSpan];
+      std::array<const float*, kViews> v{};
+      for (size_t k = 0; k < kViews; ++k) {
+        if (from[k]) {
+          widen_block(from[k] + r * C + c0, buf[k], n);
+          v[k] = buf[k];
         }
-        std::apply([&](auto... views) { cols(c0, n, views...); }, v);
-      };
-      C - c0 >= kN ? span(FullSpan{}) : span(C - c0);
-    }
+      }
+      std::apply([&](auto... views) { cols(c0, n, views...); }, v);
+    });
   } else {
     cols(int64_t{0}, C, shifted(first, r * C), shifted(more, r * C)...);
   }
@@ -648,23 +644,20 @@ inline void affine_element(AffinePtrs<S> in, int64_t i, opmath_t a, opmath_t b, 
 // Calls element(ptrs, k, o) for the elements i0 + k, k < n <= kSpan, of a pass: ptrs and o are
 // `in` and `out` from element i0 on or, for float16 in the AVX2 build, float copies that F16C
 // fills before the loop and stores after it (common/f16c.h).
-template <typename V, typename scalar_t, typename Element>
-MK_SPAN_BODY inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0, int64_t n, scalar_t* out,
-                        const Element& element) {
+template <typename V, typename scalar_t, typename N, typename Element>
+MK_SPAN_BODY inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0, N n, scalar_t* out,
+                                     const Element& element) {
   if constexpr (f16c_staged<scalar_t, MK_CPU_ISA_F16C>) {
-    const auto span = [&](auto n) MK_SPAN_BODY {
-      constexpr int64_t kN = kSpan<scalar_t>;
-      alignas(32) float p[kN], q[kN], g[kN], residual[kN], o[kN], gated[kN];
-      if constexpr (V::kHasP) widen_block(in.p + i0, p, n);
-      if constexpr (V::kHasQ || !V::kHasP) widen_block(in.q + i0, q, n);
-      if constexpr (V::kGate != kNoGate) widen_block(in.gate.g + i0, g, n);
-      if constexpr (V::kResidual) widen_block(in.residual + i0, residual, n);
-      const AffinePtrs<float> staged{p, q, {g, in.gate.coeffs, in.gate.C}, residual, in.relu, gated};
-      for (int64_t k = 0; k < n; ++k) element(staged, k, o);
-      narrow_block(o, out + i0, n);
-      if constexpr (V::kGatedOut) narrow_block(gated, in.gated_out + i0, n);
-    };
-    n == kStagedSpan ? span(FullSpan{}) : span(n);
+    alignas(32) float p[kStagedSpan], q[kStagedSpan], g[kStagedSpan], residual[kStagedSpan],
+        o[kStagedSpan], gated[kStagedSpan];
+    if constexpr (V::kHasP) widen_block(in.p + i0, p, n);
+    if constexpr (V::kHasQ || !V::kHasP) widen_block(in.q + i0, q, n);
+    if constexpr (V::kGate != kNoGate) widen_block(in.gate.g + i0, g, n);
+    if constexpr (V::kResidual) widen_block(in.residual + i0, residual, n);
+    const AffinePtrs<float> staged{p, q, {g, in.gate.coeffs, in.gate.C}, residual, in.relu, gated};
+    for (int64_t k = 0; k < n; ++k) element(staged, k, o);
+    narrow_block(o, out + i0, n);
+    if constexpr (V::kGatedOut) narrow_block(gated, in.gated_out + i0, n);
   } else {
     const AffinePtrs<scalar_t> from{shifted(in.p, i0), shifted(in.q, i0),
                                     {shifted(in.gate.g, i0), in.gate.coeffs, in.gate.C},
@@ -678,12 +671,11 @@ template <typename V, typename scalar_t, typename opmath_t>
 inline void affine_row(const AffinePtrs<scalar_t>& in, int64_t begin, int64_t len,
                        const opmath_t* k, scalar_t* out) {
   const opmath_t a = k[kA], b = k[kB], m = k[kM], d = k[kD], gb = k[kGateB], gd = k[kGateD];
-  constexpr int64_t kN = kSpan<scalar_t>;
-  for (int64_t i0 = begin; i0 < begin + len; i0 += kN) {
-    affine_span<V>(in, i0, std::min(kN, begin + len - i0), out, [=](auto ptrs, int64_t i, auto* o) {
+  for_spans<scalar_t, MK_CPU_ISA_F16C>(begin, begin + len, kSpan<scalar_t>, [&](int64_t i0, auto n) MK_SPAN_BODY {
+    affine_span<V>(in, i0, n, out, [=](auto ptrs, int64_t i, auto* o) {
       affine_element<V, scalar_t>(ptrs, i, a, b, m, d, gb, gd, o);
     });
-  }
+  });
 }
 
 // The gate coefficients of channel c in k[kGateB], k[kGateD] (zeros without a recomputed gate).
@@ -723,13 +715,12 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
     at::parallel_for(0, l.N * l.S, grain, [&](int64_t r0, int64_t r1) {
       for_row_batches<scalar_t>(l, r0, r1, [&](int64_t r, auto R) {
         if constexpr (kStaged) {
-          constexpr int64_t kN = kSpan<scalar_t>;
-          for (int64_t c0 = 0; c0 < C; c0 += kN) {
-            affine_span<V>(in, r * C + c0, std::min(kN, C - c0), out, [&](auto ptrs, int64_t i, auto* o) {
+          for_spans<scalar_t, MK_CPU_ISA_F16C>(0, C, kSpan<scalar_t>, [&](int64_t c0, auto n) MK_SPAN_BODY {
+            affine_span<V>(in, r * C + c0, n, out, [&](auto ptrs, int64_t i, auto* o) {
               const int64_t c = c0 + i;
               affine_element<V, scalar_t>(ptrs, i, A[c], B[c], M[c], D[c], gate_coeff(kB, c), gate_coeff(kD, c), o);
             });
-          }
+          });
         } else {
           _Pragma("GCC ivdep")  // column c of R rows: no dependence between iterations
           for (int64_t c = 0; c < C; ++c) {

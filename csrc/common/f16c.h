@@ -23,6 +23,7 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -79,13 +80,32 @@ inline constexpr bool f16c_staged = kF16C && std::is_same_v<scalar_t, c10::Half>
 // The values a staged loop converts at a time: four F16C instructions per operand.
 inline constexpr int64_t kStagedSpan = 32;
 
-// A full span's size, for a span body written for a size n: body(FullSpan{}) where
-// n == kStagedSpan, else body(n). The kernels branch themselves rather than through a helper here:
-// this header is compiled for the baseline ISA, and GCC does not inline an AVX2 body into a
-// baseline function. Span bodies are declared MK_SPAN_BODY: out of line, each span of 32 values
-// costs a call (float16 BatchNorm eval measured 1.2x slower, channels-last training 1.3x).
+// A full span's size as a compile-time constant.
 using FullSpan = std::integral_constant<int64_t, kStagedSpan>;
+
+// fn(i, n) for the spans [i, i + n) of [begin, end), n <= span; where a loop over scalar_t stages
+// it, every full span of kStagedSpan values is given as FullSpan. There is one version per build
+// (kF16C): the AVX2 build's carries that build's target, since GCC does not inline a body compiled
+// for AVX2 (the caller's fn) into a function compiled for the baseline ISA. Span bodies are
+// declared MK_SPAN_BODY: out of line, each span of 32 values costs a call (float16 BatchNorm eval
+// measured 1.2x slower, channels-last training 1.3x).
 #define MK_SPAN_BODY __attribute__((always_inline))
+
+template <typename scalar_t, bool kF16C, typename Fn>
+  requires(!kF16C)
+inline void for_spans(int64_t begin, int64_t end, int64_t span, const Fn& fn) {
+  for (int64_t i = begin; i < end; i += span) fn(i, std::min(span, end - i));
+}
+
+template <typename scalar_t, bool kF16C, typename Fn>
+  requires kF16C
+MK_F16C_INLINE void for_spans(int64_t begin, int64_t end, int64_t span, const Fn& fn) {
+  int64_t i = begin;
+  if constexpr (f16c_staged<scalar_t, kF16C>) {
+    for (; i + kStagedSpan <= end; i += kStagedSpan) fn(i, FullSpan{});
+  }
+  for (; i < end; i += span) fn(i, std::min(span, end - i));
+}
 
 // n values of scalar_t at src, as (*this)[i] in opmath; n <= kStagedSpan where staged (the
 // specialization below).

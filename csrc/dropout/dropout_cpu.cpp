@@ -61,22 +61,10 @@ using Out = BlockOut<scalar_t, MK_CPU_ISA_F16C>;
 template <typename scalar_t>
 constexpr int64_t kSpan = f16c_staged<scalar_t, MK_CPU_ISA_F16C> ? kStagedSpan : kBlock;
 
-// fn(k0, n) for the spans [k0, k0 + n) of n elements, n <= kSpan: FullSpan where a staged span is
-// full (common/f16c.h).
-template <typename scalar_t, typename Fn>
-void for_spans(int64_t n, const Fn& fn) {
-  constexpr int64_t kN = kSpan<scalar_t>;
-  int64_t k0 = 0;
-  if constexpr (f16c_staged<scalar_t, MK_CPU_ISA_F16C>) {
-    for (; k0 + kN <= n; k0 += kN) fn(k0, FullSpan{});
-  }
-  for (; k0 < n; k0 += kN) fn(k0, std::min(kN, n - k0));
-}
-
 // dst[i] = src[i] * m(i) for i < n.
 template <typename scalar_t, typename Mult>
 void scale_blocks(const scalar_t* src, scalar_t* dst, int64_t n, const Mult& m) {
-  for_spans<scalar_t>(n, [&](int64_t b, auto len) MK_SPAN_BODY {
+  for_spans<scalar_t, MK_CPU_ISA_F16C>(0, n, kSpan<scalar_t>, [&](int64_t b, auto len) MK_SPAN_BODY {
     const In<scalar_t> x(src + b, len);
     Out<scalar_t> y(dst + b);
     for (int64_t i = 0; i < len; ++i) y.set(i, x[i] * m(b + i));
@@ -116,22 +104,22 @@ void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
         block_multipliers(seed, offset, static_cast<uint64_t>(begin / 4), (len + 3) / 4,
                           threshold, scale, mult);
       }
-      for_spans<scalar_t>(len, [&](int64_t k0, auto span) MK_SPAN_BODY {
-        const int64_t at = begin + k0;
-        const opmath_t* m = mult + k0;
+      const auto span_of_block = [&](int64_t at, auto span) MK_SPAN_BODY {
+        const opmath_t* m = mult + (at - begin);
         const In<scalar_t> x(src + at, span);
         const In<scalar_t> residual(kResidual ? extras.residual + at : nullptr, kResidual ? span : 0);
         Out<scalar_t> y(dst + at);
-        const opmath_t* b = kBias ? bias.data() + at % extras.H : nullptr;
+        const opmath_t* bias_at = kBias ? bias.data() + at % extras.H : nullptr;
         for (int64_t i = 0; i < span; ++i) {
           opmath_t v = x[i];
-          if constexpr (kBias) v += b[i];
+          if constexpr (kBias) v += bias_at[i];
           v *= m[i];
           if constexpr (kResidual) v += residual[i];
           y.set(i, v);
         }
         y.store(span);
-      });
+      };
+      for_spans<scalar_t, MK_CPU_ISA_F16C>(begin, begin + len, kSpan<scalar_t>, span_of_block);
     }
   });
 }
