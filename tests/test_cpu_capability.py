@@ -4,7 +4,8 @@ with torch's switch ATEN_CPU_CAPABILITY=default. Neither build contracts multipl
 sum in the same order, so every output must be identical, not merely close. float16 and
 bfloat16 inputs also run through every elementwise kernel with all 65536 of their bit patterns
 (NaNs with payloads, infinities, subnormals, values that overflow), as the AVX2 build converts
-float16 with F16C (csrc/common/f16c.h) and the baseline build with integer operations."""
+float16 with F16C and bfloat16 with its own AVX2 rounding (csrc/common/staged.h), and the
+baseline build both with integer operations."""
 import os
 import subprocess
 import sys

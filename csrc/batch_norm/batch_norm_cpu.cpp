@@ -22,17 +22,17 @@
 //
 // This file is compiled twice (common/cpu_capability.h): as itself for the baseline ISA, and from
 // batch_norm_cpu_avx2.cpp for AVX2, each build's kernels in a namespace of their own (baseline,
-// avx2). The AVX2 build's loops are 8 float lanes wide, widen and narrow bfloat16 in 256-bit
-// integer registers and convert float16 with F16C (the channels-first reductions' loads; the
-// channels-last reductions' rows and the elementwise passes' spans of 32 staged as floats:
-// common/f16c.h). On the development machine (AMD EPYC, 8x256x56x56) the bfloat16 module went
-// from 0.49-0.97x of torch's speed to 0.75-1.18x, float16 from 0.15-0.29x to 0.70-1.22x, float32
-// within noise. The baseline build registers the ops.
+// avx2). The AVX2 build's loops are 8 float lanes wide; it converts float16 with F16C (the
+// channels-first reductions' loads, the channels-last reductions' rows staged as floats) and
+// stages the elementwise passes' spans of 32 as floats for float16 (F16C) and bfloat16 (256-bit
+// integer registers): common/staged.h. On the development machine (AMD EPYC, 8x256x56x56) the
+// bfloat16 module went from 0.49-0.97x of torch's speed to 0.75-1.18x (staged, 0.9-1.3x), float16
+// from 0.15-0.29x to 0.70-1.22x, float32 within noise. The baseline build registers the ops.
 #include "batch_norm/batch_norm.h"
 #include "batch_norm/batch_norm_math.h"
 #include "common/convert.h"
 #include "common/cpu_capability.h"
-#include "common/f16c.h"
+#include "common/staged.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -105,7 +105,7 @@ typename Lanes<T>::Part load_part(const scalar_t* p, int64_t k) {
     Bits h;
     std::memcpy(&h, p, sizeof(h));
 #ifdef MK_CPU_AVX2
-    if constexpr (f16c_staged<scalar_t, MK_CPU_ISA_F16C>) {  // F16C (common/f16c.h): one instruction
+    if constexpr (staged_reads<scalar_t, MK_CPU_ISA_F16C>) {  // F16C (common/staged.h): one instruction
       return std::bit_cast<typename L::Part>(_mm_cvtph_ps(_mm_set_epi64x(0, std::bit_cast<int64_t>(h))));
     }
 #endif
@@ -362,7 +362,7 @@ constexpr int64_t kMinBatchRowBytes = 4096;
 template <typename scalar_t, typename Fn>
 void for_row_batches(const Layout& l, int64_t r0, int64_t r1, const Fn& fn) {
   int64_t r = r0;
-  if constexpr (!std::is_same_v<scalar_t, c10::Half>) {
+  if constexpr (!staged_reads<scalar_t, true>) {
     if (l.C * static_cast<int64_t>(sizeof(scalar_t)) >= kMinBatchRowBytes) {
       for (; r + kBatchRows <= r1; r += kBatchRows) fn(r, std::integral_constant<int64_t, kBatchRows>{});
     }
@@ -371,10 +371,10 @@ void for_row_batches(const Layout& l, int64_t r0, int64_t r1, const Fn& fn) {
 }
 
 // The elementwise passes, and the channels-last reductions where they stage float16, go over
-// memory in spans of at most kSpan<scalar_t> elements: 512, or kStagedSpan for float16 staged
-// through F16C (common/f16c.h), whose full spans run with a compile-time size (FullSpan).
+// memory in spans of at most kSpan<scalar_t> elements: 512, or kStagedSpan where staged
+// (common/staged.h), whose full spans then run with a compile-time size (FullSpan).
 template <typename scalar_t>
-constexpr int64_t kSpan = f16c_staged<scalar_t, MK_CPU_ISA_F16C> ? kStagedSpan : 512;
+constexpr int64_t kSpan = staged_span<scalar_t, MK_CPU_ISA_F16C> ? kStagedSpan : 512;
 
 template <typename T>
 T* shifted(T* p, int64_t i) {
@@ -388,7 +388,7 @@ T* shifted(T* p, int64_t i) {
 // float copy of kSpan channels of row r at a time. Null operands stay null.
 template <typename R, typename Cols, typename scalar_t, typename... More>
 inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_t* first, More... more) {
-  if constexpr (f16c_staged<scalar_t, MK_CPU_ISA_F16C>) {
+  if constexpr (staged_reads<scalar_t, MK_CPU_ISA_F16C>) {
     static_assert(R::value == 1, "staged float16 goes row by row");
     constexpr size_t kViews = 1 + sizeof...(More);
     const std::array<const scalar_t*, kViews> from{first, more...};
@@ -614,7 +614,7 @@ void with_variant(const AffinePtrs<scalar_t>& in, const Fn& fn) {
 }
 
 // Element i with its channel's coefficients (a, b, m, d; gb, gd for a recomputed gate), its
-// operands and results stored as S: scalar_t, or float buffers staged from float16 (affine_span);
+// operands and results stored as S: scalar_t, or float buffers where staged (affine_span);
 // a recomputed gate is tested for scalar_t either way. The pointers are taken by value: held in
 // locals, the compiler knows that stores to `out` cannot change them, and the loops that call
 // this vectorize.
@@ -642,12 +642,12 @@ inline void affine_element(AffinePtrs<S> in, int64_t i, opmath_t a, opmath_t b, 
 }
 
 // Calls element(ptrs, k, o) for the elements i0 + k, k < n <= kSpan, of a pass: ptrs and o are
-// `in` and `out` from element i0 on or, for float16 in the AVX2 build, float copies that F16C
-// fills before the loop and stores after it (common/f16c.h).
+// `in` and `out` from element i0 on or, for float16 and bfloat16 in the AVX2 build, float copies
+// filled before the loop and stored after it (common/staged.h).
 template <typename V, typename scalar_t, typename N, typename Element>
 MK_SPAN_BODY inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0, N n, scalar_t* out,
                                      const Element& element) {
-  if constexpr (f16c_staged<scalar_t, MK_CPU_ISA_F16C>) {
+  if constexpr (staged_span<scalar_t, MK_CPU_ISA_F16C>) {
     alignas(32) float p[kStagedSpan], q[kStagedSpan], g[kStagedSpan], residual[kStagedSpan],
         o[kStagedSpan], gated[kStagedSpan];
     if constexpr (V::kHasP) widen_block(in.p + i0, p, n);
@@ -709,19 +709,20 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
     const auto gate_coeff = [&](int64_t row, int64_t c) {
       return V::kGate == kRecomputedGate ? in.gate.coeffs[row * C + c] : opmath_t(0);
     };
-    // kBatchRows rows per sweep over the channels: each channel's coefficients are loaded once
-    // for them (with thousands of channels they come from L2).
-    constexpr bool kStaged = f16c_staged<scalar_t, MK_CPU_ISA_F16C>;
     at::parallel_for(0, l.N * l.S, grain, [&](int64_t r0, int64_t r1) {
-      for_row_batches<scalar_t>(l, r0, r1, [&](int64_t r, auto R) {
-        if constexpr (kStaged) {
+      if constexpr (staged_span<scalar_t, MK_CPU_ISA_F16C>) {
+        for (int64_t r = r0; r < r1; ++r) {
           for_spans<scalar_t, MK_CPU_ISA_F16C>(0, C, kSpan<scalar_t>, [&](int64_t c0, auto n) MK_SPAN_BODY {
             affine_span<V>(in, r * C + c0, n, out, [&](auto ptrs, int64_t i, auto* o) {
               const int64_t c = c0 + i;
               affine_element<V, scalar_t>(ptrs, i, A[c], B[c], M[c], D[c], gate_coeff(kB, c), gate_coeff(kD, c), o);
             });
           });
-        } else {
+        }
+      } else {
+        // kBatchRows rows per sweep over the channels: each channel's coefficients are loaded
+        // once for them (with thousands of channels they come from L2).
+        for_row_batches<scalar_t>(l, r0, r1, [&](int64_t r, auto R) {
           _Pragma("GCC ivdep")  // column c of R rows: no dependence between iterations
           for (int64_t c = 0; c < C; ++c) {
             const opmath_t gb = gate_coeff(kB, c), gd = gate_coeff(kD, c);
@@ -729,8 +730,8 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
               affine_element<V, scalar_t>(in, (r + j) * C + c, A[c], B[c], M[c], D[c], gb, gd, out);
             });
           }
-        }
-      });
+        });
+      }
     });
   }
 }

@@ -18,7 +18,7 @@
 // includes, so that everything it includes keeps the baseline ISA (the inline functions both
 // builds share are then the same code in both), and its kernels in namespace MK_CPU_ISA. Its
 // *_avx2.cpp twin defines MK_CPU_AVX2_BUILD before any include, then includes it.
-// MK_CPU_ISA_F16C: whether this build may use F16C (common/f16c.h).
+// MK_CPU_ISA_F16C: whether this build may use AVX2 and F16C (common/staged.h).
 #if defined(MK_CPU_AVX2_BUILD) && defined(MK_CPU_AVX2)
 #define MK_CPU_ISA avx2
 #define MK_CPU_ISA_TARGET _Pragma("GCC target(\"avx2,f16c\")")

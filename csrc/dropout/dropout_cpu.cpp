@@ -10,12 +10,11 @@
 // (seed, offset); with p == 0 no words are computed at all.
 //
 // Built twice (common/cpu_capability.h), for the baseline ISA and from dropout_cpu_avx2.cpp for
-// AVX2: the AVX2 build's loops are 8 float lanes wide, which pays where bfloat16 is widened and
-// narrowed in integer registers, and it converts float16 in spans of 32 with F16C
-// (common/f16c.h).
+// AVX2: the AVX2 build's loops are 8 float lanes wide, and it converts float16 and bfloat16 in
+// spans of 32 (common/staged.h: float16 with F16C, bfloat16 in 256-bit integer registers).
 #include "common/convert.h"
 #include "common/cpu_capability.h"
-#include "common/f16c.h"
+#include "common/staged.h"
 #include "common/philox_cpu.h"
 #include "dropout/dropout.h"
 
@@ -50,16 +49,16 @@ void block_multipliers(uint64_t seed, uint64_t offset, uint64_t first_group, int
   }
 }
 
-// A span's operands and results in opmath (float16 staged through F16C in the AVX2 build).
+// A span's operands and results in opmath (float16 and bfloat16 staged in the AVX2 build).
 template <typename scalar_t>
 using In = BlockIn<scalar_t, MK_CPU_ISA_F16C>;
 template <typename scalar_t>
 using Out = BlockOut<scalar_t, MK_CPU_ISA_F16C>;
 
-// The elements In and Out take at a time: kStagedSpan for staged float16 (common/f16c.h), kBlock
+// The elements In and Out take at a time: kStagedSpan where staged (common/staged.h), kBlock
 // otherwise.
 template <typename scalar_t>
-constexpr int64_t kSpan = f16c_staged<scalar_t, MK_CPU_ISA_F16C> ? kStagedSpan : kBlock;
+constexpr int64_t kSpan = staged_span<scalar_t, MK_CPU_ISA_F16C> ? kStagedSpan : kBlock;
 
 // dst[i] = src[i] * m(i) for i < n.
 template <typename scalar_t, typename Mult>
