@@ -711,9 +711,11 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
     };
     at::parallel_for(0, l.N * l.S, grain, [&](int64_t r0, int64_t r1) {
       if constexpr (staged_span<scalar_t, MK_CPU_ISA_F16C>) {
+        // The bodies take copies: with references, the compiler reloads the pointers after each
+        // store of a span.
         for (int64_t r = r0; r < r1; ++r) {
-          for_spans<scalar_t, MK_CPU_ISA_F16C>(0, C, kSpan<scalar_t>, [&](int64_t c0, auto n) MK_SPAN_BODY {
-            affine_span<V>(in, r * C + c0, n, out, [&](auto ptrs, int64_t i, auto* o) {
+          for_spans<scalar_t, MK_CPU_ISA_F16C>(0, C, kSpan<scalar_t>, [=](int64_t c0, auto n) MK_SPAN_BODY {
+            affine_span<V>(in, r * C + c0, n, out, [=](auto ptrs, int64_t i, auto* o) {
               const int64_t c = c0 + i;
               affine_element<V, scalar_t>(ptrs, i, A[c], B[c], M[c], D[c], gate_coeff(kB, c), gate_coeff(kD, c), o);
             });
