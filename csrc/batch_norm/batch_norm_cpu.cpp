@@ -409,7 +409,10 @@ inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_
           v[k] = buf[k];
         }
       }
-      std::apply([&](auto... views) { cols(c0, n, views...); }, v);
+      // Not std::apply, which is compiled for the baseline ISA and so cannot inline this body.
+      [&]<size_t... K>(std::index_sequence<K...>) MK_SPAN_BODY {
+        cols(c0, n, v[K]...);
+      }(std::make_index_sequence<kViews>{});
     });
   } else {
     cols(int64_t{0}, C, shifted(first, r * C), shifted(more, r * C)...);
