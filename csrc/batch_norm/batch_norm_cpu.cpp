@@ -26,8 +26,8 @@
 // channels-first reductions' loads, the channels-last reductions' rows staged as floats) and
 // stages the elementwise passes' spans of 32 as floats for float16 (F16C) and bfloat16 (256-bit
 // integer registers): common/staged.h. On the development machine (AMD EPYC, 8x256x56x56) the
-// bfloat16 module went from 0.49-0.97x of torch's speed to 0.75-1.18x (staged, 0.9-1.3x), float16
-// from 0.15-0.29x to 0.70-1.22x, float32 within noise. The baseline build registers the ops.
+// bfloat16 module went from 0.49-0.97x of torch's speed to 0.89-1.21x, float16 from 0.15-0.29x
+// to 0.81-1.22x, float32 within noise. The baseline build registers the ops.
 #include "batch_norm/batch_norm.h"
 #include "batch_norm/batch_norm_math.h"
 #include "common/convert.h"
@@ -43,7 +43,6 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
