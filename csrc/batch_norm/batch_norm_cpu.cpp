@@ -364,15 +364,13 @@ constexpr int64_t kMinBatchRowBytes = 4096;
 
 // Calls fn(r, R) for rows r0 <= r < r1 of channels-last memory in batches of R rows, r to
 // r + R - 1; R (a std::integral_constant) is kBatchRows for rows of kMinBatchRowBytes or more, and
-// 1 for the rows left over and for shorter rows. Float16 goes row by row in both builds: the AVX2
-// build stages its rows (row_columns), and the baseline build sums in the same order.
+// 1 for the rows left over and for shorter rows (in both builds alike, so that they sum in the
+// same order).
 template <typename scalar_t, typename Fn>
 void for_row_batches(const Layout& l, int64_t r0, int64_t r1, const Fn& fn) {
   int64_t r = r0;
-  if constexpr (!staged_reads<scalar_t, true>) {
-    if (l.C * static_cast<int64_t>(sizeof(scalar_t)) >= kMinBatchRowBytes) {
-      for (; r + kBatchRows <= r1; r += kBatchRows) fn(r, std::integral_constant<int64_t, kBatchRows>{});
-    }
+  if (l.C * static_cast<int64_t>(sizeof(scalar_t)) >= kMinBatchRowBytes) {
+    for (; r + kBatchRows <= r1; r += kBatchRows) fn(r, std::integral_constant<int64_t, kBatchRows>{});
   }
   for (; r < r1; ++r) fn(r, std::integral_constant<int64_t, 1>{});
 }
@@ -388,33 +386,34 @@ T* shifted(T* p, int64_t i) {
   return p ? p + i : nullptr;
 }
 
-// Calls cols(c0, n, v...) for the channels of R channels-last rows from row r on (R as
+// Calls cols(c0, n, stride, v...) for the channels of R channels-last rows from row r on (R as
 // for_row_batches gives it), v being the operands' views, in the order given: channel c0 + k of
-// row r + j is v[j * C + k], k < n, each read with widen. A view is the operand's own memory from
-// row r on (c0 = 0, n = C) or, for float16 staged by F16C (which for_row_batches never batches), a
-// float copy of kSpan channels of row r at a time. Null operands stay null.
+// row r + j is v[j * stride + k], k < n, each read with widen. A view is the operand's own memory
+// from row r on (c0 = 0, n = C, stride = C) or, for float16 staged by F16C, a float copy of kSpan
+// channels of each of the R rows at a time (stride = kStagedSpan). Null operands stay null.
 template <typename R, typename Cols, typename scalar_t, typename... More>
 inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_t* first, More... more) {
   if constexpr (staged_reads<scalar_t, MK_CPU_ISA_F16C>) {
-    static_assert(R::value == 1, "staged float16 goes row by row");
     constexpr size_t kViews = 1 + sizeof...(More);
     const std::array<const scalar_t*, kViews> from{first, more...};
     for_spans<scalar_t, MK_CPU_ISA_F16C>(0, C, kSpan<scalar_t>, [&](int64_t c0, auto n) MK_SPAN_BODY {
-      alignas(32) float buf[kViews][kStagedSpan];
+      alignas(32) float buf[kViews][R::value * kStagedSpan];
       std::array<const float*, kViews> v{};
       for (size_t k = 0; k < kViews; ++k) {
         if (from[k]) {
-          widen_block(from[k] + r * C + c0, buf[k], n);
+          for (int64_t j = 0; j < R::value; ++j) {
+            widen_block(from[k] + (r + j) * C + c0, buf[k] + j * kStagedSpan, n);
+          }
           v[k] = buf[k];
         }
       }
       // Not std::apply, which is compiled for the baseline ISA and so cannot inline this body.
       [&]<size_t... K>(std::index_sequence<K...>) MK_SPAN_BODY {
-        cols(c0, n, v[K]...);
+        cols(c0, n, kStagedSpan, v[K]...);
       }(std::make_index_sequence<kViews>{});
     });
   } else {
-    cols(int64_t{0}, C, shifted(first, r * C), shifted(more, r * C)...);
+    cols(int64_t{0}, C, C, shifted(first, r * C), shifted(more, r * C)...);
   }
 }
 
@@ -481,13 +480,13 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
     for (int64_t c = 0; c < C; ++c) shift[c] = widen<opmath_t>(x[c]);
     std::vector<double> s1, s2;
     rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
-      row_columns(r, R, C, [&](int64_t c0, int64_t n, const auto* xv) MK_SPAN_BODY {
+      row_columns(r, R, C, [&](int64_t c0, int64_t n, int64_t stride, const auto* xv) MK_SPAN_BODY {
         _Pragma("GCC ivdep")  // column c of R rows: no dependence between iterations
         for (int64_t k = 0; k < n; ++k) {
           const int64_t c = c0 + k;
           opmath_t sum = 0, sq = 0;
           unrolled(R, [&](int64_t j) {
-            const opmath_t d = widen<opmath_t>(xv[j * C + k]) - shift[c];
+            const opmath_t d = widen<opmath_t>(xv[j * stride + k]) - shift[c];
             sum += d;
             sq += d * d;
           });
@@ -541,13 +540,14 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
     // The gate's test is compiled in only where there is one, so plain BatchNorm vectorizes.
     const auto sums = [&](auto gated) {
       rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
-        const auto cols = [&](int64_t c0, int64_t n, const auto* dyv, const auto* xv, const auto* gv) MK_SPAN_BODY {
+        const auto cols = [&](int64_t c0, int64_t n, int64_t stride, const auto* dyv, const auto* xv,
+                              const auto* gv) MK_SPAN_BODY {
           _Pragma("GCC ivdep")  // column c of R rows: no dependence between iterations
           for (int64_t k = 0; k < n; ++k) {
             const int64_t c = c0 + k;
             opmath_t sum = 0, dot = 0;
             unrolled(R, [&](int64_t j) {
-              const int64_t i = j * C + k;
+              const int64_t i = j * stride + k;
               opmath_t g = widen<opmath_t>(dyv[i]);
               if constexpr (decltype(gated)::value) g = gate.passes(widen<opmath_t>(gv[i]), c) ? g : opmath_t(0);
               sum += g;
