@@ -359,3 +359,58 @@ torch.library.register_autograd("modekernels::batch_norm_train", _bn_train_grad,
                                 setup_context=_bn_train_setup)
 torch.library.register_autograd("modekernels::batch_norm_eval", _bn_eval_grad,
                                 setup_context=_bn_eval_setup)
+
+
+# The double backward (gradient penalties, meta-learning): batch_norm_backward's own gradient, as
+# torch defines it for its batch norm. In training mode the batch statistics are functions of
+# input, so the gradient for input carries that dependence and mean and var get none. It is taken
+# by autograd through torch's own batch_norm, on this op's ReLU gate, held constant as the
+# derivative of a ReLU's gate is zero.
+
+def _bn_backward_setup(ctx, inputs, output):
+    (grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy, _, _, relu_output,
+     residual_grad, relu, bias) = inputs
+    ctx.eps, ctx.training, ctx.relu, ctx.given_sums = eps, training, relu, sum_dy is not None
+    ctx.wanted = (*output_mask, residual_grad)
+    ctx.save_for_backward(grad_output, input, mean, var, weight, relu_output, bias)
+
+
+def _bn_backward_grad(ctx, *grads_of_outputs):
+    if ctx.given_sums:
+        raise NotImplementedError("modekernels batch_norm_backward: no double backward with "
+                                  "given (all-reduced) sum_dy and sum_dy_xmu")
+    grad_output, input, mean, var, weight, relu_output, bias = ctx.saved_tensors
+    if relu_output is not None:
+        gate = relu_output > 0
+    elif ctx.relu:  # the forward's output, rounded as the forward rounded it
+        gate = batch_norm_eval(input, mean, var, weight, bias, ctx.eps, relu=True) > 0
+    else:
+        gate = None
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        dy, x = grad_output.detach().requires_grad_(), input.detach().requires_grad_()
+        w = weight.detach().requires_grad_() if weight is not None else None
+        gated = dy if gate is None else torch.where(gate, dy, 0)
+        opmath = _opmath(input.dtype)
+        stats = (None, None) if ctx.training else (mean.to(opmath), var.to(opmath))
+        out = torch.nn.functional.batch_norm(x.to(opmath), *stats, w if w is None else w.to(opmath),
+                                             None, ctx.training, 0.0, ctx.eps)
+        grad_input, *grad_weight = torch.autograd.grad(out, [x] + ([w] if w is not None else []),
+                                                       gated.to(opmath), create_graph=True)
+        reduce_dims = [d for d in range(input.dim()) if d != 1]
+        firsts = (grad_input, grad_weight[0] if grad_weight else None, gated.sum(reduce_dims), gated)
+        pairs = [(f, g.to(f.dtype)) for f, g, wanted in zip(firsts, grads_of_outputs, ctx.wanted)
+                 if wanted and f is not None and g is not None]
+        leaves = [(i, t) for i, t in ((0, dy), (1, x), (4, w)) if ctx.needs_input_grad[i]]
+        result = [None] * len(ctx.needs_input_grad)
+        if pairs and leaves:
+            grads = torch.autograd.grad([f for f, _ in pairs], [t for _, t in leaves],
+                                        [g for _, g in pairs], allow_unused=True,
+                                        create_graph=create_graph)
+            for (i, _), g in zip(leaves, grads):
+                result[i] = g
+    return tuple(result)
+
+
+torch.library.register_autograd("modekernels::batch_norm_backward", _bn_backward_grad,
+                                setup_context=_bn_backward_setup)

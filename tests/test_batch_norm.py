@@ -244,7 +244,7 @@ def test_device_mismatch_is_an_error():
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-def test_gradcheck_float64(training, affine):
+def test_gradcheck_and_gradgradcheck_float64(training, affine):
     C = 3
     x = torch.randn(4, C, 3, 2, dtype=torch.float64, requires_grad=True)
     w = torch.rand(C, dtype=torch.float64, requires_grad=True) if affine else None
@@ -255,6 +255,28 @@ def test_gradcheck_float64(training, affine):
         return MF.batch_norm(x, None if training else rm, None if training else rv, w, b, training)
 
     assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case,fmt", [("2d", "contiguous"), ("2d", "channels_last"), ("1d-NC", "contiguous")])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_matches_torch(device, dtype, case, fmt, training):
+    # A gradient penalty: the gradient of a loss on the input gradient, taken with create_graph.
+    theirs, ours = twin_modules(case, "default", device, params_dtype_for(dtype))
+    base = (torch.randn(CASES[case][2], device=device) * 2 + 3).to(dtype)
+    weights = torch.randn(CASES[case][2], device=device).to(dtype)  # a loss with a non-zero grad
+    results = []
+    for module in (theirs, ours):
+        module.train(training)
+        x = layout(base, fmt).requires_grad_()
+        (grad_x,) = torch.autograd.grad((module(x) * weights).pow(2).sum(), x, create_graph=True)
+        penalty = grad_x.float().pow(2).sum()
+        results.append(torch.autograd.grad(penalty, [x, *module.parameters()]))
+    for name, ours_grad, theirs_grad in zip(["input", "weight", "bias"], *reversed(results)):
+        scale = theirs_grad.abs().max().item()
+        torch.testing.assert_close(ours_grad / scale, theirs_grad / scale, **BN_TOL[dtype], msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -269,8 +291,10 @@ def test_opcheck(device, channels_last):
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
     torch.library.opcheck(mkops.batch_norm_train.default, (x, w, b, 1e-5))
     torch.library.opcheck(mkops.batch_norm_eval.default, (x, rm, rv, w, b, 1e-5))
-    torch.library.opcheck(mkops.batch_norm_backward.default,
-                          (torch.randn_like(x), x.detach(), rm, rv, w.detach(), 1e-5, True, [True, True, True]))
+    for training in (True, False):  # differentiable itself (double backward)
+        torch.library.opcheck(mkops.batch_norm_backward.default,
+                              (torch.randn_like(x, requires_grad=True), x, rm, rv, w, 1e-5, training,
+                               [True, True, True]))
     mean, var = torch.randn(3, device=device), torch.rand(3, device=device)
     torch.library.opcheck(mkops.batch_norm_update_stats_.default,
                           (rm, rv, mean, var, 100, None, torch.tensor(3, device=device)))
@@ -329,6 +353,11 @@ def test_building_blocks_compose_over_a_split_batch(device, channels_last):
              for g, s in zip([dy[:3], dy[3:]], shards)]
     torch.testing.assert_close(torch.cat(parts), full[0])
     torch.testing.assert_close(sum_dy, full[2])
+    shard_dy = dy[:3].clone().requires_grad_()
+    given = mkops.batch_norm_backward(shard_dy, shards[0], mean, var, w, 1e-5, True,
+                                      [True, False, False], sum_dy, sum_dy_xmu, total)[0]
+    with pytest.raises(NotImplementedError, match="no double backward with given"):
+        torch.autograd.grad(given.sum(), shard_dy)
     torch.library.opcheck(mkops.batch_norm_stats.default, (x,))
     torch.library.opcheck(mkops.batch_norm_grad_sums.default, (dy, x, mean))
 

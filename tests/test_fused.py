@@ -150,6 +150,27 @@ def test_residual_gradient_alone_is_the_gated_grad(device, training):
     assert torch.equal(r.grad, torch.where(y > 0, g, 0))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradcheck_and_gradgradcheck_float64(training, variant):
+    # Gradients of every input, and their own gradients (the double backward holds the ReLU's
+    # gate constant, with the gate recomputed from the input for BN+ReLU).
+    x = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    stats = (None, None) if training else (rm, rv)
+
+    def f(x, r, w, b):
+        if variant == "bn-relu":
+            return MF.batch_norm_relu(x, *stats, w, b, training)
+        return MF.batch_norm_add_relu(x, r, *stats, w, b, training)
+
+    assert torch.autograd.gradcheck(f, (x, r, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, r, w, b))
+
+
 def test_relu_keeps_nan_like_torch():
     x = torch.randn(4, 3, 2, 2)
     x[0, 0, 0, 0] = float("nan")
@@ -170,8 +191,11 @@ def test_opcheck_fused(device):
     y = mkops.batch_norm_train(x.detach(), w.detach(), b.detach(), 1e-5, None, True)[0]
     for residual_grad in (False, True):
         torch.library.opcheck(mkops.batch_norm_backward.default,
-                              (torch.randn_like(x), x.detach(), rm, rv, w.detach(), 1e-5, True,
+                              (torch.randn_like(x, requires_grad=True), x, rm, rv, w, 1e-5, True,
                                [True, True, True], None, None, None, y, residual_grad))
+    torch.library.opcheck(mkops.batch_norm_backward.default,
+                          (torch.randn_like(x, requires_grad=True), x, rm, rv, w, 1e-5, True,
+                           [True, True, True], None, None, None, None, False, True, b))
 
 
 def test_residual_of_another_shape_is_an_error():
