@@ -31,7 +31,7 @@ def dropout(input, p, generator=None):
 
 def dropout_(input, p, generator=None):
     """In-place dropout; returns input. Differentiable through an autograd.Function."""
-    return _DropoutInplace.apply(input, p, generator, False)
+    return _DropoutInplace.apply(input, p, generator, False)[0]
 
 
 def dropout_add(input, residual, p, generator=None):
@@ -51,7 +51,7 @@ def feature_dropout(input, p, generator=None):
 
 def feature_dropout_(input, p, generator=None):
     """In-place channel-wise dropout; returns input."""
-    return _DropoutInplace.apply(input, p, generator, True)
+    return _DropoutInplace.apply(input, p, generator, True)[0]
 
 
 def dropout_backward(grad_output, rng_state, p, stride=None):
@@ -182,18 +182,104 @@ for _name, _grad, _setup in [
 
 
 class _DropoutInplace(torch.autograd.Function):
-    # register_autograd takes only functional schemas, so the mutating ops get a Function.
+    # register_autograd takes only functional schemas, so the mutating ops get a Function:
+    # forward(input, p, generator, feature) -> (input, rng_state).
     @staticmethod
-    def forward(ctx, input, p, generator, feature):
+    def forward(input, p, generator, feature):
         op = _ops.feature_dropout_ if feature else _ops.dropout_
-        rng_state = op.default(input, p, generator)
-        ctx.mark_dirty(input)
-        _save_mask(ctx, p, rng_state, input, feature)
-        return input
+        return input, op.default(input, p, generator)
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, output):
+        input, p, _, feature = inputs
+        ctx.mark_dirty(input)
+        ctx.mark_non_differentiable(output[1])
+        _save_mask(ctx, p, output[1], input, feature)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_state):
         return _apply_saved_mask(ctx, grad), None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, p, generator, feature):
+        # The out-of-place op's vmap rule, written back into input.
+        (out, rng_state), _ = (_feature_dropout_vmap if feature else _dropout_vmap)(
+            info, in_dims[:1], input, p, generator)
+        input.movedim(in_dims[0], 0).copy_(out)
+        return (input, rng_state), (in_dims[0], None)
+
+
+# vmap: the randomness modes of torch.vmap, as torch's own random ops follow them. "error" raises;
+# "different" gives every sample a mask of its own: the op runs once over the whole batch;
+# "same" gives every sample one mask, drawn for a sample's shape and applied by torch ops. A
+# batched bias is also applied by torch ops. The fused ops at p == 0 (their eval sums) draw
+# nothing and run in every mode.
+
+def _check_randomness(info, p):
+    if p > 0 and info.randomness == "error":
+        raise RuntimeError("vmap: called random operation while in randomness error mode. Please "
+                           "either use the 'same' or 'different' randomness flags on vmap or "
+                           "perform the randomness operation out of vmap")
+
+
+def _batch_first(t, bdim, size):
+    return t.expand(size, *t.shape) if bdim is None else t.movedim(bdim, 0)
+
+
+def _masked(x, p, generator, mask_shape, feature=False, bias=None, residual=None):
+    """((x + bias) * mask / (1 - p) + residual, rng_state) by torch ops in the opmath dtype; the
+    mask (of mask_shape, broadcast over x) comes from one call of the op."""
+    ones = x.new_ones(mask_shape, dtype=_opmath(x.dtype))
+    multiplier, rng_state = (feature_dropout if feature else dropout)(ones, p, generator)
+    y = x.to(ones.dtype)
+    if bias is not None:
+        y = y + bias.to(ones.dtype)
+    y = y * multiplier
+    if residual is not None:
+        y = y + residual.to(ones.dtype)
+    return (y.to(x.dtype), rng_state), (0, None)
+
+
+def _dropout_vmap(info, in_dims, input, p, generator=None):
+    _check_randomness(info, p)
+    x = input.movedim(in_dims[0], 0)
+    if info.randomness == "same":
+        return _masked(x, p, generator, x.shape[1:])
+    return dropout(x, p, generator), (0, None)
+
+
+def _feature_dropout_vmap(info, in_dims, input, p, generator=None):
+    _check_randomness(info, p)
+    x = input.movedim(in_dims[0], 0)  # (B, N, C, *): one mask per (b, n, c) or per (n, c)
+    if info.randomness == "same":
+        return _masked(x, p, generator, (*x.shape[1:3], *[1] * (x.dim() - 3)), True)
+    out, rng_state = feature_dropout(x.flatten(0, 1), p, generator)
+    return (out.unflatten(0, x.shape[:2]), rng_state), (0, None)
+
+
+def _dropout_add_vmap(info, in_dims, input, residual, p, generator=None):
+    _check_randomness(info, p)
+    x, r = (_batch_first(t, d, info.batch_size) for t, d in zip((input, residual), in_dims))
+    if info.randomness == "same" and p > 0:
+        return _masked(x, p, generator, x.shape[1:], residual=r)
+    return dropout_add(x, r, p, generator), (0, None)
+
+
+def _bias_dropout_add_vmap(info, in_dims, input, bias, residual, p, generator=None):
+    _check_randomness(info, p)
+    x, r = (_batch_first(t, d, info.batch_size) for t, d in ((input, in_dims[0]), (residual, in_dims[2])))
+    if in_dims[1] is not None:  # a bias per sample, broadcast over each sample's rows
+        b = bias.movedim(in_dims[1], 0).reshape(info.batch_size, *[1] * (x.dim() - 2), -1)
+        shape = x.shape[1:] if info.randomness == "same" else x.shape
+        return _masked(x, p, generator, shape, bias=b, residual=r)
+    if info.randomness == "same" and p > 0:
+        return _masked(x, p, generator, x.shape[1:], bias=bias, residual=r)
+    return bias_dropout_add(x, bias, r, p, generator), (0, None)
+
+
+for _name, _rule in [("dropout", _dropout_vmap), ("feature_dropout", _feature_dropout_vmap),
+                     ("dropout_add", _dropout_add_vmap), ("bias_dropout_add", _bias_dropout_add_vmap)]:
+    torch.library.register_vmap(f"modekernels::{_name}", _rule)
 
 
 # -------------------------------------------------------------------------------- batch norm
@@ -414,3 +500,68 @@ def _bn_backward_grad(ctx, *grads_of_outputs):
 
 torch.library.register_autograd("modekernels::batch_norm_backward", _bn_backward_grad,
                                 setup_context=_bn_backward_setup)
+
+
+# vmap: BatchNorm over a batch of samples (each (N, C, *)) is one BatchNorm over (N, B * C, *),
+# each sample's channels kept apart; per-channel tensors not vmapped over are repeated per sample.
+
+def _fold_channels(t, bdim, size):
+    """(N, size * C, *) from samples (N, C, *) vmapped over dimension bdim (or broadcast)."""
+    return None if t is None else _batch_first(t, bdim, size).movedim(0, 1).flatten(1, 2)
+
+
+def _fold_param(t, bdim, size):
+    """(size * C,) from per-channel (C,) tensors vmapped over bdim (or repeated)."""
+    if t is None:
+        return None
+    return t.repeat(size) if bdim is None else t.movedim(bdim, 0).flatten()
+
+
+def _unfold_channels(t, size):
+    return t.unflatten(1, (size, -1)).movedim(1, 0)
+
+
+def _bn_train_vmap(info, in_dims, input, weight, bias, eps, residual=None, relu=False):
+    B, in_dims = info.batch_size, (*in_dims, None)  # no entry for a residual left out
+    out, mean, var = batch_norm_train(
+        _fold_channels(input, in_dims[0], B), _fold_param(weight, in_dims[1], B),
+        _fold_param(bias, in_dims[2], B), eps, _fold_channels(residual, in_dims[4], B), relu)
+    return (_unfold_channels(out, B), mean.view(B, -1), var.view(B, -1)), (0, 0, 0)
+
+
+def _bn_eval_vmap(info, in_dims, input, running_mean, running_var, weight, bias, eps,
+                  residual=None, relu=False):
+    B, in_dims = info.batch_size, (*in_dims, None)
+    params = (_fold_param(t, d, B) for t, d in zip((running_mean, running_var, weight, bias), in_dims[1:5]))
+    out = batch_norm_eval(_fold_channels(input, in_dims[0], B), *params, eps,
+                          _fold_channels(residual, in_dims[6], B), relu)
+    return _unfold_channels(out, B), 0
+
+
+def _bn_update_stats_vmap(info, in_dims, running_mean, running_var, mean, var, count, momentum,
+                          num_batches_tracked=None):
+    # Batched statistics go to batched running statistics only, sample by sample; an unbatched
+    # counter counts the call once (as torch's module does), every sample reading the same count.
+    if in_dims[0] is None or in_dims[1] is None:
+        raise RuntimeError(
+            "Batch norm got a batched tensor as input while the running_mean or running_var, "
+            "which will be updated in place, were not batched.\nIf you are using a module and do "
+            "not need eval mode, please set `track_running_stats` to be False.If you are using a "
+            "prebuilt module and do not need eval mode, please see the functorch website for "
+            "resources on how to patch your module to work with vmap")
+    B, in_dims = info.batch_size, (*in_dims, None)
+    stats = [_batch_first(t, d, B) for t, d in zip((running_mean, running_var, mean, var), in_dims)]
+    if num_batches_tracked is None:
+        counters = [None] * B
+    elif in_dims[6] is not None:
+        counters = num_batches_tracked.movedim(in_dims[6], 0)
+    else:
+        counters = [num_batches_tracked, *(num_batches_tracked.clone() for _ in range(B - 1))]
+    for i in range(B):
+        batch_norm_update_stats_(*(t[i] for t in stats), count, momentum, counters[i])
+    return None, None
+
+
+for _name, _rule in [("batch_norm_train", _bn_train_vmap), ("batch_norm_eval", _bn_eval_vmap),
+                     ("batch_norm_update_stats_", _bn_update_stats_vmap)]:
+    torch.library.register_vmap(f"modekernels::{_name}", _rule)

@@ -325,6 +325,24 @@ def test_torch_compile_fullgraph_conv_bn_both_modes(device):
         assert_same_state(theirs, ours, BN_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_export_and_jit_trace_match_eager(training):
+    # The exported program updates the running statistics as eager does, and dropout draws the
+    # same mask from the same seed.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), modekernels.BatchNormReLU2d(8),
+                                modekernels.Dropout(0.3), torch.nn.Flatten(2),
+                                modekernels.BatchNorm1d(8)).train(training)
+    x = torch.randn(4, 3, 6, 6)
+    exported = torch.export.export(copy.deepcopy(model), (x,)).module()
+    results = []
+    for m in (model, exported):
+        torch.manual_seed(1)
+        results.append((m(x), dict(m.named_buffers())))
+    torch.testing.assert_close(results[1], results[0])
+    if not training:
+        torch.testing.assert_close(torch.jit.trace(model, x)(x), model(x))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_building_blocks_compose_over_a_split_batch(device, channels_last):
@@ -396,3 +414,79 @@ def test_cpu_resident_and_separate_passes_agree(dtype, fused):
         torch.testing.assert_close(a, b_, **BN_TOL[dtype], msg=name)
     if residual is not None:  # the gated dy, exactly
         assert torch.equal(resident[-1], torch.where(resident[0] > 0, dy, 0))
+
+
+# ------------------------------------------------------------------------------- torch.vmap
+
+def vmapped_ensemble(modules, x, buffer_dims=0):
+    """torch.func's model ensembling: the modules' parameters and buffers stacked, one vmapped
+    call over them and x; returns the outputs and the (updated) stacked buffers."""
+    params, buffers = torch.func.stack_module_state(modules)
+    if buffer_dims is None:  # one counter for all, as a shared module has
+        buffers["num_batches_tracked"] = modules[0].num_batches_tracked.clone()
+        buffer_dims = {name: None if name == "num_batches_tracked" else 0 for name in buffers}
+    skeleton = copy.deepcopy(modules[0]).to("meta")
+    out = torch.vmap(lambda p, b, t: torch.func.functional_call(skeleton, (p, b), (t,)),
+                     in_dims=(0, buffer_dims, 0))(params, buffers, x)
+    return out, buffers
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", ["default", "no-affine", "momentum-None", "untracked"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_vmap_over_an_ensemble_equals_torch_model_by_model(device, training, variant, fmt):
+    # vmap means map: each of our vmapped models against its torch twin called alone (torch's own
+    # vmap cannot run momentum=None here: it calls float() on the vmapped counter).
+    pairs = [twin_modules("2d", variant, device) for _ in range(3)]
+    base = torch.randn(3, *CASES["2d"][2], device=device) * 2 + 3
+    x = base if fmt == "contiguous" else base.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    for theirs, ours in pairs:
+        theirs.train(training)
+        ours.train(training)
+    y_o, buffers_o = vmapped_ensemble([ours for _, ours in pairs], x)
+    y_t = torch.stack([theirs(x[i]) for i, (theirs, _) in enumerate(pairs)])
+    buffers_t = torch.func.stack_module_state([theirs for theirs, _ in pairs])[1]
+    torch.testing.assert_close(y_o, y_t, **BN_TOL[torch.float32])
+    torch.testing.assert_close(buffers_o, buffers_t, **BN_TOL[torch.float32])
+
+
+def test_vmap_with_one_counter_counts_the_call_once_like_torch():
+    # momentum=None with stacked running statistics and one shared counter: every sample's
+    # average uses the same count, and the counter advances once.
+    pairs = [twin_modules("2d", "momentum-None", "cpu") for _ in range(3)]
+    x = torch.randn(3, *CASES["2d"][2])
+    (y_t, buffers_t), (y_o, buffers_o) = (vmapped_ensemble(list(m), x, buffer_dims=None) for m in zip(*pairs))
+    torch.testing.assert_close(y_o, y_t)
+    torch.testing.assert_close(buffers_o, buffers_t)
+    assert buffers_o["num_batches_tracked"].item() == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_over_inputs_of_one_module_matches_torch(device):
+    x = torch.randn(4, 6, 3, 5, 5, device=device)
+    r = torch.randn_like(x)
+    theirs = torch.nn.BatchNorm2d(3, track_running_stats=False).to(device)
+    ours = modekernels.BatchNormAddReLU2d(3, track_running_stats=False).to(device)
+    y_t = torch.vmap(theirs)(x)
+    torch.testing.assert_close(torch.vmap(ours)(x, r), torch.relu(y_t + r))
+    # Autograd outside vmap: gradients of the input and the shared parameters.
+    grads = []
+    for module, f in ((theirs, lambda t: torch.relu(theirs(t) + r[0])), (ours, lambda t: ours(t, r[0]))):
+        x_ = x.clone().requires_grad_()
+        y = torch.vmap(f)(x_)
+        grads.append(torch.autograd.grad(y.pow(2).sum(), [x_, *module.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], **BN_TOL[torch.float32])
+    # The residual not vmapped over: one for every sample.
+    torch.testing.assert_close(torch.vmap(ours, in_dims=(0, None))(x, r[0]), torch.relu(y_t + r[0]))
+    theirs, ours = (cls(3).to(device).eval() for cls in (torch.nn.BatchNorm2d, modekernels.BatchNorm2d))
+    torch.testing.assert_close(torch.vmap(ours)(x), torch.vmap(theirs)(x))
+
+
+def test_vmap_of_a_tracking_module_in_training_is_torch_error_and_changes_nothing():
+    ours = modekernels.BatchNorm2d(3)
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(RuntimeError, match="running_mean or running_var, which will be updated"):
+        torch.vmap(ours)(torch.randn(2, 4, 3, 5, 5))
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -357,3 +357,63 @@ def test_cuda_64bit_indexing():
     state = torch.tensor([1, 0], device="cuda")
     z = mkops.dropout_backward(torch.ones(n, device="cuda", dtype=torch.float16)[-(2**20):], state, 0.5)
     assert torch.equal(z.cpu(), reference.dropout_keep_mask(2**20, 1, 0, 0.5).half() * 2)
+
+
+# ------------------------------------------------------------------------------- torch.vmap
+
+# (function of (x, r, b, generator) for one sample, how its mask repeats): x and r are (N, C, H,
+# W) samples, b a bias over W; "channel" masks are constant over (H, W).
+VMAP_CASES = {
+    "dropout": (lambda x, r, b, g: MF.dropout(x, 0.4, generator=g), "element"),
+    "dropout-inplace": (lambda x, r, b, g: MF.dropout(x.clone(), 0.4, inplace=True, generator=g), "element"),
+    "dropout2d": (lambda x, r, b, g: MF.dropout2d(x, 0.4, generator=g), "channel"),
+    "dropout2d-inplace": (lambda x, r, b, g: MF.dropout2d(x.clone(), 0.4, inplace=True, generator=g), "channel"),
+    "dropout_add": (lambda x, r, b, g: MF.dropout_add(x, r, 0.4, generator=g), "element"),
+    "bias_dropout_add": (lambda x, r, b, g: MF.bias_dropout_add(x, b, r, 0.4, generator=g), "element"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(VMAP_CASES))
+@pytest.mark.parametrize("randomness", ["same", "different"])
+@pytest.mark.parametrize("batched_bias", [False, True], ids=["bias", "batched-bias"])
+def test_vmap_draws_a_mask_per_sample_or_one_for_all_like_torch(device, case, randomness, batched_bias):
+    fn, unit = VMAP_CASES[case]
+    B, shape = 3, (2, 4, 8, 16)
+    x = torch.randn(B, *shape, device=device)
+    r = torch.randn_like(x)
+    b = torch.randn(B, 16, device=device) if batched_bias else torch.randn(16, device=device)
+    with_bias = b if case == "bias_dropout_add" else torch.zeros_like(b)
+    with_residual = r if "add" in case else torch.zeros_like(r)
+
+    def run(*inputs):  # the same generator state each time: the same masks
+        g = torch.Generator(device).manual_seed(7)
+        return torch.vmap(lambda *t: fn(*t, g), in_dims=(0, 0, 0 if batched_bias else None),
+                          randomness=randomness)(*inputs)
+
+    keep = run(torch.ones_like(x), torch.zeros_like(r), torch.zeros_like(b)) != 0
+    if unit == "channel":
+        assert torch.equal(keep, keep[..., :1, :1].expand_as(keep))
+    assert torch.equal(keep[0], keep[1]) == (randomness == "same")
+    assert 0.4 < keep.float().mean().item() < 0.8
+    bias_rows = with_bias[:, None, None, None] if batched_bias else with_bias
+    expected = with_residual + torch.where(keep, (x + bias_rows) / 0.6, 0)
+    torch.testing.assert_close(run(x, r, b), expected)
+
+
+@pytest.mark.parametrize("case", list(VMAP_CASES))
+def test_vmap_random_call_in_error_mode_raises_like_torch(case):
+    fn, _ = VMAP_CASES[case]
+    x = torch.randn(3, 2, 4, 8, 16)
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        torch.vmap(torch.nn.functional.dropout)(x)
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        torch.vmap(lambda t: fn(t, t, torch.zeros(16), None))(x)
+
+
+def test_vmap_fused_eval_sums_draw_nothing_in_error_mode():
+    x, r, b = torch.randn(3, 4, 16), torch.randn(3, 4, 16), torch.randn(3, 16)
+    sums = torch.vmap(lambda x, r: MF.dropout_add(x, r, 0.4, training=False))(x, r)
+    torch.testing.assert_close(sums, x + r)
+    sums = torch.vmap(lambda x, b, r: MF.bias_dropout_add(x, b, r, 0.4, training=False))(x, b, r)
+    torch.testing.assert_close(sums, x + b[:, None] + r)
