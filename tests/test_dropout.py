@@ -243,6 +243,25 @@ def test_inplace_on_a_leaf_that_requires_grad_is_torch_error():
         MF.dropout(leaf, 0.5, inplace=True)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("device", DEVICES)
+def test_jagged_nested_tensor_like_torch(device):
+    # torch's dropout takes jagged nested tensors (out of place): here the mask lies over their
+    # values, as over a dense tensor drawn from the same generator state.
+    parts = [torch.randn(3, 16, device=device), torch.randn(5, 16, device=device)]
+    x = torch.nested.nested_tensor(parts, layout=torch.jagged, requires_grad=True)
+    y = MF.dropout(x, 0.4, generator=torch.Generator(device).manual_seed(3))
+    assert y.is_nested and y.shape[0] == 2 and torch.equal(y.offsets(), x.offsets())
+    dense = MF.dropout(x.values().detach(), 0.4, generator=torch.Generator(device).manual_seed(3))
+    assert torch.equal(y.values(), dense)
+    assert all(torch.equal(a, b) for a, b in zip(y.unbind(), dense.split([3, 5])))
+    y.values().sum().backward()
+    torch.testing.assert_close(x.grad.values(), torch.where(dense != 0, 1 / 0.6, 0.0))
+    assert MF.dropout(x, 0.4, training=False) is x
+    with pytest.raises(TypeError, match="torch.jagged layout only"):
+        MF.dropout(torch.nested.nested_tensor(parts), 0.4)
+
+
 # ---------------------------------------------------------------------- torch integration
 
 def test_module_is_a_torch_dropout():
