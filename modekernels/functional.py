@@ -1,11 +1,27 @@
 """The functional API: the same signatures and semantics as torch.nn.functional."""
+import functools
 import warnings
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _ops
 
 
+def _torch_function(fn):
+    """fn under torch's __torch_function__ protocol, as torch.nn.functional's functions are: an
+    argument that overrides it (a tensor subclass, an FX proxy during symbolic tracing) gets the
+    call, with this function as its target."""
+    @functools.wraps(fn)
+    def public(*args, **kwargs):
+        overridable = (*args, *kwargs.values())
+        if has_torch_function(overridable):
+            return handle_torch_function(public, overridable, *args, **kwargs)
+        return fn(*args, **kwargs)
+    return public
+
+
+@_torch_function
 def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout on modekernels' fused kernels.
 
@@ -38,6 +54,7 @@ def _check_p(p):
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
+@_torch_function
 def dropout_add(input, residual, p=0.5, training=True, generator=None):
     """residual + dropout(input) in one pass; in eval (or with p == 0) the plain sum, also one pass.
 
@@ -47,6 +64,7 @@ def dropout_add(input, residual, p=0.5, training=True, generator=None):
     return _ops.dropout_add(input, residual, _train_p(p, training, input), generator)[0]
 
 
+@_torch_function
 def bias_dropout_add(input, bias, residual, p=0.5, training=True, generator=None):
     """residual + dropout(input + bias), bias over the last dimension, in one pass.
 
@@ -79,6 +97,7 @@ def _unbatched_feature_dropout(input, batched, p, training, inplace, generator):
     return result.squeeze_(0) if inplace else result.squeeze(0)
 
 
+@_torch_function
 def dropout1d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout1d: one mask per channel of (N, C, L) or (C, L)."""
     _check_p(p)
@@ -91,6 +110,7 @@ def dropout1d(input, p=0.5, training=True, inplace=False, generator=None):
     return _unbatched_feature_dropout(input, input.dim() == 3, p, training, inplace, generator)
 
 
+@_torch_function
 def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout2d: one mask per channel of (N, C, H, W).
 
@@ -116,6 +136,7 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
     return _feature_dropout(input, p, training, inplace, generator)
 
 
+@_torch_function
 def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout3d: one mask per channel of (N, C, D, H, W) or (C, D, H, W)."""
     _check_p(p)
@@ -130,6 +151,7 @@ def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
     return _unbatched_feature_dropout(input, input.dim() == 5, p, training, inplace, generator)
 
 
+@_torch_function
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, num_batches_tracked=None):
     """torch.nn.functional.batch_norm on modekernels' kernels.
@@ -142,6 +164,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                        momentum, eps, num_batches_tracked)
 
 
+@_torch_function
 def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False,
                     momentum=0.1, eps=1e-5, *, num_batches_tracked=None):
     """relu(batch_norm(input, ...)) in one pass over memory, forward and backward."""
@@ -149,6 +172,7 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
                        momentum, eps, num_batches_tracked)
 
 
+@_torch_function
 def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None, bias=None,
                         training=False, momentum=0.1, eps=1e-5, *, num_batches_tracked=None):
     """relu(batch_norm(input, ...) + residual), the tail of a ResNet block, in one pass."""

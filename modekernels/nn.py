@@ -57,7 +57,8 @@ class _BatchNormForward:
         return self._batch_norm(F.batch_norm, input)
 
     def _batch_norm(self, fn, input, *residual):
-        self._check_input_dim(input)
+        if not isinstance(input, torch.fx.Proxy):  # FX symbolic tracing knows no shapes
+            self._check_input_dim(input)
         track = self.training and self.track_running_stats
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         momentum = self.momentum

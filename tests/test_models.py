@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 import modekernels
 
@@ -97,6 +98,40 @@ def test_resnet_converted_eval_output_float32(resnet, device):
     theirs = one_step(copy.deepcopy(resnet).to(device), x, "eval")["output"]
     ours = one_step(modekernels.convert(copy.deepcopy(resnet).to(device)), x, "eval")["output"]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fx_feature_extractor_on_a_converted_resnet(mode):
+    # torchvision's feature extraction traces the model with torch.fx in both modes: our layers
+    # trace into calls of modekernels.functional, and the features are torch's.
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(weights=None)
+    randomize_running_stats(resnet, torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    nodes = {"layer1": "early", "layer4": "late"}
+    features = []
+    for model in (resnet, modekernels.convert(copy.deepcopy(resnet), fuse=True)):
+        extractor = create_feature_extractor(model, nodes).train(mode == "train")
+        features.append(extractor(x))
+    torch.testing.assert_close(features[1], features[0], rtol=1e-4, atol=1e-4)
+
+
+def test_fx_symbolic_trace_records_our_functions_and_updates_the_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), modekernels.BatchNormReLU2d(8),
+                          modekernels.Dropout(0.3), modekernels.BatchNorm2d(8),
+                          modekernels.Dropout2d(0.2), nn.Flatten(2), modekernels.BatchNorm1d(8))
+    traced = torch.fx.symbolic_trace(model)
+    targets = {node.target for node in traced.graph.nodes if node.op == "call_function"}
+    F = modekernels.functional
+    assert {F.batch_norm, F.batch_norm_relu, F.dropout, F.dropout2d} <= targets
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 3, 6, 6)
+    outputs = []
+    for m in (eager, traced):
+        torch.manual_seed(3)
+        outputs.append(m(x))
+    torch.testing.assert_close(outputs[1], outputs[0])
+    torch.testing.assert_close(dict(traced.named_buffers()), dict(eager.named_buffers()))
 
 
 @pytest.mark.parametrize("direction", ["converted_into_torch", "torch_into_converted"])
