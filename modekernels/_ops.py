@@ -5,6 +5,7 @@ The schemas live in csrc/ops.cpp; importing this module loads the extension that
 import functools
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ._load import load_extension
 
@@ -19,38 +20,77 @@ def _in_layout(t, stride):
     return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
+# Forward-mode AD (torch.autograd.forward_ad): torch.library registers no forward-mode formula,
+# so the wrappers below carry tangents themselves. The dropout ops are linear in their tensors
+# with a fixed mask: the op runs on the primals (backward-mode autograd still sees it) and the
+# tangents go through the same mask. BatchNorm with a tangent runs as torch's composition, whose
+# forward and backward formulas then hold in every combination (forward-over-reverse included).
+# Outside a dual level all this costs one integer comparison.
+
+def _split_duals(*tensors):
+    """(primals, tangents) of tensors (None entries kept), or (tensors, None) if none has a
+    tangent."""
+    if fwAD._current_level < 0:
+        return tensors, None
+    pairs = [(None, None) if t is None else fwAD.unpack_dual(t) for t in tensors]
+    if all(tangent is None for _, tangent in pairs):
+        return tensors, None
+    return tuple(primal for primal, _ in pairs), tuple(tangent for _, tangent in pairs)
+
+
 # ----------------------------------------------------------------------------------- dropout
 # An elementwise mask is laid over the memory order of the forward output and rebuilt from its
 # 16-byte rng_state, so its backward first puts the incoming gradient in the output's strides. A
 # channel-wise (feature) mask belongs to the (n, c) indices and needs no such care.
 
+def _masked_op(op, tensors, p, generator, feature=False):
+    """op(*tensors, p, generator) -> (output, rng_state), for the ops whose output is
+    residual + mask * (input + bias) / (1 - p); tensors are (input,), (input, residual) or
+    (input, bias, residual). Forward-mode tangents go through the same formula."""
+    primals, tangents = _split_duals(*tensors)
+    output, rng_state = op.default(*primals, p, generator)
+    if tangents is None:
+        return output, rng_state
+    t_input, *t_rest = (torch.zeros_like(x) if t is None else t for t, x in zip(tangents, primals))
+    if len(t_rest) == 2:
+        t_input = t_input + t_rest[0]
+    tangent = _mask(t_input, rng_state, p, output.stride(), feature)
+    if t_rest:
+        tangent = tangent + t_rest[-1]
+    return fwAD.make_dual(output, tangent), rng_state
+
+
 def dropout(input, p, generator=None):
     """(output, rng_state): output = input * mask / (1 - p), always in training mode."""
-    return _ops.dropout.default(input, p, generator)
+    return _masked_op(_ops.dropout, (input,), p, generator)
 
 
 def dropout_(input, p, generator=None):
     """In-place dropout; returns input. Differentiable through an autograd.Function."""
+    if _split_duals(input)[1] is not None:  # forward-mode AD: out of place, copied back
+        return input.copy_(dropout(input, p, generator)[0])
     return _DropoutInplace.apply(input, p, generator, False)[0]
 
 
 def dropout_add(input, residual, p, generator=None):
     """(residual + dropout(input), rng_state) in one pass."""
-    return _ops.dropout_add.default(input, residual, p, generator)
+    return _masked_op(_ops.dropout_add, (input, residual), p, generator)
 
 
 def bias_dropout_add(input, bias, residual, p, generator=None):
     """(residual + dropout(input + bias), rng_state) in one pass; bias over the last dimension."""
-    return _ops.bias_dropout_add.default(input, bias, residual, p, generator)
+    return _masked_op(_ops.bias_dropout_add, (input, bias, residual), p, generator)
 
 
 def feature_dropout(input, p, generator=None):
     """(output, rng_state): one mask per (n, c) of an (N, C, *) input."""
-    return _ops.feature_dropout.default(input, p, generator)
+    return _masked_op(_ops.feature_dropout, (input,), p, generator, feature=True)
 
 
 def feature_dropout_(input, p, generator=None):
     """In-place channel-wise dropout; returns input."""
+    if _split_duals(input)[1] is not None:
+        return input.copy_(feature_dropout(input, p, generator)[0])
     return _DropoutInplace.apply(input, p, generator, True)[0]
 
 
@@ -110,6 +150,18 @@ def _(grad_output, rng_state, p):
     return torch.empty_like(grad_output, memory_format=_feature_format(grad_output))
 
 
+def _mask(grad, rng_state, p, stride, feature):
+    """grad (and its tangent) through the mask of rng_state, as the forward output of those
+    strides had it."""
+    if p == 0:  # every element was kept with factor 1 (the fused ops' eval sums)
+        return grad
+    (primal,), tangents = _split_duals(grad)
+    masked = [_ops.feature_dropout_backward.default(t, rng_state, p) if feature
+              else dropout_backward(t, rng_state, p, stride)
+              for t in (primal, *(tangents or ()))]
+    return masked[0] if tangents is None else fwAD.make_dual(*masked)
+
+
 def _save_mask(ctx, p, rng_state, out, feature=False):
     ctx.p = p
     ctx.feature = feature
@@ -118,12 +170,7 @@ def _save_mask(ctx, p, rng_state, out, feature=False):
 
 
 def _apply_saved_mask(ctx, grad):
-    if ctx.p == 0:  # every element was kept with factor 1 (the fused ops' eval sums)
-        return grad
-    (rng_state,) = ctx.saved_tensors
-    if ctx.feature:
-        return _ops.feature_dropout_backward.default(grad, rng_state, ctx.p)
-    return dropout_backward(grad, rng_state, ctx.p, ctx.stride)
+    return _mask(grad, ctx.saved_tensors[0], ctx.p, ctx.stride, ctx.feature)
 
 
 def _dropout_setup(ctx, inputs, output):
@@ -307,13 +354,32 @@ def batch_norm_train(input, weight, bias, eps, residual=None, relu=False):
 
     output = relu?(batch_norm(input) + residual?) in one pass.
     """
-    return _ops.batch_norm_train.default(input, weight, bias, eps, residual, relu)
+    if _split_duals(input, weight, bias, residual)[1] is None:
+        return _ops.batch_norm_train.default(input, weight, bias, eps, residual, relu)
+    with torch.no_grad():  # the statistics for the running update
+        _, mean, var = _ops.batch_norm_train.default(input, weight, bias, eps, residual, relu)
+    return _bn_composition(input, None, None, weight, bias, True, eps, residual, relu), mean, var
 
 
 def batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual=None, relu=False):
     """relu?(batch_norm(input) + residual?) with the given (running) statistics."""
-    return _ops.batch_norm_eval.default(input, running_mean, running_var, weight, bias, eps,
-                                        residual, relu)
+    if _split_duals(input, weight, bias, residual)[1] is None:
+        return _ops.batch_norm_eval.default(input, running_mean, running_var, weight, bias, eps,
+                                            residual, relu)
+    with torch.no_grad():  # the op's own checks
+        _ops.batch_norm_eval.default(input, running_mean, running_var, weight, bias, eps, residual,
+                                     relu)
+    return _bn_composition(input, running_mean, running_var, weight, bias, False, eps, residual,
+                           relu)
+
+
+def _bn_composition(input, running_mean, running_var, weight, bias, training, eps, residual, relu):
+    """relu?(batch_norm(input) + residual?) by torch's own operations, for forward-mode AD."""
+    output = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                            training, 0.0, eps)
+    if residual is not None:
+        output = output + residual
+    return torch.relu(output) if relu else output
 
 
 def batch_norm_update_stats_(running_mean, running_var, mean, var, count, momentum,
@@ -353,11 +419,23 @@ def batch_norm_backward(grad_output, input, mean, var, weight, eps, training, ou
     where the ReLU's output was > 0: give that output as relu_output, or relu=True and the
     forward's bias to have the gate recomputed from input. residual_grad (with relu_output) also
     returns the gated grad_output (a fused residual's gradient), from the pass of grad_input.
+
+    Forward-mode AD: the gradients are linear in grad_output, so its tangent goes through the same
+    op; tangents of the other tensors are not supported.
     """
-    grads = _ops.batch_norm_backward.default(grad_output, input, mean, var, weight, eps, training,
-                                             output_mask, sum_dy, sum_dy_xmu, count, relu_output,
-                                             residual_grad, relu, bias)
-    return tuple(g if wanted else None for g, wanted in zip(grads, (*output_mask, residual_grad)))
+    args = (input, mean, var, weight, eps, training, output_mask, sum_dy, sum_dy_xmu, count,
+            relu_output, residual_grad, relu, bias)
+    (dy,), tangents = _split_duals(grad_output)
+    others = _split_duals(input, mean, var, weight, sum_dy, sum_dy_xmu, relu_output, bias)[1]
+    if others is not None or (tangents is not None and sum_dy is not None):
+        raise NotImplementedError("modekernels batch_norm_backward: forward-mode AD through "
+                                  "grad_output only, and without given sums")
+    wanted = (*output_mask, residual_grad)
+    grads = _ops.batch_norm_backward.default(dy, *args)
+    if tangents is not None:
+        t_grads = _ops.batch_norm_backward.default(tangents[0], *args)
+        grads = [fwAD.make_dual(g, t) if w else g for g, t, w in zip(grads, t_grads, wanted)]
+    return tuple(g if w else None for g, w in zip(grads, wanted))
 
 
 @torch.library.register_fake("modekernels::batch_norm_stats")

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import modekernels
 import modekernels.functional as MF
@@ -254,8 +255,8 @@ def test_gradcheck_and_gradgradcheck_float64(training, affine):
     def f(x, w, b):
         return MF.batch_norm(x, None if training else rm, None if training else rv, w, b, training)
 
-    assert torch.autograd.gradcheck(f, (x, w, b))
-    assert torch.autograd.gradgradcheck(f, (x, w, b))
+    assert torch.autograd.gradcheck(f, (x, w, b), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), check_fwd_over_rev=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -277,6 +278,26 @@ def test_double_backward_matches_torch(device, dtype, case, fmt, training):
     for name, ours_grad, theirs_grad in zip(["input", "weight", "bias"], *reversed(results)):
         scale = theirs_grad.abs().max().item()
         torch.testing.assert_close(ours_grad / scale, theirs_grad / scale, **BN_TOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_mode_ad_through_the_module_matches_torch(device, training):
+    # Tangents (torch.autograd.forward_ad) of the output, and the running statistics as usual.
+    theirs, ours = twin_modules("2d", "default", device)
+    base = torch.randn(CASES["2d"][2], device=device) * 2 + 3
+    tangent = torch.randn_like(base)
+    results = []
+    for module in (theirs, ours):
+        module.train(training)
+        with fwAD.dual_level():
+            results.append(tuple(fwAD.unpack_dual(module(fwAD.make_dual(base, tangent)))))
+    torch.testing.assert_close(results[1], results[0], **BN_TOL[torch.float32])
+    assert_same_state(theirs, ours, BN_TOL[torch.float32])
+    if not training:  # torch.func's forward-mode transforms take the same path (in training,
+        # torch's module updates captured buffers, which they refuse)
+        jacobians = [torch.func.jacfwd(lambda t: m(t)[:1, :2])(base[:2]) for m in (theirs, ours)]
+        torch.testing.assert_close(jacobians[1], jacobians[0], **BN_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -273,12 +273,26 @@ def test_module_is_a_torch_dropout():
     assert [k for k in vars(ours) if not k.startswith("_")] == [k for k in vars(theirs) if not k.startswith("_")]
 
 
-def test_gradcheck_and_gradgradcheck_float64():
-    def f(x):
-        return MF.dropout(x, 0.4, generator=torch.Generator().manual_seed(5))
-    x = torch.randn(3, 17, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(f, (x,))
-    assert torch.autograd.gradgradcheck(f, (x,))
+GRADCHECK_CASES = {
+    "dropout": lambda x, r, b, g: MF.dropout(x, 0.4, generator=g),
+    "dropout-inplace": lambda x, r, b, g: MF.dropout(x.clone(), 0.4, inplace=True, generator=g),
+    "dropout1d": lambda x, r, b, g: MF.dropout1d(x, 0.4, generator=g),
+    "dropout_add": lambda x, r, b, g: MF.dropout_add(x, r, 0.4, generator=g),
+    "bias_dropout_add": lambda x, r, b, g: MF.bias_dropout_add(x, b, r, 0.4, generator=g),
+    "bias_dropout_add-eval": lambda x, r, b, g: MF.bias_dropout_add(x, b, r, 0.4, training=False),
+}
+
+
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
+def test_gradcheck_and_gradgradcheck_float64(case):
+    # Backward, forward-mode and forward-over-reverse gradients of every input, against numerical
+    # ones (the same mask on every call: a fresh generator with one seed).
+    def f(x, r, b):
+        return GRADCHECK_CASES[case](x, r, b, torch.Generator().manual_seed(5))
+    x, r = (torch.randn(3, 5, 17, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, r, b), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (x, r, b), check_fwd_over_rev=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

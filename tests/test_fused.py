@@ -167,8 +167,8 @@ def test_gradcheck_and_gradgradcheck_float64(training, variant):
             return MF.batch_norm_relu(x, *stats, w, b, training)
         return MF.batch_norm_add_relu(x, r, *stats, w, b, training)
 
-    assert torch.autograd.gradcheck(f, (x, r, w, b))
-    assert torch.autograd.gradgradcheck(f, (x, r, w, b))
+    assert torch.autograd.gradcheck(f, (x, r, w, b), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (x, r, w, b), check_fwd_over_rev=True)
 
 
 def test_relu_keeps_nan_like_torch():
