@@ -38,6 +38,12 @@ _BATCHNORM = {
 # convert(sync=True): every unfused BatchNorm, torch's or ours, -> our SyncBatchNorm.
 _SYNC = dict.fromkeys([*_BATCHNORM, _nn.BatchNorm1d, _nn.BatchNorm2d, _nn.BatchNorm3d],
                       _distributed.SyncBatchNorm)
+# Lazy layers not yet initialized (their classes change at the first call): ours become ours.
+_BATCHNORM |= {
+    torch.nn.LazyBatchNorm1d: _nn.LazyBatchNorm1d,
+    torch.nn.LazyBatchNorm2d: _nn.LazyBatchNorm2d,
+    torch.nn.LazyBatchNorm3d: _nn.LazyBatchNorm3d,
+}
 _OURS = _DROPOUT | _BATCHNORM
 # Our BatchNorm -> its fusion with a following ReLU (convert(fuse=True)).
 _FUSED_RELU = {
@@ -56,6 +62,9 @@ _ROOT = "(root)"
 def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=False, fuse=False,
             sync=False, process_group=None):
     """Replaces torch's Dropout, BatchNorm1d/2d/3d and SyncBatchNorm in `model` with modekernels'.
+
+    torch's LazyBatchNorm1d/2d/3d not yet initialized become modekernels' lazy layers, which turn
+    into modekernels' BatchNorm1d/2d/3d at their first call.
 
     Each matching module (the root included, every shared module once) gets modekernels' class
     in place of its own. The objects are kept rather than rebuilt: modekernels' classes only

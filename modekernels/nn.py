@@ -88,6 +88,22 @@ class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
     pass
 
 
+class LazyBatchNorm1d(_BatchNormForward, torch.nn.LazyBatchNorm1d):
+    """torch.nn.LazyBatchNorm1d: num_features is taken from the first input, on our kernels from
+    that first call on, and the layer then becomes a modekernels.BatchNorm1d."""
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_BatchNormForward, torch.nn.LazyBatchNorm2d):
+    """torch.nn.LazyBatchNorm2d, becoming a modekernels.BatchNorm2d (see LazyBatchNorm1d)."""
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_BatchNormForward, torch.nn.LazyBatchNorm3d):
+    """torch.nn.LazyBatchNorm3d, becoming a modekernels.BatchNorm3d (see LazyBatchNorm1d)."""
+    cls_to_become = BatchNorm3d
+
+
 class _BatchNormReLUForward(_BatchNormForward):
     """relu(BatchNorm(input)) in one pass; a BatchNorm in every other respect (state, isinstance)."""
 

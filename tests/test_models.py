@@ -153,6 +153,27 @@ def test_state_dict_round_trip_strict(direction):
         torch.testing.assert_close(target.eval()(x), source.eval()(x), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_lazy_batchnorm_converts_and_becomes_ours_at_its_first_call(device):
+    # Not yet initialized, torch's LazyBatchNorm would become torch's BatchNormNd at its first
+    # call; converted, it becomes ours, running our kernels from that first call on.
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d(), nn.Flatten(2),
+                             nn.LazyBatchNorm1d()).to(device)
+
+    theirs, ours = make(), modekernels.convert(make())
+    assert [type(m) for m in ours[1::2]] == [modekernels.LazyBatchNorm2d, modekernels.LazyBatchNorm1d]
+    assert isinstance(ours[1], nn.LazyBatchNorm2d)
+    assert type(modekernels.revert(make())[1]) is nn.LazyBatchNorm2d
+    x = torch.randn(2, 3, 4, 4, device=device)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])
+    assert [type(m) for m in ours[1::2]] == [modekernels.BatchNorm2d, modekernels.BatchNorm1d]
+    assert ours[1].num_features == 4
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), **TOL[torch.float32])
+    assert type(modekernels.revert(ours)[1]) is nn.BatchNorm2d
+
+
 # ------------------------------------------------------------------------------- containers
 
 class Pair(nn.Module):
