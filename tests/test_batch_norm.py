@@ -218,6 +218,31 @@ def test_errors_are_clear_and_change_nothing(error):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fused", ["plain", "add-relu"])
+def test_per_channel_tensors_may_be_views(device, training, fused):
+    # Weight, bias and running statistics as strided views (every other element of a larger
+    # tensor), and an expanded one: read as torch reads them, running statistics updated through
+    # the views into their base tensors.
+    x = torch.randn(4, 3, 5, 5, device=device)
+    r = torch.randn_like(x)
+    params = [torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)]
+    stats = [torch.randn(6, device=device), torch.rand(6, device=device) + 0.5]
+    pair = ((torch.nn.functional.batch_norm, MF.batch_norm) if fused == "plain" else
+            (lambda *a: torch.relu(torch.nn.functional.batch_norm(*a) + r),
+             lambda *a: MF.batch_norm_add_relu(a[0], r, *a[1:])))
+    results = []
+    for fn in pair:
+        w, b = (t.clone().requires_grad_() for t in params)
+        rm, rv = (t.clone() for t in stats)
+        y = fn(x, rm[::2], rv[::2], w[::2], b[1::2], training)
+        y.pow(2).sum().backward()
+        expanded = fn(x, None, None, torch.tensor(1.5, device=device).expand(3), None, True)
+        results.append((y, expanded, w.grad, b.grad, rm, rv))
+    torch.testing.assert_close(results[1], results[0], **BN_TOL[torch.float32])
+
+
 def test_non_positive_eps_is_torch_error_and_changes_nothing():
     ours = modekernels.BatchNorm2d(6, eps=0.0)
     before = state_of(ours)

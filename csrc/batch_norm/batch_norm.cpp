@@ -79,8 +79,13 @@ at::Tensor dense(const at::Tensor& t, at::MemoryFormat fmt) {
   return t.contiguous(fmt);
 }
 
+// Per-channel tensors as the kernels read them: dense (a strided or expanded view is copied).
 at::Tensor opt(const OptTensor& t) {
-  return t && t->defined() ? *t : at::Tensor();
+  return t && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+at::Tensor channel_in(const at::Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype).contiguous();
 }
 
 // A tensor shaped like input (a residual, a saved output) in the kernels' memory format.
@@ -131,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, cons
     sum_dy.zero_();
     sum_dy_xmu.zero_();
   } else {
-    be.grad_sums(dense(grad_output, fmt), Gate(), x, layout_of(x), mean.to(acc), sum_dy,
+    be.grad_sums(dense(grad_output, fmt), Gate(), x, layout_of(x), channel_in(mean, acc), sum_dy,
                  sum_dy_xmu);
   }
   return {sum_dy, sum_dy_xmu};
@@ -186,7 +191,8 @@ at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
   if (x.numel() == 0) return out;
   const auto acc = opmath(input.scalar_type());
   at::Tensor coeffs = channel_empty(input, acc, 4);
-  be.forward_coeffs(running_mean.to(acc), running_var.to(acc), opt(weight), opt(bias), eps, coeffs);
+  be.forward_coeffs(channel_in(running_mean, acc), channel_in(running_var, acc), opt(weight),
+                    opt(bias), eps, coeffs);
   be.affine({at::Tensor(), x, Gate(), r, relu}, layout_of(x), coeffs, out);
   return out;
 }
@@ -218,8 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
               "modekernels batch_norm: residual_grad needs relu_output (the gate it applies)");
   const Layout layout = layout_of(x);
   const auto acc = opmath(input.scalar_type());
-  const at::Tensor mean_acc = mean.to(acc);
-  const at::Tensor var_acc = var.to(acc);
+  const at::Tensor mean_acc = channel_in(mean, acc);
+  const at::Tensor var_acc = channel_in(var, acc);
   Gate gate{saved_gate, at::Tensor()};
   if (relu) {  // the forward's coefficients, computed as the forward computed them
     gate = {x, channel_empty(input, acc, 4)};
@@ -244,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   if (given) {
     check_channel(*sum_dy_given, "sum_dy", input);
     check_channel(*sum_dy_xmu_given, "sum_dy_xmu", input);
-    sum_dy = sum_dy_given->to(acc);
-    sum_dy_xmu = sum_dy_xmu_given->to(acc);
+    sum_dy = channel_in(*sum_dy_given, acc);
+    sum_dy_xmu = channel_in(*sum_dy_xmu_given, acc);
   } else {
     const Operands in{dy, x, gate, at::Tensor(), false, gated_out};
     if (training && want_dx && x.numel() > 0 && be.backward_resident &&
@@ -300,8 +306,13 @@ void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::T
                     "Expected more than 1 value per channel when training, got ", count);
   if (counter) num_batches_tracked->add_(1);
   if (count == 0) return;  // an empty batch counts, but has no statistics (as in torch)
-  be.update_running(running_mean, running_var, mean, var, count, momentum ? *momentum : -1.0,
-                    counter ? *num_batches_tracked : at::Tensor());
+  // The kernels write dense running statistics: a strided view is updated through a copy.
+  at::Tensor rm = running_mean.contiguous();
+  at::Tensor rv = running_var.contiguous();
+  be.update_running(rm, rv, mean.contiguous(), var.contiguous(), count,
+                    momentum ? *momentum : -1.0, counter ? *num_batches_tracked : at::Tensor());
+  if (!rm.is_same(running_mean)) running_mean.copy_(rm);
+  if (!rv.is_same(running_var)) running_var.copy_(rv);
 }
 
 }  // namespace modekernels::batch_norm
