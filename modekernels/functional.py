@@ -182,6 +182,7 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
 
 def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, training, momentum,
                 eps, num_batches_tracked):
+    _check_running_stats(running_mean, running_var, training)
     if not training:
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,
                                     relu)
@@ -191,3 +192,15 @@ def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, 
         _ops.batch_norm_update_stats_(running_mean, running_var, mean, var, count, momentum,
                                       num_batches_tracked)
     return output
+
+
+def _check_running_stats(running_mean, running_var, training):
+    """torch's errors for running statistics given as None where they are needed."""
+    if training:
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("running_mean and running_var must either both be None or neither "
+                             "be None")
+        return
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is None:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")

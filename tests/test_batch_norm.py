@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -216,6 +217,21 @@ def test_errors_are_clear_and_change_nothing(error):
         ours(x)
     for k, v in ours.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("given", ["mean", "var", "neither"])
+def test_missing_running_statistics_are_torch_errors(training, given):
+    x = torch.randn(4, 3)
+    stats = (torch.zeros(3) if given == "mean" else None, torch.ones(3) if given == "var" else None)
+    if training and given == "neither":  # batch statistics, nothing to update
+        torch.testing.assert_close(MF.batch_norm(x, *stats, training=True),
+                                   torch.nn.functional.batch_norm(x, *stats, training=True))
+        return
+    with pytest.raises(Exception) as theirs:
+        torch.nn.functional.batch_norm(x, *stats, training=training)
+    with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
+        MF.batch_norm(x, *stats, training=training)
 
 
 @pytest.mark.parametrize("device", DEVICES)
