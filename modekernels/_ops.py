@@ -273,7 +273,7 @@ def _batch_first(t, bdim, size):
     return t.expand(size, *t.shape) if bdim is None else t.movedim(bdim, 0)
 
 
-def _masked(x, p, generator, mask_shape, feature=False, bias=None, residual=None):
+def _composed_dropout(x, p, generator, mask_shape, feature=False, bias=None, residual=None):
     """((x + bias) * mask / (1 - p) + residual, rng_state) by torch ops in the opmath dtype; the
     mask (of mask_shape, broadcast over x) comes from one call of the op."""
     ones = x.new_ones(mask_shape, dtype=_opmath(x.dtype))
@@ -291,7 +291,7 @@ def _dropout_vmap(info, in_dims, input, p, generator=None):
     _check_randomness(info, p)
     x = input.movedim(in_dims[0], 0)
     if info.randomness == "same":
-        return _masked(x, p, generator, x.shape[1:])
+        return _composed_dropout(x, p, generator, x.shape[1:])
     return dropout(x, p, generator), (0, None)
 
 
@@ -299,7 +299,7 @@ def _feature_dropout_vmap(info, in_dims, input, p, generator=None):
     _check_randomness(info, p)
     x = input.movedim(in_dims[0], 0)  # (B, N, C, *): one mask per (b, n, c) or per (n, c)
     if info.randomness == "same":
-        return _masked(x, p, generator, (*x.shape[1:3], *[1] * (x.dim() - 3)), True)
+        return _composed_dropout(x, p, generator, (*x.shape[1:3], *[1] * (x.dim() - 3)), True)
     out, rng_state = feature_dropout(x.flatten(0, 1), p, generator)
     return (out.unflatten(0, x.shape[:2]), rng_state), (0, None)
 
@@ -308,24 +308,26 @@ def _dropout_add_vmap(info, in_dims, input, residual, p, generator=None):
     _check_randomness(info, p)
     x, r = (_batch_first(t, d, info.batch_size) for t, d in zip((input, residual), in_dims))
     if info.randomness == "same" and p > 0:
-        return _masked(x, p, generator, x.shape[1:], residual=r)
+        return _composed_dropout(x, p, generator, x.shape[1:], residual=r)
     return dropout_add(x, r, p, generator), (0, None)
 
 
 def _bias_dropout_add_vmap(info, in_dims, input, bias, residual, p, generator=None):
     _check_randomness(info, p)
-    x, r = (_batch_first(t, d, info.batch_size) for t, d in ((input, in_dims[0]), (residual, in_dims[2])))
+    x = _batch_first(input, in_dims[0], info.batch_size)
+    r = _batch_first(residual, in_dims[2], info.batch_size)
     if in_dims[1] is not None:  # a bias per sample, broadcast over each sample's rows
         b = bias.movedim(in_dims[1], 0).reshape(info.batch_size, *[1] * (x.dim() - 2), -1)
         shape = x.shape[1:] if info.randomness == "same" else x.shape
-        return _masked(x, p, generator, shape, bias=b, residual=r)
+        return _composed_dropout(x, p, generator, shape, bias=b, residual=r)
     if info.randomness == "same" and p > 0:
-        return _masked(x, p, generator, x.shape[1:], bias=bias, residual=r)
+        return _composed_dropout(x, p, generator, x.shape[1:], bias=bias, residual=r)
     return bias_dropout_add(x, bias, r, p, generator), (0, None)
 
 
 for _name, _rule in [("dropout", _dropout_vmap), ("feature_dropout", _feature_dropout_vmap),
-                     ("dropout_add", _dropout_add_vmap), ("bias_dropout_add", _bias_dropout_add_vmap)]:
+                     ("dropout_add", _dropout_add_vmap),
+                     ("bias_dropout_add", _bias_dropout_add_vmap)]:
     torch.library.register_vmap(f"modekernels::{_name}", _rule)
 
 
@@ -562,7 +564,8 @@ def _bn_backward_grad(ctx, *grads_of_outputs):
         grad_input, *grad_weight = torch.autograd.grad(out, [x] + ([w] if w is not None else []),
                                                        gated.to(opmath), create_graph=True)
         reduce_dims = [d for d in range(input.dim()) if d != 1]
-        firsts = (grad_input, grad_weight[0] if grad_weight else None, gated.sum(reduce_dims), gated)
+        grad_weight = grad_weight[0] if grad_weight else None
+        firsts = (grad_input, grad_weight, gated.sum(reduce_dims), gated)
         pairs = [(f, g.to(f.dtype)) for f, g, wanted in zip(firsts, grads_of_outputs, ctx.wanted)
                  if wanted and f is not None and g is not None]
         leaves = [(i, t) for i, t in ((0, dy), (1, x), (4, w)) if ctx.needs_input_grad[i]]
@@ -610,7 +613,8 @@ def _bn_train_vmap(info, in_dims, input, weight, bias, eps, residual=None, relu=
 def _bn_eval_vmap(info, in_dims, input, running_mean, running_var, weight, bias, eps,
                   residual=None, relu=False):
     B, in_dims = info.batch_size, (*in_dims, None)
-    params = (_fold_param(t, d, B) for t, d in zip((running_mean, running_var, weight, bias), in_dims[1:5]))
+    per_channel = (running_mean, running_var, weight, bias)
+    params = (_fold_param(t, d, B) for t, d in zip(per_channel, in_dims[1:5]))
     out = batch_norm_eval(_fold_channels(input, in_dims[0], B), *params, eps,
                           _fold_channels(residual, in_dims[6], B), relu)
     return _unfold_channels(out, B), 0
