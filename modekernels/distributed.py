@@ -38,8 +38,9 @@ class SyncBatchNorm(_nn._BatchNormForward, torch.nn.SyncBatchNorm):
     """
 
     def forward(self, input):
-        self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
+        if not isinstance(input, torch.fx.Proxy):  # FX symbolic tracing knows no shapes
+            self._check_input_dim(input)
+            self._check_non_zero_input_channels(input)
         group = self._sync_group()
         if group is None:
             return self._batch_norm(F.batch_norm, input)

@@ -119,7 +119,8 @@ def test_fx_feature_extractor_on_a_converted_resnet(mode):
 def test_fx_symbolic_trace_records_our_functions_and_updates_the_statistics():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), modekernels.BatchNormReLU2d(8),
                           modekernels.Dropout(0.3), modekernels.BatchNorm2d(8),
-                          modekernels.Dropout2d(0.2), nn.Flatten(2), modekernels.BatchNorm1d(8))
+                          modekernels.Dropout2d(0.2), modekernels.SyncBatchNorm(8), nn.Flatten(2),
+                          modekernels.BatchNorm1d(8))
     traced = torch.fx.symbolic_trace(model)
     targets = {node.target for node in traced.graph.nodes if node.op == "call_function"}
     F = modekernels.functional
