@@ -175,6 +175,19 @@ def test_lazy_batchnorm_converts_and_becomes_ours_at_its_first_call(device):
     assert type(modekernels.revert(ours)[1]) is nn.BatchNorm2d
 
 
+def test_quantization_fusion_with_our_classes_in_its_table():
+    # The README's recipe for tools that look layers up by exact class.
+    model = modekernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+    randomize_running_stats(model, torch.Generator().manual_seed(1))
+    mapping = {(nn.Conv2d, modekernels.BatchNorm2d): torch.ao.quantization.fuse_conv_bn}
+    fused = torch.ao.quantization.fuse_modules(
+        model, [["0", "1"]], fuse_custom_config_dict={"additional_fuser_method_mapping": mapping})
+    assert type(fused[1]) is nn.Identity
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fused(x), model(x), **TOL[torch.float32])
+    assert type(torch.nn.utils.fusion.fuse_conv_bn_eval(model[0], model[1])) is nn.Conv2d
+
+
 # ------------------------------------------------------------------------------- containers
 
 class Pair(nn.Module):
