@@ -342,6 +342,30 @@ def test_forward_mode_ad_through_the_module_matches_torch(device, training):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_same_call_gives_the_same_bits_in_deterministic_mode(device, fmt):
+    # No atomics and reductions in a fixed order (for a given thread count on the CPU): torch's
+    # deterministic mode has nothing to refuse, and a repeated call repeats every bit.
+    x = layout(torch.randn(8, 64, 14, 14, device=device) * 3 + 1, fmt)
+    grad = torch.randn_like(x)
+
+    def step():
+        x_ = x.clone().requires_grad_()
+        outputs = [MF.batch_norm_relu(x_, None, None, training=True),
+                   MF.dropout(x_, 0.3, generator=torch.Generator(device).manual_seed(0))]
+        torch.autograd.backward(outputs, [grad, grad])
+        return [*outputs, x_.grad]
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = step(), step()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_opcheck(device, channels_last):
     x = torch.randn(4, 3, 5, 5, device=device)
