@@ -342,6 +342,25 @@ def test_forward_mode_ad_through_the_module_matches_torch(device, training):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("shape,fmt", [((4, 3, 5), "contiguous"), ((4, 3, 5000), "contiguous"),
+                                       ((64, 3), "contiguous"), ((8, 3, 4, 4), "channels_last")])
+def test_nan_and_inf_inputs_propagate_like_torch(device, value, shape, fmt):
+    # One non-finite input makes its channel's statistics NaN (inf - inf), in the output and in
+    # the running statistics, as in torch; the other channels are untouched.
+    base = torch.randn(shape, device=device)
+    base.view(-1)[7] = float(value)
+    x = layout(base, fmt)
+    results = []
+    for fn in (torch.nn.functional.batch_norm, MF.batch_norm):
+        stats = (torch.zeros(3, device=device), torch.ones(3, device=device))
+        output = fn(x, *stats, training=True)
+        results.append([t.isnan() for t in (output, *stats)] + [output.isinf()])
+    for ours, theirs in zip(*reversed(results)):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_same_call_gives_the_same_bits_in_deterministic_mode(device, fmt):
     # No atomics and reductions in a fixed order (for a given thread count on the CPU): torch's

@@ -255,7 +255,8 @@ inline Moments<double> shifted_moments(double n, double shift, double s1, double
   m.n = n;
   const double mean_d = s1 / n;
   m.mean = shift + mean_d;
-  m.m2 = std::max(0.0, s2 - mean_d * s1);
+  const double m2 = s2 - mean_d * s1;
+  m.m2 = m2 < 0.0 ? 0.0 : m2;  // rounding below 0 is clamped; a NaN (NaN or inf input) stays
   return m;
 }
 
