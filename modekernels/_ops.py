@@ -427,9 +427,9 @@ def batch_norm_backward(grad_output, input, mean, var, weight, eps, training, ou
     """
     args = (input, mean, var, weight, eps, training, output_mask, sum_dy, sum_dy_xmu, count,
             relu_output, residual_grad, relu, bias)
-    (dy,), tangents = _split_duals(grad_output)
-    others = _split_duals(input, mean, var, weight, sum_dy, sum_dy_xmu, relu_output, bias)[1]
-    if others is not None or (tangents is not None and sum_dy is not None):
+    (dy, *_), tangents = _split_duals(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu,
+                                      relu_output, bias)
+    if tangents is not None and (sum_dy is not None or any(t is not None for t in tangents[1:])):
         raise NotImplementedError("modekernels batch_norm_backward: forward-mode AD through "
                                   "grad_output only, and without given sums")
     wanted = (*output_mask, residual_grad)
@@ -559,8 +559,8 @@ def _bn_backward_grad(ctx, *grads_of_outputs):
         gated = dy if gate is None else torch.where(gate, dy, 0)
         opmath = _opmath(input.dtype)
         stats = (None, None) if ctx.training else (mean.to(opmath), var.to(opmath))
-        out = torch.nn.functional.batch_norm(x.to(opmath), *stats, w if w is None else w.to(opmath),
-                                             None, ctx.training, 0.0, ctx.eps)
+        out = _bn_composition(x.to(opmath), *stats, w if w is None else w.to(opmath), None,
+                              ctx.training, ctx.eps, None, False)
         grad_input, *grad_weight = torch.autograd.grad(out, [x] + ([w] if w is not None else []),
                                                        gated.to(opmath), create_graph=True)
         reduce_dims = [d for d in range(input.dim()) if d != 1]

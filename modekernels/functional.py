@@ -35,18 +35,19 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     if inplace:
         return _ops.dropout_(input, p, generator)
     if input.is_nested:
-        return _on_jagged_values(input, lambda values: _ops.dropout(values, p, generator)[0])
+        return _jagged_dropout(input, p, generator)
     return _ops.dropout(input, p, generator)[0]
 
 
-def _on_jagged_values(input, fn):
-    """fn applied to a jagged nested tensor's values, its offsets and lengths kept (torch's
-    dropout supports this layout, out of place)."""
+def _jagged_dropout(input, p, generator):
+    """Dropout of a jagged nested tensor's values, its offsets and lengths kept (torch's dropout
+    takes this layout, out of place)."""
     if input.layout != torch.jagged:
         raise TypeError(f"modekernels dropout: nested tensors of the torch.jagged layout only, but "
                         f"got {input.layout}")
-    return torch.nested.nested_tensor_from_jagged(fn(input.values()), input.offsets(),
-                                                  input.lengths(), jagged_dim=input._ragged_idx)
+    values = _ops.dropout(input.values(), p, generator)[0]
+    return torch.nested.nested_tensor_from_jagged(values, input.offsets(), input.lengths(),
+                                                  jagged_dim=input._ragged_idx)
 
 
 def _check_p(p):
