@@ -1,9 +1,9 @@
-"""Typed wrappers over torch.ops.modekernels, with their fake kernels and autograd formulas.
+"""Typed wrappers over torch.ops.modekernels, with their fake kernels, vmap rules, forward-mode
+AD, the in-place dropouts' autograd and the BatchNorm double backward.
 
-The schemas live in csrc/ops.cpp; importing this module loads the extension that registers them.
+The schemas live in csrc/ops.cpp and the other ops' autograd in csrc/*/*_autograd.cpp (C++, for
+its per-call cost); importing this module loads the extension that registers them.
 """
-import functools
-
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -151,86 +151,17 @@ def _(grad_output, rng_state, p):
 
 
 def _mask(grad, rng_state, p, stride, feature):
-    """grad (and its tangent) through the mask of rng_state, as the forward output of those
-    strides had it."""
+    """grad through the mask of rng_state, as the forward output of those strides had it. A
+    tangent on grad goes through the same mask (the backward ops' kernels carry it)."""
     if p == 0:  # every element was kept with factor 1 (the fused ops' eval sums)
         return grad
-    (primal,), tangents = _split_duals(grad)
-    masked = [_ops.feature_dropout_backward.default(t, rng_state, p) if feature
-              else dropout_backward(t, rng_state, p, stride)
-              for t in (primal, *(tangents or ()))]
-    return masked[0] if tangents is None else fwAD.make_dual(*masked)
-
-
-def _save_mask(ctx, p, rng_state, out, feature=False):
-    ctx.p = p
-    ctx.feature = feature
-    ctx.stride = out.stride()
-    ctx.save_for_backward(rng_state)
-
-
-def _apply_saved_mask(ctx, grad):
-    return _mask(grad, ctx.saved_tensors[0], ctx.p, ctx.stride, ctx.feature)
-
-
-def _dropout_setup(ctx, inputs, output):
-    out, rng_state = output
-    _save_mask(ctx, inputs[1], rng_state, out)
-
-
-def _dropout_grad(ctx, grad_out, _grad_state):
-    return _apply_saved_mask(ctx, grad_out), None, None
-
-
-def _feature_setup(ctx, inputs, output):
-    out, rng_state = output
-    _save_mask(ctx, inputs[1], rng_state, out, feature=True)
-
-
-def _dropout_add_setup(ctx, inputs, output):
-    out, rng_state = output
-    _save_mask(ctx, inputs[2], rng_state, out)
-
-
-def _dropout_add_grad(ctx, grad_out, _grad_state):
-    return _apply_saved_mask(ctx, grad_out), grad_out, None, None
-
-
-def _bias_dropout_add_setup(ctx, inputs, output):
-    out, rng_state = output
-    _save_mask(ctx, inputs[3], rng_state, out)
-
-
-def _bias_dropout_add_grad(ctx, grad_out, _grad_state):
-    grad_input = _apply_saved_mask(ctx, grad_out)
-    grad_bias = grad_input.reshape(-1, grad_input.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-    return grad_input, grad_bias, grad_out, None, None
-
-
-def _mask_backward_setup(ctx, inputs, output, feature):
-    _, rng_state, p = inputs
-    _save_mask(ctx, p, rng_state, output, feature)
-
-
-def _mask_backward_grad(ctx, grad):
-    # The backward ops are linear in grad_output: their own gradient applies the same mask again.
-    return _apply_saved_mask(ctx, grad), None, None
-
-
-for _name, _grad, _setup in [
-    ("dropout", _dropout_grad, _dropout_setup),
-    ("feature_dropout", _dropout_grad, _feature_setup),
-    ("dropout_add", _dropout_add_grad, _dropout_add_setup),
-    ("bias_dropout_add", _bias_dropout_add_grad, _bias_dropout_add_setup),
-    ("dropout_backward", _mask_backward_grad, functools.partial(_mask_backward_setup, feature=False)),
-    ("feature_dropout_backward", _mask_backward_grad, functools.partial(_mask_backward_setup, feature=True)),
-]:
-    torch.library.register_autograd(f"modekernels::{_name}", _grad, setup_context=_setup)
+    if feature:
+        return _ops.feature_dropout_backward.default(grad, rng_state, p)
+    return dropout_backward(grad, rng_state, p, stride)
 
 
 class _DropoutInplace(torch.autograd.Function):
-    # register_autograd takes only functional schemas, so the mutating ops get a Function:
-    # forward(input, p, generator, feature) -> (input, rng_state).
+    # The mutating ops' autograd: forward(input, p, generator, feature) -> (input, rng_state).
     @staticmethod
     def forward(input, p, generator, feature):
         op = _ops.feature_dropout_ if feature else _ops.dropout_
@@ -241,11 +172,12 @@ class _DropoutInplace(torch.autograd.Function):
         input, p, _, feature = inputs
         ctx.mark_dirty(input)
         ctx.mark_non_differentiable(output[1])
-        _save_mask(ctx, p, output[1], input, feature)
+        ctx.p, ctx.feature, ctx.stride = p, feature, input.stride()
+        ctx.save_for_backward(output[1])
 
     @staticmethod
     def backward(ctx, grad, _grad_state):
-        return _apply_saved_mask(ctx, grad), None, None, None
+        return _mask(grad, ctx.saved_tensors[0], ctx.p, ctx.stride, ctx.feature), None, None, None
 
     @staticmethod
     def vmap(info, in_dims, input, p, generator, feature):
@@ -356,21 +288,22 @@ def batch_norm_train(input, weight, bias, eps, residual=None, relu=False):
 
     output = relu?(batch_norm(input) + residual?) in one pass.
     """
-    if _split_duals(input, weight, bias, residual)[1] is None:
+    (x, w, b, r), tangents = _split_duals(input, weight, bias, residual)
+    if tangents is None:
         return _ops.batch_norm_train.default(input, weight, bias, eps, residual, relu)
     with torch.no_grad():  # the statistics for the running update
-        _, mean, var = _ops.batch_norm_train.default(input, weight, bias, eps, residual, relu)
+        _, mean, var = _ops.batch_norm_train.default(x, w, b, eps, r, relu)
     return _bn_composition(input, None, None, weight, bias, True, eps, residual, relu), mean, var
 
 
 def batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual=None, relu=False):
     """relu?(batch_norm(input) + residual?) with the given (running) statistics."""
-    if _split_duals(input, weight, bias, residual)[1] is None:
+    (x, w, b, r), tangents = _split_duals(input, weight, bias, residual)
+    if tangents is None:
         return _ops.batch_norm_eval.default(input, running_mean, running_var, weight, bias, eps,
                                             residual, relu)
     with torch.no_grad():  # the op's own checks
-        _ops.batch_norm_eval.default(input, running_mean, running_var, weight, bias, eps, residual,
-                                     relu)
+        _ops.batch_norm_eval.default(x, running_mean, running_var, w, b, eps, r, relu)
     return _bn_composition(input, running_mean, running_var, weight, bias, False, eps, residual,
                            relu)
 
@@ -468,63 +401,6 @@ def _(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy=
 @torch.library.register_fake("modekernels::batch_norm_update_stats_")
 def _(running_mean, running_var, mean, var, count, momentum, num_batches_tracked):
     return None
-
-
-def _bn_save(ctx, training, inputs, output, stats, param_index):
-    """What both modes' backward needs. inputs[param_index:] = weight, bias, eps, residual, relu.
-
-    BN+ReLU recomputes its ReLU's gate from the input (and bias), so it keeps no activation but
-    its input; BN+add+ReLU keeps its output as the gate.
-    """
-    weight, bias, eps, residual, relu = inputs[param_index:]
-    ctx.training, ctx.eps = training, eps
-    ctx.indices = param_index, param_index + 1, param_index + 3
-    ctx.recompute_gate = relu and residual is None
-    gate = output if relu and residual is not None else None
-    ctx.save_for_backward(inputs[0], weight, bias if ctx.recompute_gate else None, *stats, gate)
-
-
-def _bn_grads(ctx, grad_out):
-    """(grad_input, grad_weight, grad_bias, grad_residual)."""
-    input, weight, bias, mean, var, gate = ctx.saved_tensors
-    w, b, r = ctx.indices
-    # Arguments left at their defaults (residual=None, relu=False) have no entry here.
-    need = tuple(ctx.needs_input_grad) + (False, False)
-    mask = [need[0], weight is not None and need[w], need[b]]
-    # The residual's gradient is grad_out through the ReLU's gate, from the pass of grad_input.
-    fused_residual = need[r] and gate is not None
-    gi, gw, gb, gr = batch_norm_backward(grad_out, input, mean, var, weight, ctx.eps, ctx.training,
-                                         mask, relu_output=gate, residual_grad=fused_residual,
-                                         relu=ctx.recompute_gate, bias=bias)
-    if need[r] and gate is None:
-        gr = grad_out
-    return gi, gw, gb, gr
-
-
-def _bn_train_setup(ctx, inputs, output):
-    out, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    _bn_save(ctx, True, inputs, out, (mean, var), 1)
-
-
-def _bn_train_grad(ctx, grad_out, _grad_mean, _grad_var):
-    gi, gw, gb, gr = _bn_grads(ctx, grad_out)
-    return gi, gw, gb, None, gr, None
-
-
-def _bn_eval_setup(ctx, inputs, output):
-    _bn_save(ctx, False, inputs, output, inputs[1:3], 3)
-
-
-def _bn_eval_grad(ctx, grad_out):
-    gi, gw, gb, gr = _bn_grads(ctx, grad_out)
-    return gi, None, None, gw, gb, None, gr, None
-
-
-torch.library.register_autograd("modekernels::batch_norm_train", _bn_train_grad,
-                                setup_context=_bn_train_setup)
-torch.library.register_autograd("modekernels::batch_norm_eval", _bn_eval_grad,
-                                setup_context=_bn_eval_setup)
 
 
 # The double backward (gradient penalties, meta-learning): batch_norm_backward's own gradient, as

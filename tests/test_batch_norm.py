@@ -342,6 +342,22 @@ def test_forward_mode_ad_through_the_module_matches_torch(device, training):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_raw_ops_refuse_a_tangent(device):
+    # The raw ops would drop a tangent; modekernels' Python functions carry it.
+    x = torch.randn(4, 3, 5, device=device)
+    stats = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        for call in (lambda: torch.ops.modekernels.batch_norm_train(dual, None, None, 1e-5),
+                     lambda: torch.ops.modekernels.batch_norm_eval(dual, *stats, None, None, 1e-5)):
+            with pytest.raises(RuntimeError, match="forward-mode AD goes through modekernels"):
+                call()
+        ours, theirs = (fwAD.unpack_dual(f(dual, *stats)).tangent
+                        for f in (MF.batch_norm, torch.nn.functional.batch_norm))
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize("shape,fmt", [((4, 3, 5), "contiguous"), ((4, 3, 5000), "contiguous"),
                                        ((64, 3), "contiguous"), ((8, 3, 4, 4), "channels_last")])

@@ -296,6 +296,26 @@ def test_gradcheck_and_gradgradcheck_float64(case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("feature", [False, True], ids=["elementwise", "feature"])
+def test_raw_ops_refuse_a_tangent_and_backward_ops_carry_one(device, feature):
+    # Forward-mode AD goes through modekernels' Python functions, which carry tangents. A raw
+    # forward op would drop one, so it raises; the backward ops, linear in grad_output, carry its
+    # tangent through the same mask (forward-over-reverse).
+    forward, backward = ((mkops.feature_dropout, mkops.feature_dropout_backward) if feature
+                         else (mkops.dropout, mkops.dropout_backward))
+    x, t = (torch.randn(4, 6, 5, device=device) for _ in range(2))
+    state = torch.tensor([3, 8], device=device)
+    with torch.autograd.forward_ad.dual_level():
+        with pytest.raises(RuntimeError, match="forward-mode AD goes through modekernels' Python"):
+            forward.default(torch.autograd.forward_ad.make_dual(x, t), 0.5, None)
+        dual = backward.default(torch.autograd.forward_ad.make_dual(x, t), state, 0.5)
+        primal, tangent = torch.autograd.forward_ad.unpack_dual(dual)
+    assert torch.equal(primal, backward(x, state, 0.5))
+    assert torch.equal(tangent, backward(t, state, 0.5))
+    assert torch.count_nonzero(tangent) not in (0, t.numel())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward(device):
     x = torch.randn(3, 5, 7, device=device, requires_grad=True)
     state = torch.tensor([5, 8], device=device)

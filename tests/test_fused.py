@@ -1,6 +1,7 @@
 """The fused BatchNorm variants against the unfused torch composition they replace."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import modekernels
 import modekernels.functional as MF
@@ -223,6 +224,32 @@ def test_torch_compile_fullgraph_resnet_block_tail(device):
     for mode in ("train", "eval"):
         getattr(block, mode)()
         torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_autograd_matches_eager(device):
+    # Compiled autograd (torch._dynamo.config.compiled_autograd) takes the backward graph, our
+    # ops' C++ autograd nodes included, into torch.compile too.
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), modekernels.BatchNormReLU2d(8), modekernels.Dropout(0.3),
+        modekernels.BatchNorm2d(8), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4)).to(device)
+    x = torch.randn(4, 3, 8, 8, device=device)
+
+    def step():
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    torch.manual_seed(1)
+    eager = step()
+    torch.manual_seed(1)
+    counters.clear()
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        compiled = torch.compile(step, backend="aot_eager")()
+    assert counters["compiled_autograd"]["captures"] == 1
+    for ours, reference in zip(compiled, eager):
+        torch.testing.assert_close(ours, reference)
 
 
 # ------------------------------------------------------------------- dropout + residual paths

@@ -1,0 +1,170 @@
+// Autograd for the dropout ops (common/autograd.h says why in C++). Every gradient is the incoming
+// one through the mask that the saved 16-byte rng_state regenerates: one dropout_backward call,
+// one read and one write, plus a sum over rows for bias_dropout_add's bias and the incoming
+// gradient itself for a residual. The backward ops are linear, so their own gradient is the same
+// mask again (double backward). The in-place ops are differentiated in Python (_DropoutInplace).
+#include "common/autograd.h"
+
+#include <torch/library.h>
+
+namespace modekernels::dropout {
+namespace {
+
+using namespace modekernels::autograd;
+using at::Tensor;
+using OptGenerator = std::optional<at::Generator>;
+using Pair = std::tuple<Tensor, Tensor>;
+
+// The forward op that the given operands call for, below autograd.
+Pair call_forward(const Tensor& input, const OptTensor& bias, const OptTensor& residual, double p,
+                  const OptGenerator& generator, bool feature) {
+  static const auto dropout = op<Pair(const Tensor&, double, const OptGenerator&)>("modekernels::dropout");
+  static const auto feature_dropout =
+      op<Pair(const Tensor&, double, const OptGenerator&)>("modekernels::feature_dropout");
+  static const auto dropout_add =
+      op<Pair(const Tensor&, const Tensor&, double, const OptGenerator&)>("modekernels::dropout_add");
+  static const auto bias_dropout_add =
+      op<Pair(const Tensor&, const Tensor&, const Tensor&, double, const OptGenerator&)>(
+          "modekernels::bias_dropout_add");
+  at::AutoDispatchBelowADInplaceOrView below;
+  if (bias) return bias_dropout_add.call(input, *bias, *residual, p, generator);
+  if (residual) return dropout_add.call(input, *residual, p, generator);
+  return (feature ? feature_dropout : dropout).call(input, p, generator);
+}
+
+Tensor call_backward(const Tensor& grad, const Tensor& state, double p, bool feature) {
+  using Sig = Tensor(const Tensor&, const Tensor&, double);
+  static const auto dropout_backward = op<Sig>("modekernels::dropout_backward");
+  static const auto feature_backward = op<Sig>("modekernels::feature_dropout_backward");
+  return (feature ? feature_backward : dropout_backward).call(grad, state, p);
+}
+
+// What a mask's backward needs: the rng_state, p, and the strides of the tensor the mask was laid
+// over (an elementwise mask follows that tensor's memory order; a channel-wise one belongs to the
+// (n, c) indices).
+void save_mask(AutogradContext* ctx, const Tensor& state, double p, const Tensor& out, bool feature) {
+  ctx->set_materialize_grads(false);
+  ctx->save_for_backward({state});
+  ctx->saved_data["p"] = p;
+  ctx->saved_data["feature"] = feature;
+  ctx->saved_data["stride"] = out.strides();
+}
+
+// grad through the saved mask. p == 0 kept every element with factor 1 (the fused ops' eval sums).
+// The call goes through the dispatcher: its autograd kernel records a double backward and carries
+// a forward-mode tangent on grad.
+Tensor apply_saved_mask(AutogradContext* ctx, const Tensor& grad) {
+  const double p = ctx->saved_data["p"].toDouble();
+  if (p == 0) return grad;
+  const bool feature = ctx->saved_data["feature"].toBool();
+  const Tensor state = ctx->get_saved_variables()[0];
+  const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
+  if (feature || grad.strides() == stride) return call_backward(grad, state, p, feature);
+  return call_backward(at::empty_strided(grad.sizes(), stride, grad.options()).copy_(grad), state,
+                       p, feature);
+}
+
+}  // namespace
+
+// The Functions, named (not anonymous) for their nodes' names in the autograd graph.
+
+// residual? + dropout(input + bias?) for every forward op: (input, bias, residual, p, generator,
+// feature) -> (output, rng_state).
+struct Masked : torch::autograd::Function<Masked> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& bias,
+                               const OptTensor& residual, double p, const OptGenerator& generator,
+                               bool feature) {
+    // rng_state, an integer tensor, is not differentiable (nor marked so: compiled autograd
+    // refuses a Function that marks outputs).
+    auto [out, state] = call_forward(input, bias, residual, p, generator, feature);
+    save_mask(ctx, state, p, out, feature);
+    ctx->saved_data["bias_edge"] = edges(input, bias)[1];
+    ctx->saved_data["residual"] = residual.has_value();
+    return {out, state};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(6);
+    const Tensor& grad = grads[0];
+    if (!grad.defined()) return result;
+    result[0] = apply_saved_mask(ctx, grad);
+    if (needs_grad(ctx, ctx->saved_data["bias_edge"].toInt())) {
+      result[1] = result[0].reshape({-1, result[0].size(-1)}).sum(0);
+    }
+    if (ctx->saved_data["residual"].toBool()) result[2] = grad;
+    return result;
+  }
+};
+
+// dropout_backward and feature_dropout_backward: (grad_output, rng_state, p, feature).
+struct MaskBackward : torch::autograd::Function<MaskBackward> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& grad, const Tensor& state, double p,
+                               bool feature) {
+    Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = call_backward(grad, state, p, feature);
+    }
+    save_mask(ctx, state, p, out, feature);
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {grads[0].defined() ? apply_saved_mask(ctx, grads[0]) : Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Pair masked(const char* name, const Tensor& input, const OptTensor& bias, const OptTensor& residual,
+            double p, const OptGenerator& generator, bool feature) {
+  if (!needs_history(name, input, bias, residual)) {
+    return call_forward(input, bias, residual, p, generator, feature);
+  }
+  auto out = Masked::apply(input, bias, residual, p, generator, feature);
+  return {out[0], out[1]};
+}
+
+namespace {
+
+// The backward ops are linear in grad, so a tangent on it goes through the same mask.
+Tensor mask_backward(const char* name, const Tensor& grad, const Tensor& state, double p, bool feature) {
+  return linear_in_grad(grad, [&](const Tensor& g) -> variable_list {
+    if (!needs_history(name, g, state)) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return {call_backward(g, state, p, feature)};
+    }
+    return MaskBackward::apply(g, state, p, feature);
+  })[0];
+}
+
+Pair dropout(const Tensor& input, double p, const OptGenerator& generator) {
+  return masked("dropout", input, {}, {}, p, generator, false);
+}
+Pair feature_dropout(const Tensor& input, double p, const OptGenerator& generator) {
+  return masked("feature_dropout", input, {}, {}, p, generator, true);
+}
+Pair dropout_add(const Tensor& input, const Tensor& residual, double p, const OptGenerator& generator) {
+  return masked("dropout_add", input, {}, residual, p, generator, false);
+}
+Pair bias_dropout_add(const Tensor& input, const Tensor& bias, const Tensor& residual, double p,
+                      const OptGenerator& generator) {
+  return masked("bias_dropout_add", input, bias, residual, p, generator, false);
+}
+Tensor dropout_backward(const Tensor& grad, const Tensor& state, double p) {
+  return mask_backward("dropout_backward", grad, state, p, false);
+}
+Tensor feature_dropout_backward(const Tensor& grad, const Tensor& state, double p) {
+  return mask_backward("feature_dropout_backward", grad, state, p, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(modekernels, Autograd, m) {
+  m.impl("dropout", &dropout);
+  m.impl("feature_dropout", &feature_dropout);
+  m.impl("dropout_add", &dropout_add);
+  m.impl("bias_dropout_add", &bias_dropout_add);
+  m.impl("dropout_backward", &dropout_backward);
+  m.impl("feature_dropout_backward", &feature_dropout_backward);
+}
+
+}  // namespace modekernels::dropout
