@@ -92,6 +92,34 @@ def test_resnet_converted_gives_the_same_step_as_torch(resnet, device, mode):
         assert relative_error(ours[kind], reference) <= 1e-9, kind
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_step(use_reentrant):
+    # torch.utils.checkpoint reruns the forward in the backward with the generator's state
+    # restored: the same dropout masks, so the step equals the plain one, and the running
+    # statistics are updated twice, as torch's layers under checkpoint have them.
+    def block(fuse):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
+                              nn.Conv2d(8, 4, 3))
+        return modekernels.convert(model, fuse=True) if fuse else model
+
+    def step(model, checkpointed):
+        x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(5)
+        run = torch.utils.checkpoint.checkpoint if checkpointed else (lambda f, t, **_: f(t))
+        y = run(model, x, use_reentrant=use_reentrant)
+        y.square().sum().backward()
+        return [y, x.grad, *(p.grad for p in model.parameters())], model[1].running_var
+
+    plain, plain_stats = step(block(fuse=True), checkpointed=False)
+    ours, our_stats = step(block(fuse=True), checkpointed=True)
+    _, torch_stats = step(block(fuse=False), checkpointed=True)
+    for got, expected in zip(ours, plain):
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(our_stats, torch_stats)
+    assert not torch.allclose(our_stats, plain_stats)  # updated once more
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_resnet_converted_eval_output_float32(resnet, device):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)).to(device)
