@@ -295,6 +295,46 @@ def test_gradcheck_and_gradgradcheck_float64(case):
     assert torch.autograd.gradgradcheck(f, (x, r, b), check_fwd_over_rev=True)
 
 
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
+def test_torch_func_reverse_transforms_match_autograd(case):
+    # torch.func.grad and jacrev (functorch refuses C++ autograd Functions, so our ops give their
+    # outputs as torch operations under them) against torch.autograd on the same mask.
+    def f(x, r, b):
+        return GRADCHECK_CASES[case](x, r, b, torch.Generator().manual_seed(5))
+    x, r, weights = (torch.randn(3, 5, 17, dtype=torch.float64) for _ in range(3))
+    b = torch.randn(17, dtype=torch.float64)
+
+    def loss(x, r, b):
+        return (f(x, r, b) * weights).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (x, r, b)]
+    expected = torch.autograd.grad(loss(*leaves), leaves, allow_unused=True, materialize_grads=True)
+    grads = torch.func.grad(loss, argnums=(0, 1, 2))(x, r, b)
+    torch.testing.assert_close(grads, expected)
+    jacobian = torch.func.jacrev(lambda x: f(x, r, b)[:2, :1])(x)
+    expected = torch.autograd.functional.jacobian(lambda x: f(x, r, b)[:2, :1], x)
+    torch.testing.assert_close(jacobian, expected)
+
+
+@pytest.mark.parametrize("functional", [MF.dropout, MF.dropout1d], ids=["dropout", "dropout1d"])
+def test_per_sample_gradients_with_vmap_over_grad(functional):
+    # Per-sample gradients (vmap of grad). randomness="same": every sample has the mask that one
+    # sample alone draws from the same generator state.
+    w, x, weights = torch.randn(5, 8), torch.randn(6, 5, 8), torch.randn(5, 8)
+
+    def loss(w, sample, seed=3):
+        out = functional(sample * w, 0.4, generator=torch.Generator().manual_seed(seed))
+        return (out * weights).sum()
+
+    per_sample = torch.vmap(torch.func.grad(loss), in_dims=(None, 0), randomness="same")(w, x)
+    one_by_one = torch.stack([torch.func.grad(loss)(w, sample) for sample in x])
+    torch.testing.assert_close(per_sample, one_by_one)
+    different = torch.vmap(torch.func.grad(loss), in_dims=(None, 0), randomness="different")(w, x)
+    assert not torch.equal(different, per_sample)
+    kept = (different != 0) == (x * weights != 0)  # each sample's gradient: its own mask
+    assert 0 < kept.float().mean() < 1
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("feature", [False, True], ids=["elementwise", "feature"])
 def test_raw_ops_refuse_a_tangent_and_backward_ops_carry_one(device, feature):

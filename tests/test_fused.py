@@ -252,6 +252,56 @@ def test_compiled_autograd_matches_eager(device):
         torch.testing.assert_close(ours, reference)
 
 
+FUNC_TAILS = {
+    "bn": (modekernels.BatchNorm2d, lambda y, r: y),
+    "bn-relu": (modekernels.BatchNormReLU2d, lambda y, r: torch.relu(y)),
+    "bn-add-relu": (modekernels.BatchNormAddReLU2d, lambda y, r: torch.relu(y + r)),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", list(FUNC_TAILS))
+def test_torch_func_reverse_transforms_match_torch(training, variant):
+    # torch.func.grad, jacrev (vmapped vjp) and, in eval, hessian through our layers, which under these
+    # transforms give their outputs as torch operations (functorch refuses C++ autograd
+    # Functions), against torch's BatchNorm and ReLU; the running statistics update as torch's.
+    ours_cls, tail = FUNC_TAILS[variant]
+    theirs = torch.nn.BatchNorm2d(3).double().train(training)
+    with torch.no_grad():
+        for t in (theirs.weight, theirs.running_var):
+            t.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+        theirs.running_mean.uniform_(-1, 1)
+    ours = ours_cls(3).double().train(training)
+    ours.load_state_dict(theirs.state_dict())
+    x, r, weights = (torch.randn(4, 3, 2, 3, dtype=torch.float64) for _ in range(3))
+    params = {name: p.detach() for name, p in theirs.named_parameters()}
+
+    # The buffers are arguments of the transformed functions: a running update mutates them,
+    # which functorch refuses for a captured tensor (torch's module included).
+    def forward(module, p, buffers, x, r):
+        state = (p, buffers)
+        if module is theirs:
+            return tail(torch.func.functional_call(theirs, state, (x,)), r)
+        return torch.func.functional_call(ours, state, (x, r) if variant == "bn-add-relu" else (x,))
+
+    def loss(module, p, buffers, x, r):
+        return (forward(module, p, buffers, x, r) * weights).sum()
+
+    results = []
+    for module in (theirs, ours):
+        buffers = dict(module.named_buffers())
+        grads = torch.func.grad(loss, argnums=(1, 3, 4))(module, params, buffers, x, r)
+        jacobian = torch.func.jacrev(lambda x, b: forward(module, params, b, x, r)[:2, :1])(x, buffers)
+        hessian = (torch.func.hessian(lambda x, b: loss(module, params, b, x, r))(x, buffers)
+                   if not training else None)
+        results.append((grads, jacobian, hessian))
+    torch.testing.assert_close(results[1], results[0])
+    assert_close_state = [torch.testing.assert_close(b, a) for a, b in
+                          zip(theirs.state_dict().values(), ours.state_dict().values())]
+    assert len(assert_close_state) == 5
+
+
 # ------------------------------------------------------------------- dropout + residual paths
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -36,6 +36,16 @@ Tensor call_eval(const Tensor& input, const Tensor& running_mean, const Tensor& 
   return eval.call(input, running_mean, running_var, weight, bias, eps, residual, relu);
 }
 
+// Under functorch (autograd.h): relu?(batch_norm(input) + residual?) by torch's operations.
+Tensor composed(const Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
+                const OptTensor& weight, const OptTensor& bias, bool training, double eps,
+                const OptTensor& residual, bool relu) {
+  Tensor out = at::batch_norm(input, weight, bias, running_mean, running_var, training, 0.0, eps,
+                              /*cudnn_enabled=*/true);
+  if (residual) out = out + *residual;
+  return relu ? at::relu(out) : out;
+}
+
 OptTensor opt(const Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
 }
@@ -132,8 +142,16 @@ namespace {
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const OptTensor& weight,
                                                     const OptTensor& bias, double eps,
                                                     const OptTensor& residual, bool relu) {
-  if (!needs_history("batch_norm_train", input, weight, bias, residual)) {
-    return call_train(input, weight, bias, eps, residual, relu);
+  switch (path("batch_norm_train", input, weight, bias, residual)) {
+    case Path::Direct:
+      return call_train(input, weight, bias, eps, residual, relu);
+    case Path::Compose: {  // the op for its checks and the statistics of the running update
+      auto [out, mean, var] = call_train(input, weight, bias, eps, residual, relu);
+      return {composed(input, std::nullopt, std::nullopt, weight, bias, true, eps, residual, relu),
+              mean, var};
+    }
+    case Path::Record:
+      break;
   }
   // mean and var are not differentiable. Detached rather than marked so in the Function, which
   // compiled autograd (torch._dynamo.compiled_autograd) refuses.
@@ -144,8 +162,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const O
 Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                        const OptTensor& weight, const OptTensor& bias, double eps,
                        const OptTensor& residual, bool relu) {
-  if (!needs_history("batch_norm_eval", input, running_mean, running_var, weight, bias, residual)) {
-    return call_eval(input, running_mean, running_var, weight, bias, eps, residual, relu);
+  switch (path("batch_norm_eval", input, running_mean, running_var, weight, bias, residual)) {
+    case Path::Direct:
+      return call_eval(input, running_mean, running_var, weight, bias, eps, residual, relu);
+    case Path::Compose:  // the op for its checks
+      call_eval(input, running_mean, running_var, weight, bias, eps, residual, relu);
+      return composed(input, running_mean, running_var, weight, bias, false, eps, residual, relu);
+    case Path::Record:
+      break;
   }
   return Eval::apply(input, running_mean, running_var, weight, bias, eps, residual, relu)[0];
 }

@@ -3,10 +3,14 @@
 //
 // Why C++: the Python autograd wrapper that torch.library.register_autograd installs cost about
 // 25 us per call in each direction (measured on 2x8x4x4: our op 3.5 us below autograd, 32 us
-// through it), which dominates small layers and would leave a GPU waiting on the host. Each
-// kernel records a torch::autograd::Function only when grad mode is on and an input requires
-// grad; otherwise it calls the op below autograd without one, since functorch's transforms
-// (torch.func.jvp, jacfwd, vmap) refuse any C++ Function, even one that records nothing.
+// through it), which dominates small layers and would leave a GPU waiting on the host.
+//
+// Each kernel takes one of three paths (`path` below). Without grad mode or an input that
+// requires grad, it calls the op below autograd (Direct). Otherwise it records a
+// torch::autograd::Function (Record), except under a functorch transform (torch.func.grad, vjp,
+// jacrev, hessian), which refuses any C++ Function: there it gives its differentiable outputs as
+// torch operations, which functorch differentiates itself, the op still running below autograd
+// for its checks, statistics or mask (Compose).
 //
 // Forward-mode AD reaches the ops through modekernels/_ops.py, whose wrappers carry tangents
 // themselves and pass the ops primals only. The backward formulas are linear in the incoming
@@ -14,11 +18,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/FuncTorchTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <optional>
-#include <string>
 #include <vector>
 
 namespace modekernels::autograd {
@@ -36,19 +40,43 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
 inline const at::Tensor& get(const at::Tensor& t) { return t; }
 inline at::Tensor get(const OptTensor& t) { return t.value_or(at::Tensor()); }
 
-// Whether a call records autograd history. A tangent would be dropped silently by the op, so a
-// raw op call with one raises (the Python functions handle them).
+// Whether a functorch transform would refuse a C++ Function here: the check Function::apply
+// makes, which raises (only ever inside a transform).
+inline bool under_functorch() {
+  const auto& functorch = at::functorch::functorchTLSAccessor();
+  if (!functorch) return false;
+  try {
+    functorch->checkSupportsCppAutogradFunction();
+    return false;
+  } catch (const c10::Error&) {
+    return true;
+  }
+}
+
+// The path of a call (above). Outside functorch, a tangent would be dropped by the op, so a raw op
+// call with one raises (the Python functions carry them).
+enum class Path { Direct, Record, Compose };
+
 template <typename... Ts>
-bool needs_history(const char* name, const Ts&... tensors) {
-  bool any = false;
+Path path(const char* name, const Ts&... tensors) {
+  bool grad = false;
+  bool tangent = false;
   for (const at::Tensor& t : {get(tensors)...}) {
     if (!t.defined()) continue;
-    TORCH_CHECK(!t._fw_grad(/*level=*/0).defined(), "modekernels::", name,
-                ": forward-mode AD goes through modekernels' Python functions "
-                "(modekernels.functional), not through the raw op");
-    any = any || t.requires_grad();
+    grad = grad || t.requires_grad();
+    tangent = tangent || t._fw_grad(/*level=*/0).defined();
   }
-  return any && at::GradMode::is_enabled();
+  grad = grad && at::GradMode::is_enabled();
+  if ((grad || tangent) && under_functorch()) return Path::Compose;
+  TORCH_CHECK(!tangent, "modekernels::", name,
+              ": forward-mode AD goes through modekernels' Python functions "
+              "(modekernels.functional), not through the raw op");
+  return grad ? Path::Record : Path::Direct;
+}
+
+// The dtype the kernels compute in: double for double, float otherwise.
+inline at::ScalarType opmath(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // The index among the recorded inputs (the Function's edges, defined tensors only) of each of

@@ -64,6 +64,30 @@ Tensor apply_saved_mask(AutogradContext* ctx, const Tensor& grad) {
                        p, feature);
 }
 
+// Under functorch (autograd.h) the mask is applied by torch operations, in the opmath dtype: it
+// is the op's output for ones of t's layout (elementwise), or of shape (N, C, 1, ...) (feature).
+// The ones are made like (a slice of) t, so that under vmap they are batched as t is and each
+// sample draws its own mask when vmap's randomness says so.
+Tensor ones_for(const Tensor& t, bool feature) {
+  Tensor like = t;
+  for (int64_t d = 2; feature && d < t.dim(); ++d) {
+    like = like.narrow(d, 0, std::min<int64_t>(1, t.size(d)));
+  }
+  return at::ones_like(like, t.options().dtype(opmath(t.scalar_type())));
+}
+
+Pair composed(const Tensor& input, const OptTensor& bias, const OptTensor& residual, double p,
+              const OptGenerator& generator, bool feature) {
+  const auto dtype = opmath(input.scalar_type());
+  auto [multiplier, state] =
+      call_forward(ones_for(input, feature), std::nullopt, std::nullopt, p, generator, feature);
+  Tensor out = input.to(dtype);
+  if (bias) out = out + bias->to(dtype);
+  out = out * multiplier;
+  if (residual) out = out + residual->to(dtype);
+  return {out.to(input.scalar_type()), state};
+}
+
 }  // namespace
 
 // The Functions, named (not anonymous) for their nodes' names in the autograd graph.
@@ -114,23 +138,36 @@ struct MaskBackward : torch::autograd::Function<MaskBackward> {
   }
 };
 
+namespace {
+
 Pair masked(const char* name, const Tensor& input, const OptTensor& bias, const OptTensor& residual,
             double p, const OptGenerator& generator, bool feature) {
-  if (!needs_history(name, input, bias, residual)) {
-    return call_forward(input, bias, residual, p, generator, feature);
+  switch (path(name, input, bias, residual)) {
+    case Path::Direct:
+      return call_forward(input, bias, residual, p, generator, feature);
+    case Path::Compose:
+      return composed(input, bias, residual, p, generator, feature);
+    case Path::Record:
+      break;
   }
   auto out = Masked::apply(input, bias, residual, p, generator, feature);
   return {out[0], out[1]};
 }
 
-namespace {
-
 // The backward ops are linear in grad, so a tangent on it goes through the same mask.
 Tensor mask_backward(const char* name, const Tensor& grad, const Tensor& state, double p, bool feature) {
   return linear_in_grad(grad, [&](const Tensor& g) -> variable_list {
-    if (!needs_history(name, g, state)) {
-      at::AutoDispatchBelowADInplaceOrView below;
-      return {call_backward(g, state, p, feature)};
+    switch (path(name, g, state)) {
+      case Path::Direct: {
+        at::AutoDispatchBelowADInplaceOrView below;
+        return {call_backward(g, state, p, feature)};
+      }
+      case Path::Compose: {
+        const Tensor multiplier = call_backward(ones_for(g, feature), state, p, feature);
+        return {(g.to(multiplier.scalar_type()) * multiplier).to(g.scalar_type())};
+      }
+      case Path::Record:
+        break;
     }
     return MaskBackward::apply(g, state, p, feature);
   })[0];
