@@ -1,5 +1,5 @@
-"""Typed wrappers over torch.ops.modekernels, with their fake kernels, vmap rules, forward-mode
-AD, the in-place dropouts' autograd and the BatchNorm double backward.
+"""Typed wrappers over torch.ops.modekernels, with their fake kernels, vmap rules, the in-place
+dropouts' autograd and the BatchNorm double backward.
 
 The schemas live in csrc/ops.cpp and the other ops' autograd in csrc/*/*_autograd.cpp (C++, for
 its per-call cost); importing this module loads the extension that registers them.
@@ -20,12 +20,10 @@ def _in_layout(t, stride):
     return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
-# Forward-mode AD (torch.autograd.forward_ad): torch.library registers no forward-mode formula,
-# so the wrappers below carry tangents themselves. The dropout ops are linear in their tensors
-# with a fixed mask: the op runs on the primals (backward-mode autograd still sees it) and the
-# tangents go through the same mask. BatchNorm with a tangent runs as torch's composition, whose
-# forward and backward formulas then hold in every combination (forward-over-reverse included).
-# Outside a dual level all this costs one integer comparison.
+# Forward-mode AD (torch.autograd.forward_ad): the ops' C++ autograd kernels carry tangents
+# (csrc/common/autograd.h). Here only the in-place dropouts, whose Python Function has no
+# forward-mode formula, and the BatchNorm backward op, whose autograd is the Python double
+# backward below, handle them. Outside a dual level that costs one integer comparison.
 
 def _split_duals(*tensors):
     """(primals, tangents) of tensors (None entries kept), or (tensors, None) if none has a
@@ -43,26 +41,9 @@ def _split_duals(*tensors):
 # 16-byte rng_state, so its backward first puts the incoming gradient in the output's strides. A
 # channel-wise (feature) mask belongs to the (n, c) indices and needs no such care.
 
-def _masked_op(op, tensors, p, generator, feature=False):
-    """op(*tensors, p, generator) -> (output, rng_state), for the ops whose output is
-    residual + mask * (input + bias) / (1 - p); tensors are (input,), (input, residual) or
-    (input, bias, residual). Forward-mode tangents go through the same formula."""
-    primals, tangents = _split_duals(*tensors)
-    output, rng_state = op.default(*primals, p, generator)
-    if tangents is None:
-        return output, rng_state
-    t_input, *t_rest = (torch.zeros_like(x) if t is None else t for t, x in zip(tangents, primals))
-    if len(t_rest) == 2:
-        t_input = t_input + t_rest[0]
-    tangent = _mask(t_input, rng_state, p, output.stride(), feature)
-    if t_rest:
-        tangent = tangent + t_rest[-1]
-    return fwAD.make_dual(output, tangent), rng_state
-
-
 def dropout(input, p, generator=None):
     """(output, rng_state): output = input * mask / (1 - p), always in training mode."""
-    return _masked_op(_ops.dropout, (input,), p, generator)
+    return _ops.dropout.default(input, p, generator)
 
 
 def dropout_(input, p, generator=None):
@@ -74,17 +55,17 @@ def dropout_(input, p, generator=None):
 
 def dropout_add(input, residual, p, generator=None):
     """(residual + dropout(input), rng_state) in one pass."""
-    return _masked_op(_ops.dropout_add, (input, residual), p, generator)
+    return _ops.dropout_add.default(input, residual, p, generator)
 
 
 def bias_dropout_add(input, bias, residual, p, generator=None):
     """(residual + dropout(input + bias), rng_state) in one pass; bias over the last dimension."""
-    return _masked_op(_ops.bias_dropout_add, (input, bias, residual), p, generator)
+    return _ops.bias_dropout_add.default(input, bias, residual, p, generator)
 
 
 def feature_dropout(input, p, generator=None):
     """(output, rng_state): one mask per (n, c) of an (N, C, *) input."""
-    return _masked_op(_ops.feature_dropout, (input,), p, generator, feature=True)
+    return _ops.feature_dropout.default(input, p, generator)
 
 
 def feature_dropout_(input, p, generator=None):
@@ -288,33 +269,13 @@ def batch_norm_train(input, weight, bias, eps, residual=None, relu=False):
 
     output = relu?(batch_norm(input) + residual?) in one pass.
     """
-    (x, w, b, r), tangents = _split_duals(input, weight, bias, residual)
-    if tangents is None:
-        return _ops.batch_norm_train.default(input, weight, bias, eps, residual, relu)
-    with torch.no_grad():  # the statistics for the running update
-        _, mean, var = _ops.batch_norm_train.default(x, w, b, eps, r, relu)
-    return _bn_composition(input, None, None, weight, bias, True, eps, residual, relu), mean, var
+    return _ops.batch_norm_train.default(input, weight, bias, eps, residual, relu)
 
 
 def batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual=None, relu=False):
     """relu?(batch_norm(input) + residual?) with the given (running) statistics."""
-    (x, w, b, r), tangents = _split_duals(input, weight, bias, residual)
-    if tangents is None:
-        return _ops.batch_norm_eval.default(input, running_mean, running_var, weight, bias, eps,
-                                            residual, relu)
-    with torch.no_grad():  # the op's own checks
-        _ops.batch_norm_eval.default(x, running_mean, running_var, w, b, eps, r, relu)
-    return _bn_composition(input, running_mean, running_var, weight, bias, False, eps, residual,
-                           relu)
-
-
-def _bn_composition(input, running_mean, running_var, weight, bias, training, eps, residual, relu):
-    """relu?(batch_norm(input) + residual?) by torch's own operations, for forward-mode AD."""
-    output = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                            training, 0.0, eps)
-    if residual is not None:
-        output = output + residual
-    return torch.relu(output) if relu else output
+    return _ops.batch_norm_eval.default(input, running_mean, running_var, weight, bias, eps,
+                                        residual, relu)
 
 
 def batch_norm_update_stats_(running_mean, running_var, mean, var, count, momentum,
@@ -435,8 +396,9 @@ def _bn_backward_grad(ctx, *grads_of_outputs):
         gated = dy if gate is None else torch.where(gate, dy, 0)
         opmath = _opmath(input.dtype)
         stats = (None, None) if ctx.training else (mean.to(opmath), var.to(opmath))
-        out = _bn_composition(x.to(opmath), *stats, w if w is None else w.to(opmath), None,
-                              ctx.training, ctx.eps, None, False)
+        out = torch.nn.functional.batch_norm(x.to(opmath), *stats,
+                                             w if w is None else w.to(opmath), None, ctx.training,
+                                             0.0, ctx.eps)
         grad_input, *grad_weight = torch.autograd.grad(out, [x] + ([w] if w is not None else []),
                                                        gated.to(opmath), create_graph=True)
         reduce_dims = [d for d in range(input.dim()) if d != 1]

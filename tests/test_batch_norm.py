@@ -342,19 +342,19 @@ def test_forward_mode_ad_through_the_module_matches_torch(device, training):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_raw_ops_refuse_a_tangent(device):
-    # The raw ops would drop a tangent; modekernels' Python functions carry it.
-    x = torch.randn(4, 3, 5, device=device)
-    stats = torch.zeros(3, device=device), torch.ones(3, device=device)
+def test_raw_ops_carry_a_tangent(device):
+    # Forward-mode AD through the ops themselves (torch.ops.modekernels), against torch's.
+    x, tangent = torch.randn(4, 3, 5, device=device), torch.randn(4, 3, 5, device=device)
+    w, b = torch.rand(3, device=device) + 0.5, torch.randn(3, device=device)
+    stats = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
     with fwAD.dual_level():
-        dual = fwAD.make_dual(x, torch.randn_like(x))
-        for call in (lambda: torch.ops.modekernels.batch_norm_train(dual, None, None, 1e-5),
-                     lambda: torch.ops.modekernels.batch_norm_eval(dual, *stats, None, None, 1e-5)):
-            with pytest.raises(RuntimeError, match="forward-mode AD goes through modekernels"):
-                call()
-        ours, theirs = (fwAD.unpack_dual(f(dual, *stats)).tangent
-                        for f in (MF.batch_norm, torch.nn.functional.batch_norm))
-        torch.testing.assert_close(ours, theirs)
+        dual = fwAD.make_dual(x, tangent)
+        calls = [(torch.ops.modekernels.batch_norm_train(dual, w, b, 1e-5)[0],
+                  torch.nn.functional.batch_norm(dual, None, None, w, b, True)),
+                 (torch.ops.modekernels.batch_norm_eval(dual, *stats, w, b, 1e-5),
+                  torch.nn.functional.batch_norm(dual, *stats, w, b))]
+        for ours, theirs in calls:
+            torch.testing.assert_close(fwAD.unpack_dual(ours), fwAD.unpack_dual(theirs))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -337,19 +337,20 @@ def test_per_sample_gradients_with_vmap_over_grad(functional):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("feature", [False, True], ids=["elementwise", "feature"])
-def test_raw_ops_refuse_a_tangent_and_backward_ops_carry_one(device, feature):
-    # Forward-mode AD goes through modekernels' Python functions, which carry tangents. A raw
-    # forward op would drop one, so it raises; the backward ops, linear in grad_output, carry its
-    # tangent through the same mask (forward-over-reverse).
+def test_raw_ops_carry_a_tangent_through_the_same_mask(device, feature):
+    # Forward-mode AD through the ops themselves (torch.ops.modekernels): the forward op's tangent
+    # and the backward op's (forward-over-reverse) go through the mask of the values.
     forward, backward = ((mkops.feature_dropout, mkops.feature_dropout_backward) if feature
                          else (mkops.dropout, mkops.dropout_backward))
     x, t = (torch.randn(4, 6, 5, device=device) for _ in range(2))
     state = torch.tensor([3, 8], device=device)
     with torch.autograd.forward_ad.dual_level():
-        with pytest.raises(RuntimeError, match="forward-mode AD goes through modekernels' Python"):
-            forward.default(torch.autograd.forward_ad.make_dual(x, t), 0.5, None)
+        out, rng_state = forward.default(torch.autograd.forward_ad.make_dual(x, t), 0.5, None)
+        out_primal, out_tangent = torch.autograd.forward_ad.unpack_dual(out)
         dual = backward.default(torch.autograd.forward_ad.make_dual(x, t), state, 0.5)
         primal, tangent = torch.autograd.forward_ad.unpack_dual(dual)
+    torch.testing.assert_close(out_primal, backward(x, rng_state, 0.5))
+    torch.testing.assert_close(out_tangent, backward(t, rng_state, 0.5))
     assert torch.equal(primal, backward(x, state, 0.5))
     assert torch.equal(tangent, backward(t, state, 0.5))
     assert torch.count_nonzero(tangent) not in (0, t.numel())

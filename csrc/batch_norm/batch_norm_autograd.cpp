@@ -36,7 +36,7 @@ Tensor call_eval(const Tensor& input, const Tensor& running_mean, const Tensor& 
   return eval.call(input, running_mean, running_var, weight, bias, eps, residual, relu);
 }
 
-// Under functorch (autograd.h): relu?(batch_norm(input) + residual?) by torch's operations.
+// The Compose path (autograd.h): relu?(batch_norm(input) + residual?) by torch's operations.
 Tensor composed(const Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
                 const OptTensor& weight, const OptTensor& bias, bool training, double eps,
                 const OptTensor& residual, bool relu) {
@@ -142,7 +142,7 @@ namespace {
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const OptTensor& weight,
                                                     const OptTensor& bias, double eps,
                                                     const OptTensor& residual, bool relu) {
-  switch (path("batch_norm_train", input, weight, bias, residual)) {
+  switch (path(input, weight, bias, residual)) {
     case Path::Direct:
       return call_train(input, weight, bias, eps, residual, relu);
     case Path::Compose: {  // the op for its checks and the statistics of the running update
@@ -162,7 +162,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const O
 Tensor batch_norm_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                        const OptTensor& weight, const OptTensor& bias, double eps,
                        const OptTensor& residual, bool relu) {
-  switch (path("batch_norm_eval", input, running_mean, running_var, weight, bias, residual)) {
+  switch (path(input, running_mean, running_var, weight, bias, residual)) {
     case Path::Direct:
       return call_eval(input, running_mean, running_var, weight, bias, eps, residual, relu);
     case Path::Compose:  // the op for its checks

@@ -10,11 +10,10 @@
 // torch::autograd::Function (Record), except under a functorch transform (torch.func.grad, vjp,
 // jacrev, hessian), which refuses any C++ Function: there it gives its differentiable outputs as
 // torch operations, which functorch differentiates itself, the op still running below autograd
-// for its checks, statistics or mask (Compose).
-//
-// Forward-mode AD reaches the ops through modekernels/_ops.py, whose wrappers carry tangents
-// themselves and pass the ops primals only. The backward formulas are linear in the incoming
-// gradient, so a gradient with a tangent (forward-over-reverse) goes through them twice.
+// for its checks, statistics or mask (Compose). Forward-mode AD (a tangent on an input) also
+// takes Compose, whose torch operations carry the tangent; torch.library has no way to register
+// a forward-mode formula. The backward formulas are linear in the incoming gradient, so a
+// gradient with a tangent (forward-over-reverse) goes through them twice (linear_in_grad).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -53,12 +52,11 @@ inline bool under_functorch() {
   }
 }
 
-// The path of a call (above). Outside functorch, a tangent would be dropped by the op, so a raw op
-// call with one raises (the Python functions carry them).
+// The path of a call (above).
 enum class Path { Direct, Record, Compose };
 
 template <typename... Ts>
-Path path(const char* name, const Ts&... tensors) {
+Path path(const Ts&... tensors) {
   bool grad = false;
   bool tangent = false;
   for (const at::Tensor& t : {get(tensors)...}) {
@@ -67,10 +65,7 @@ Path path(const char* name, const Ts&... tensors) {
     tangent = tangent || t._fw_grad(/*level=*/0).defined();
   }
   grad = grad && at::GradMode::is_enabled();
-  if ((grad || tangent) && under_functorch()) return Path::Compose;
-  TORCH_CHECK(!tangent, "modekernels::", name,
-              ": forward-mode AD goes through modekernels' Python functions "
-              "(modekernels.functional), not through the raw op");
+  if (tangent || (grad && under_functorch())) return Path::Compose;
   return grad ? Path::Record : Path::Direct;
 }
 

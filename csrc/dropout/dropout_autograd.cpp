@@ -64,23 +64,26 @@ Tensor apply_saved_mask(AutogradContext* ctx, const Tensor& grad) {
                        p, feature);
 }
 
-// Under functorch (autograd.h) the mask is applied by torch operations, in the opmath dtype: it
-// is the op's output for ones of t's layout (elementwise), or of shape (N, C, 1, ...) (feature).
-// The ones are made like (a slice of) t, so that under vmap they are batched as t is and each
-// sample draws its own mask when vmap's randomness says so.
-Tensor ones_for(const Tensor& t, bool feature) {
+// On the Compose path (autograd.h) the mask is applied by torch operations, in the opmath
+// dtype: it is the op's output for ones of t's layout (elementwise; contiguous for
+// bias_dropout_add, which reads its input so), or of shape (N, C, 1, ...) (feature). The ones are
+// made like (a slice of) t, so that under vmap they are batched as t is and each sample draws its
+// own mask when vmap's randomness says so.
+Tensor ones_for(const Tensor& t, bool feature, bool contiguous = false) {
   Tensor like = t;
   for (int64_t d = 2; feature && d < t.dim(); ++d) {
     like = like.narrow(d, 0, std::min<int64_t>(1, t.size(d)));
   }
-  return at::ones_like(like, t.options().dtype(opmath(t.scalar_type())));
+  const auto format = contiguous ? at::MemoryFormat::Contiguous : at::MemoryFormat::Preserve;
+  return at::ones_like(like, t.options().dtype(opmath(t.scalar_type())), format);
 }
 
 Pair composed(const Tensor& input, const OptTensor& bias, const OptTensor& residual, double p,
               const OptGenerator& generator, bool feature) {
   const auto dtype = opmath(input.scalar_type());
   auto [multiplier, state] =
-      call_forward(ones_for(input, feature), std::nullopt, std::nullopt, p, generator, feature);
+      call_forward(ones_for(input, feature, /*contiguous=*/bias.has_value()), std::nullopt,
+                   std::nullopt, p, generator, feature);
   Tensor out = input.to(dtype);
   if (bias) out = out + bias->to(dtype);
   out = out * multiplier;
@@ -140,9 +143,9 @@ struct MaskBackward : torch::autograd::Function<MaskBackward> {
 
 namespace {
 
-Pair masked(const char* name, const Tensor& input, const OptTensor& bias, const OptTensor& residual,
+Pair masked(const Tensor& input, const OptTensor& bias, const OptTensor& residual,
             double p, const OptGenerator& generator, bool feature) {
-  switch (path(name, input, bias, residual)) {
+  switch (path(input, bias, residual)) {
     case Path::Direct:
       return call_forward(input, bias, residual, p, generator, feature);
     case Path::Compose:
@@ -155,9 +158,9 @@ Pair masked(const char* name, const Tensor& input, const OptTensor& bias, const 
 }
 
 // The backward ops are linear in grad, so a tangent on it goes through the same mask.
-Tensor mask_backward(const char* name, const Tensor& grad, const Tensor& state, double p, bool feature) {
+Tensor mask_backward(const Tensor& grad, const Tensor& state, double p, bool feature) {
   return linear_in_grad(grad, [&](const Tensor& g) -> variable_list {
-    switch (path(name, g, state)) {
+    switch (path(g, state)) {
       case Path::Direct: {
         at::AutoDispatchBelowADInplaceOrView below;
         return {call_backward(g, state, p, feature)};
@@ -174,23 +177,23 @@ Tensor mask_backward(const char* name, const Tensor& grad, const Tensor& state, 
 }
 
 Pair dropout(const Tensor& input, double p, const OptGenerator& generator) {
-  return masked("dropout", input, {}, {}, p, generator, false);
+  return masked(input, {}, {}, p, generator, false);
 }
 Pair feature_dropout(const Tensor& input, double p, const OptGenerator& generator) {
-  return masked("feature_dropout", input, {}, {}, p, generator, true);
+  return masked(input, {}, {}, p, generator, true);
 }
 Pair dropout_add(const Tensor& input, const Tensor& residual, double p, const OptGenerator& generator) {
-  return masked("dropout_add", input, {}, residual, p, generator, false);
+  return masked(input, {}, residual, p, generator, false);
 }
 Pair bias_dropout_add(const Tensor& input, const Tensor& bias, const Tensor& residual, double p,
                       const OptGenerator& generator) {
-  return masked("bias_dropout_add", input, bias, residual, p, generator, false);
+  return masked(input, bias, residual, p, generator, false);
 }
 Tensor dropout_backward(const Tensor& grad, const Tensor& state, double p) {
-  return mask_backward("dropout_backward", grad, state, p, false);
+  return mask_backward(grad, state, p, false);
 }
 Tensor feature_dropout_backward(const Tensor& grad, const Tensor& state, double p) {
-  return mask_backward("feature_dropout_backward", grad, state, p, true);
+  return mask_backward(grad, state, p, true);
 }
 
 }  // namespace
