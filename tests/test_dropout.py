@@ -356,6 +356,25 @@ def test_raw_ops_carry_a_tangent_through_the_same_mask(device, feature):
     assert torch.count_nonzero(tangent) not in (0, t.numel())
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "transposed"])
+@pytest.mark.parametrize("op", ["dropout", "feature_dropout", "dropout_add", "bias_dropout_add"])
+def test_with_a_tangent_the_same_mask_and_generator_state(op, layout):
+    # With a tangent the ops run as torch operations on a mask that the op draws on ones: the
+    # values, rng_state and the generator's advance are those of the plain call.
+    x = make_layout(torch.randn(2, 4, 3, 5), layout)
+    extra = {"dropout_add": (torch.randn(2, 4, 3, 5),),
+             "bias_dropout_add": (torch.randn(5), torch.randn(2, 4, 3, 5))}.get(op, ())
+    generators = [torch.Generator().manual_seed(7) for _ in range(2)]
+    plain, plain_state = getattr(mkops, op)(x, *extra, 0.4, generators[0])
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        out, state = getattr(mkops, op)(dual, *extra, 0.4, generators[1])
+        out = torch.autograd.forward_ad.unpack_dual(out).primal
+    torch.testing.assert_close(out, plain)
+    assert torch.equal(state, plain_state)
+    assert torch.equal(generators[0].get_state(), generators[1].get_state())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward(device):
     x = torch.randn(3, 5, 7, device=device, requires_grad=True)
