@@ -92,6 +92,30 @@ def test_resnet_converted_gives_the_same_step_as_torch(resnet, device, mode):
         assert relative_error(ours[kind], reference) <= 1e-9, kind
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_autocast_step_matches_torch(device, mode):
+    # Mixed precision (torch.autocast, bfloat16): the convolution hands BatchNorm+ReLU a bfloat16
+    # input with float32 parameters, as it hands torch's layers; outputs, gradients and running
+    # statistics as torch's.
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(8 * 6 * 6, 4)).to(device)
+    ours = modekernels.convert(copy.deepcopy(theirs), fuse=True)
+    x = torch.randn(4, 3, 8, 8, device=device)
+    results = []
+    for model in (theirs, ours):
+        getattr(model, mode)()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = model(x)
+            normalized = model[2](model[1](model[0](x)))  # ours: BatchNormReLU, placeholder
+        y.float().square().sum().backward()
+        results.append((y, normalized, [p.grad for p in model.parameters()],
+                        [b.clone() for b in model[1].buffers()]))
+    assert results[1][1].dtype == results[0][1].dtype == torch.bfloat16
+    torch.testing.assert_close(results[1], results[0], **TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_activation_checkpointing_recomputes_the_same_step(use_reentrant):
     # torch.utils.checkpoint reruns the forward in the backward with the generator's state
