@@ -342,6 +342,23 @@ def test_forward_mode_ad_through_the_module_matches_torch(device, training):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_inference_mode_matches_torch(device, training):
+    # Under torch.inference_mode autograd is off entirely; a training step still updates the
+    # running statistics, as torch's module does.
+    theirs, ours = twin_modules("2d", "default", device)
+    x = torch.randn(CASES["2d"][2], device=device)
+    outputs = []
+    for module in (theirs, ours):
+        module.train(training)
+        with torch.inference_mode():
+            outputs.append(module(x))
+    assert outputs[1].is_inference()
+    torch.testing.assert_close(outputs[1], outputs[0], **BN_TOL[torch.float32])
+    assert_same_state(theirs, ours, BN_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_raw_ops_carry_a_tangent(device):
     # Forward-mode AD through the ops themselves (torch.ops.modekernels), against torch's.
     x, tangent = torch.randn(4, 3, 5, device=device), torch.randn(4, 3, 5, device=device)
