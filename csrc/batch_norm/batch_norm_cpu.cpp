@@ -32,6 +32,7 @@
 #include "batch_norm/batch_norm_math.h"
 #include "common/convert.h"
 #include "common/cpu_capability.h"
+#include "common/parallel.h"
 #include "common/staged.h"
 
 #include <ATen/ATen.h>
@@ -68,7 +69,7 @@ int64_t tasks_per_channel(const Layout& l) {
 // channel c = t / per over the batch rows n0 <= n < n1, the (t % per)-th of per equal ranges.
 template <typename Fn>
 void for_channel_tasks(const Layout& l, int64_t per, const Fn& fn) {
-  at::parallel_for(0, l.C * per, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, l.C * per, grain_for(l.N * l.S / per), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k = t % per;
       fn(t, t / per, l.N * k / per, l.N * (k + 1) / per);
@@ -432,7 +433,7 @@ void rows_last_sums(const Layout& l, const AddRows& add_rows, std::vector<double
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
   const int64_t block_rows = std::max<int64_t>(kMinBlockRows, kBlockElems / std::max<int64_t>(C, 1));
   std::vector<double> p1(chunks * C, 0.0), p2(chunks * C, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, chunks, grain_for(rows / chunks * C), [&](int64_t k0, int64_t k1) {
     std::vector<opmath_t> a(C), b(C);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t end = rows * (k + 1) / chunks;
@@ -706,8 +707,7 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
   const opmath_t* M = coeffs + kM * C;
   const opmath_t* D = coeffs + kD * C;
   if (!l.channels_last) {
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(l.S, 1));
-    at::parallel_for(0, l.N * C, grain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, l.N * C, grain_for(l.S), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
         opmath_t k[kChannelCoeffs] = {A[c], B[c], M[c], D[c]};
@@ -716,11 +716,10 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
       }
     });
   } else {
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(C, 1));
     const auto gate_coeff = [&](int64_t row, int64_t c) {
       return V::kGate == kRecomputedGate ? in.gate.coeffs[row * C + c] : opmath_t(0);
     };
-    at::parallel_for(0, l.N * l.S, grain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, l.N * l.S, grain_for(C), [&](int64_t r0, int64_t r1) {
       if constexpr (staged_span<scalar_t, MK_CPU_ISA_F16C>) {
         // The bodies take copies: with references, the compiler reloads the pointers after each
         // store of a span.
@@ -800,7 +799,7 @@ int64_t resident_group(const Layout& l, int64_t reread, int64_t written) {
 // fn(c0, c1) for each group of G channels, in parallel.
 template <typename Fn>
 void for_groups(const Layout& l, int64_t G, const Fn& fn) {
-  at::parallel_for(0, (l.C + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, (l.C + G - 1) / G, grain_for(G * l.N * l.S), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) fn(g * G, std::min(l.C, (g + 1) * G));
   });
 }

@@ -14,6 +14,7 @@
 // spans of 32 (common/staged.h: float16 with F16C, bfloat16 in 256-bit integer registers).
 #include "common/convert.h"
 #include "common/cpu_capability.h"
+#include "common/parallel.h"
 #include "common/staged.h"
 #include "common/philox_cpu.h"
 #include "dropout/dropout.h"
@@ -90,7 +91,7 @@ void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
   const auto scale = static_cast<opmath_t>(keep_scale(p));
   const bool masked = p > 0.0;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, at::internal::GRAIN_SIZE / kBlock, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, grain_for(kBlock), [&](int64_t b0, int64_t b1) {
     alignas(64) opmath_t mult[kBlock];
     if (!masked) std::fill(mult, mult + kBlock, opmath_t(1));
     // bias[t % H] for t < H + kSpan: the span from element i on has its terms from bias[i % H] on.
@@ -140,8 +141,7 @@ void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
     return multiplier(r.w[u % 4], threshold, scale);
   };
   if (f.channels_last_C == 0) {
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / S);
-    at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    at::parallel_for(0, units, grain_for(S), [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         const opmath_t m = unit_multiplier(u);
         scale_blocks(src + u * S, dst + u * S, S, [m](int64_t) { return m; });
@@ -149,7 +149,7 @@ void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
     });
   } else {
     const int64_t C = f.channels_last_C;
-    at::parallel_for(0, units / C, 1, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, units / C, grain_for(C * S), [&](int64_t n0, int64_t n1) {
       std::vector<opmath_t> mult(C);
       for (int64_t sample = n0; sample < n1; ++sample) {
         for (int64_t c = 0; c < C; ++c) mult[c] = unit_multiplier(sample * C + c);
