@@ -297,9 +297,9 @@ def test_torch_func_reverse_transforms_match_torch(training, variant):
                    if not training else None)
         results.append((grads, jacobian, hessian))
     torch.testing.assert_close(results[1], results[0])
-    assert_close_state = [torch.testing.assert_close(b, a) for a, b in
-                          zip(theirs.state_dict().values(), ours.state_dict().values())]
-    assert len(assert_close_state) == 5
+    assert len(ours.state_dict()) == len(theirs.state_dict()) == 5
+    for a, b in zip(theirs.state_dict().values(), ours.state_dict().values()):
+        torch.testing.assert_close(b, a)
 
 
 # ------------------------------------------------------------------- dropout + residual paths

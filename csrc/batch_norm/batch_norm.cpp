@@ -11,10 +11,6 @@ bool is_reduced(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16;
 }
 
-at::ScalarType opmath(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_input(const at::Tensor& input, const char* name) {
   const auto t = input.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || is_reduced(t),
@@ -111,7 +107,7 @@ at::Tensor channel_empty(const at::Tensor& input, at::ScalarType dtype, int64_t 
 std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& input, const Backend& be) {
   check_input(input, "input");
   const at::Tensor x = dense(input, kernel_format(input));
-  const auto acc = opmath(input.scalar_type());
+  const auto acc = at::toOpMathType(input.scalar_type());
   at::Tensor mean = channel_empty(input, acc);
   at::Tensor var = channel_empty(input, acc);
   if (x.numel() == 0) {
@@ -129,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, cons
   check_channel(mean, "mean", input);
   const auto fmt = kernel_format(input);
   const at::Tensor x = dense(input, fmt);
-  const auto acc = opmath(input.scalar_type());
+  const auto acc = at::toOpMathType(input.scalar_type());
   at::Tensor sum_dy = channel_empty(input, acc);
   at::Tensor sum_dy_xmu = channel_empty(input, acc);
   if (x.numel() == 0) {
@@ -157,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, co
   const at::Tensor x = dense(input, fmt);
   const Layout layout = layout_of(x);
   const Operands in{at::Tensor(), x, Gate(), r, relu};
-  const auto acc = opmath(input.scalar_type());
+  const auto acc = at::toOpMathType(input.scalar_type());
   at::Tensor mean = channel_empty(input, acc);
   at::Tensor var = channel_empty(input, acc);
   at::Tensor out = at::empty_like(x, fmt);
@@ -189,7 +185,7 @@ at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
   const at::Tensor x = dense(input, fmt);
   at::Tensor out = at::empty_like(x, fmt);
   if (x.numel() == 0) return out;
-  const auto acc = opmath(input.scalar_type());
+  const auto acc = at::toOpMathType(input.scalar_type());
   at::Tensor coeffs = channel_empty(input, acc, 4);
   be.forward_coeffs(channel_in(running_mean, acc), channel_in(running_var, acc), opt(weight),
                     opt(bias), eps, coeffs);
@@ -212,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const bool want_dx = output_mask[0];
   const bool want_dw = output_mask[1] && w.defined();
   const bool want_db = output_mask[2];
-  const auto param_dtype = w.defined() ? w.scalar_type() : opmath(input.scalar_type());
+  const auto param_dtype = w.defined() ? w.scalar_type() : at::toOpMathType(input.scalar_type());
 
   const auto fmt = kernel_format(input);
   const at::Tensor x = dense(input, fmt);
@@ -223,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   TORCH_CHECK(!residual_grad || saved_gate.defined(),
               "modekernels batch_norm: residual_grad needs relu_output (the gate it applies)");
   const Layout layout = layout_of(x);
-  const auto acc = opmath(input.scalar_type());
+  const auto acc = at::toOpMathType(input.scalar_type());
   const at::Tensor mean_acc = channel_in(mean, acc);
   const at::Tensor var_acc = channel_in(var, acc);
   Gate gate{saved_gate, at::Tensor()};

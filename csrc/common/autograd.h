@@ -69,11 +69,6 @@ Path path(const Ts&... tensors) {
   return grad ? Path::Record : Path::Direct;
 }
 
-// The dtype the kernels compute in: double for double, float otherwise.
-inline at::ScalarType opmath(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The index among the recorded inputs (the Function's edges, defined tensors only) of each of
 // `tensors`, or -1 for an absent one: what AutogradContext::needs_input_grad takes.
 template <typename... Ts>

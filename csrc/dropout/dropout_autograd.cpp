@@ -5,6 +5,7 @@
 // mask again (double backward). The in-place ops are differentiated in Python (_DropoutInplace).
 #include "common/autograd.h"
 
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 namespace modekernels::dropout {
@@ -75,12 +76,12 @@ Tensor ones_for(const Tensor& t, bool feature, bool contiguous = false) {
     like = like.narrow(d, 0, std::min<int64_t>(1, t.size(d)));
   }
   const auto format = contiguous ? at::MemoryFormat::Contiguous : at::MemoryFormat::Preserve;
-  return at::ones_like(like, t.options().dtype(opmath(t.scalar_type())), format);
+  return at::ones_like(like, t.options().dtype(at::toOpMathType(t.scalar_type())), format);
 }
 
 Pair composed(const Tensor& input, const OptTensor& bias, const OptTensor& residual, double p,
               const OptGenerator& generator, bool feature) {
-  const auto dtype = opmath(input.scalar_type());
+  const auto dtype = at::toOpMathType(input.scalar_type());
   auto [multiplier, state] =
       call_forward(ones_for(input, feature, /*contiguous=*/bias.has_value()), std::nullopt,
                    std::nullopt, p, generator, feature);
