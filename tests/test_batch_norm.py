@@ -162,6 +162,21 @@ def test_momentum_none_is_cumulative_average_without_float_on_the_counter(monkey
     assert_same_state(theirs, ours, BN_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_momentum_none_takes_a_counter_of_any_integer_dtype(device):
+    # torch's layer adds 1 to the counter and divides by it, whatever its dtype; our kernels read
+    # it as int64, so another dtype is converted for them rather than refused.
+    theirs, ours = twin_modules("2d", "momentum-None", device)
+    for m in (theirs, ours):
+        m.num_batches_tracked = torch.tensor(0, dtype=torch.int32, device=device)
+    for _ in range(3):
+        x = torch.randn(4, 6, 7, 9, device=device)
+        theirs(x)
+        ours(x)
+    assert ours.num_batches_tracked.dtype == torch.int32
+    assert_same_state(theirs, ours, BN_TOL[torch.float32])
+
+
 def test_functional_matches_torch():
     x = torch.randn(8, 4, 5, 5)
     rm, rv = torch.zeros(4), torch.ones(4)
@@ -379,18 +394,27 @@ def test_raw_ops_carry_a_tangent(device):
 @pytest.mark.parametrize("shape,fmt", [((4, 3, 5), "contiguous"), ((4, 3, 5000), "contiguous"),
                                        ((64, 3), "contiguous"), ((8, 3, 4, 4), "channels_last")])
 def test_nan_and_inf_inputs_propagate_like_torch(device, value, shape, fmt):
-    # One non-finite input makes its channel's statistics NaN (inf - inf), in the output and in
-    # the running statistics, as in torch; the other channels are untouched.
-    base = torch.randn(shape, device=device)
-    base.view(-1)[7] = float(value)
-    x = layout(base, fmt)
-    results = []
-    for fn in (torch.nn.functional.batch_norm, MF.batch_norm):
-        stats = (torch.zeros(3, device=device), torch.ones(3, device=device))
-        output = fn(x, *stats, training=True)
-        results.append([t.isnan() for t in (output, *stats)] + [output.isinf()])
-    for ours, theirs in zip(*reversed(results)):
-        assert torch.equal(ours, theirs)
+    # One non-finite input makes its channel's variance NaN (inf - inf), and with it the output
+    # and running_var, as in torch; an infinite one leaves the mean (and running_mean) infinite.
+    # The other channels are untouched. On the CPU also where the value opens its channel (the
+    # shift of the CPU's shifted sums) and with more threads than channels (partial moments
+    # merged).
+    for at, threads in [(7, None)] + ([(0, None), (7, 4), (0, 4)] if device == "cpu" else []):
+        base = torch.randn(shape, device=device)
+        base.view(-1)[at] = float(value)
+        x = layout(base, fmt)
+        results = []
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads or previous)
+        try:
+            for fn in (torch.nn.functional.batch_norm, MF.batch_norm):
+                stats = (torch.zeros(3, device=device), torch.ones(3, device=device))
+                output = fn(x, *stats, training=True)
+                results.append([t.isnan() for t in (output, *stats)] + [t.isinf() for t in (output, stats[0])])
+        finally:
+            torch.set_num_threads(previous)
+        for ours, theirs in zip(*reversed(results)):
+            assert torch.equal(ours, theirs), (at, threads)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -305,8 +305,9 @@ void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::T
   // The kernels write dense running statistics: a strided view is updated through a copy.
   at::Tensor rm = running_mean.contiguous();
   at::Tensor rv = running_var.contiguous();
-  be.update_running(rm, rv, mean.contiguous(), var.contiguous(), count,
-                    momentum ? *momentum : -1.0, counter ? *num_batches_tracked : at::Tensor());
+  // The kernels read the counter as int64 (torch's dtype for it; another is converted).
+  be.update_running(rm, rv, mean.contiguous(), var.contiguous(), count, momentum ? *momentum : -1.0,
+                    counter ? num_batches_tracked->to(at::kLong) : at::Tensor());
   if (!rm.is_same(running_mean)) running_mean.copy_(rm);
   if (!rv.is_same(running_var)) running_var.copy_(rv);
 }

@@ -43,6 +43,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -261,9 +262,17 @@ inline Moments<double> shifted_moments(double n, double shift, double s1, double
   return m;
 }
 
+// A channel's shift for its shifted sums: its first value, close enough to the mean that the
+// squares keep their precision, or 0 where that is not finite (an infinite shift would make
+// every deviation infinite, and the mean NaN where torch's is infinite).
+template <typename opmath_t>
+opmath_t shift_from(opmath_t first) {
+  return std::isfinite(first) ? first : opmath_t(0);
+}
+
 // Moments of channels c0 <= c < c1 over rows n0 <= n < n1 of channels-first x, into
-// out[c - c0]. The shift K is each channel's first element, close enough to the mean that the
-// squares keep their precision; there is one division per channel in all.
+// out[c - c0], shifted by each channel's first element (shift_from); there is one division per
+// channel in all.
 template <typename scalar_t, typename opmath_t>
 void channel_moments(const scalar_t* x, const Layout& l, int64_t c0, int64_t c1, int64_t n0,
                      int64_t n1, Moments<double>* out) {
@@ -271,7 +280,7 @@ void channel_moments(const scalar_t* x, const Layout& l, int64_t c0, int64_t c1,
     std::fill(out, out + (c1 - c0), Moments<double>{});
     return;
   }
-  const auto shift = [&](int64_t c) { return widen<opmath_t>(x[(n0 * l.C + c) * l.S]); };
+  const auto shift = [&](int64_t c) { return shift_from(widen<opmath_t>(x[(n0 * l.C + c) * l.S])); };
   std::vector<RowSums<opmath_t>> acc(c1 - c0);
   for_rows<kBatchRows>(l, c0, c1, n0, n1, [&](int64_t c, int64_t off, int64_t ahead, auto R) {
     rows_shifted_sums<decltype(R)::value>(x + off, l.C * l.S, l.S, ahead, shift(c), acc[c - c0]);
@@ -479,7 +488,7 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
     // One shift per channel for the whole batch (its first row), so the tasks' shifted sums
     // simply add up, with no per-block divisions or merges.
     std::vector<opmath_t> shift(C);
-    for (int64_t c = 0; c < C; ++c) shift[c] = widen<opmath_t>(x[c]);
+    for (int64_t c = 0; c < C; ++c) shift[c] = shift_from(widen<opmath_t>(x[c]));
     std::vector<double> s1, s2;
     rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
       row_columns(r, R, C, [&](int64_t c0, int64_t n, int64_t stride, const auto* xv) MK_SPAN_BODY {

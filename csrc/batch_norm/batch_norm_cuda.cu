@@ -37,11 +37,12 @@ using Divider = at::cuda::detail::IntDivider<index_t>;
 template <typename T>
 struct MomentsAcc {
   Moments<T> m;
+  int64_t pushed = 0;  // counted as an integer: a float m.n += 1 stops growing at 2^24
   template <typename scalar_t>
   __device__ void push(const scalar_t* /*dy*/, const GateOf<scalar_t>& /*gate*/, const scalar_t* x,
                        int64_t i, int64_t /*c*/, T /*center*/) {
     const T v = static_cast<T>(x[i]);
-    m.n += T(1);
+    m.n = static_cast<T>(++pushed);
     const T delta = v - m.mean;
     m.mean += delta / m.n;
     m.m2 += delta * (v - m.mean);

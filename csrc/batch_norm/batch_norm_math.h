@@ -124,7 +124,10 @@ MK_HOST_DEVICE void update_running(int64_t c, const T* mean, const T* var, T cou
 }
 
 // Chan et al.'s pairwise combination of (count, mean, M2) moments: exact in exact arithmetic
-// and stable in floating point, so partial moments can be merged in any order.
+// and stable in floating point, so partial moments can be merged in any order. An empty side
+// changes nothing (merged into, it is a copy), and the mean is the weighted sum of the two, so
+// that an infinite mean stays infinite, as in torch (mean += (mean_b - mean) wb would make it
+// inf - inf = NaN).
 template <typename T>
 struct Moments {
   T n = T(0);
@@ -132,11 +135,17 @@ struct Moments {
   T m2 = T(0);
 
   MK_HOST_DEVICE void merge(T nb, T mean_b, T m2_b) {
+    if (nb == T(0)) return;
+    if (n == T(0)) {
+      n = nb;
+      mean = mean_b;
+      m2 = m2_b;
+      return;
+    }
     const T total = n + nb;
-    if (total == T(0)) return;
     const T delta = mean_b - mean;
     const T wb = nb / total;
-    mean += delta * wb;
+    mean = mean * (n / total) + mean_b * wb;
     m2 += m2_b + delta * delta * n * wb;
     n = total;
   }
