@@ -197,6 +197,17 @@ def test_backward_rejects_a_bad_rng_state():
         mkops.dropout_backward(g, torch.zeros(2, dtype=torch.float32), 0.5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backward", [mkops.dropout_backward, mkops.feature_dropout_backward])
+def test_backward_reads_a_strided_rng_state(device, backward):
+    # A view of the pair (here a column of a stack) regenerates the mask of the pair itself.
+    x = torch.ones(4, 6, 5, device=device)
+    _, state = mkops.dropout(x, 0.5)
+    strided = torch.stack([state, state + 1], 1)[:, 0]
+    assert not strided.is_contiguous()
+    assert torch.equal(backward(x, strided, 0.5), backward(x, state, 0.5))
+
+
 # ---------------------------------------------------------------------------- randomness
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -19,13 +19,15 @@ void check_floating(const at::Tensor& t, const char* name) {
                    " to be float32, float64, float16 or bfloat16, but got ", dt);
 }
 
-void check_state(const at::Tensor& state, const at::Tensor& grad) {
+// The backward's rng_state, checked, as the dense pair the kernels read.
+at::Tensor checked_state(const at::Tensor& state, const at::Tensor& grad) {
   TORCH_CHECK(state.scalar_type() == at::kLong && state.dim() == 1 && state.numel() == 2,
               "modekernels dropout: expected rng_state to be the int64 tensor of 2 elements that "
               "the forward returned, but got ", state.scalar_type(), " of shape ", state.sizes());
   TORCH_CHECK(state.device() == grad.device(),
               "modekernels dropout: expected rng_state on ", grad.device(), " like grad_output, but got ",
               state.device());
+  return state.contiguous();
 }
 
 // A tensor the kernel can walk as one dense buffer: `t` itself when it is non-overlapping and
@@ -101,10 +103,10 @@ at::Tensor forward_(at::Tensor& input, double p, const OptGenerator& generator, 
 at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& state, double p, Apply apply) {
   check_p(p);
   check_floating(grad_output, "grad_output");
-  check_state(state, grad_output);
+  const at::Tensor st = checked_state(state, grad_output);
   at::Tensor src = dense(grad_output);
   at::Tensor grad_input = at::empty_like(src);
-  apply(src, grad_input, p, std::nullopt, state, /*draw=*/false, {});
+  apply(src, grad_input, p, std::nullopt, st, /*draw=*/false, {});
   return grad_input;
 }
 
@@ -158,11 +160,11 @@ at::Tensor feature_backward(const at::Tensor& grad_output, const at::Tensor& sta
                             Apply apply) {
   check_p(p);
   check_floating(grad_output, "grad_output");
-  check_state(state, grad_output);
+  const at::Tensor st = checked_state(state, grad_output);
   Fusion fusion;
   const at::Tensor src = feature_layout(grad_output, fusion);
   at::Tensor grad_input = at::empty_like(src);
-  apply(src, grad_input, p, std::nullopt, state, /*draw=*/false, fusion);
+  apply(src, grad_input, p, std::nullopt, st, /*draw=*/false, fusion);
   return grad_input;
 }
 
