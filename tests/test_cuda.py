@@ -1,7 +1,8 @@
-"""CUDA-only checks of the issue "GPU proof" that the other files do not make: BatchNorm over more
-than 2^31 elements, and torch.compile's mode="reduce-overhead" (CUDA graphs) in training. They
-skip without a GPU. (Dropout's 64-bit and graph-replay tests are in test_dropout.py; BatchNorm
-against cuDNN and against torch's own kernels in test_batch_norm.py.)"""
+"""CUDA-only checks of the issue "GPU proof" that the other files do not make: BatchNorm and
+channel-wise dropout over (and just under) 2^31 elements, and torch.compile's
+mode="reduce-overhead" (CUDA graphs) in training. They skip without a GPU. (Dropout's 64-bit and
+graph-replay tests are in test_dropout.py; BatchNorm against cuDNN and against torch's own
+kernels in test_batch_norm.py.)"""
 import copy
 import math
 
@@ -68,6 +69,23 @@ def test_batch_norm_64bit_indexing(fmt):
     rm, rv = bn.running_mean.double()[channels], bn.running_var.double()[channels]
     torch.testing.assert_close(tail_of(out).float(), ((values.double() - rm) / torch.sqrt(rv + eps)).float(),
                                rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("shape,fmt", [((2, 2, 2**29 - 1), "contiguous"), ((2, 2, 2**29 + 1), "contiguous"),
+                                       ((2, 4, 2**14, 2**14 + 1), "channels_last")])
+def test_channelwise_dropout_at_the_32bit_limit(shape, fmt):
+    # Just under 2^31 elements (32-bit indexing, where a grid-stride index near the end could
+    # wrap) and over it (64-bit), float16: every (n, c) unit takes one multiplier, 0 or 2, to its
+    # last element, and the backward regenerates the forward's mask.
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    x = torch.ones(shape, device="cuda", dtype=torch.float16).contiguous(memory_format=memory_format)
+    y, state = torch.ops.modekernels.feature_dropout(x, 0.5)
+    units = y.flatten(2)
+    lo, hi = units.amin(-1), units.amax(-1)
+    del units
+    assert torch.equal(lo, hi)
+    assert set(lo.unique().tolist()) <= {0.0, 2.0}
+    assert torch.equal(torch.ops.modekernels.feature_dropout_backward(x, state, 0.5), y)
 
 
 def test_torch_compile_reduce_overhead_dropout_draws_fresh_masks():

@@ -52,6 +52,34 @@ def test_cpu_and_cuda_masks_equal(seed, offset, dtype):
     assert torch.equal(cpu, gpu.cpu())
 
 
+@cuda
+@pytest.mark.parametrize("seed,offset", STATES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_cpu_and_cuda_channelwise_masks_equal(seed, offset, layout, dtype):
+    state = torch.tensor([seed, offset], dtype=torch.uint64).view(torch.int64)
+    ones = make_layout(torch.ones(3, 5, 7, 9, dtype=dtype), layout)
+    cpu = mkops.feature_dropout_backward(ones, state, 0.3)
+    gpu = mkops.feature_dropout_backward(ones.cuda(), state.cuda(), 0.3)
+    assert torch.equal(cpu, gpu.cpu())
+
+
+@cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_cuda_fused_sums_round_like_the_cpu(dtype):
+    # residual + (x + bias) * mask / (1 - p), each operation rounded in opmath on its own (no fma
+    # on the GPU), as the CPU kernels and torch's separate CPU ops round it.
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    x, r = (torch.randn(4, 33, 37).to(dtype) for _ in range(2))
+    b = torch.randn(37).to(dtype)
+    for bias in (None, b):
+        args = (x.cuda(), r.cuda(), 0.3) if bias is None else (x.cuda(), b.cuda(), r.cuda(), 0.3)
+        out, state = (mkops.dropout_add if bias is None else mkops.bias_dropout_add)(*args)
+        mult = mkops.dropout_backward(torch.ones(x.shape, dtype=opmath), state.cpu(), 0.3)
+        base = x.to(opmath) if bias is None else x.to(opmath) + b.to(opmath)
+        assert torch.equal(out.cpu(), (base * mult + r.to(opmath)).to(dtype))
+
+
 # ------------------------------------------------------------------------------- semantics
 
 @pytest.mark.parametrize("device", DEVICES)
