@@ -55,9 +55,15 @@ OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 NO_TRAPS = ["-fno-trapping-math"]
 
 
+# The sources are C++20 (requires-clauses, std::to_array). torch's cpp_extension defaulted to
+# C++17 until 2026 (pytorch/pytorch#176659) and adds no -std of its own where the extension names
+# one; the GPU machine this is to be proven on runs torch 2.11.
+CXX_STD = ["-std=c++20"]
+
+
 def extension():
     debug = flag("DEBUG")
-    cxx = (["-O0", "-g"] if debug else ["-O3"]) + OPENMP + NO_TRAPS
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + CXX_STD + OPENMP + NO_TRAPS
     srcs = sources("*.cpp")
     if not CUDA:
         return cpp_extension.CppExtension(
@@ -65,7 +71,7 @@ def extension():
             extra_link_args=OPENMP)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-    nvcc = ["-O3", "-lineinfo"] + (["-G"] if debug else [])
+    nvcc = ["-O3", "-lineinfo"] + CXX_STD + (["-G"] if debug else [])
     return cpp_extension.CUDAExtension(
         "modekernels._C", srcs + sources("*.cu"), include_dirs=[CSRC], extra_link_args=OPENMP,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
