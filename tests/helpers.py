@@ -1,4 +1,6 @@
 """Shared parametrizations and tolerances for the test suite."""
+import inspect
+
 import pytest
 import torch
 
@@ -44,3 +46,18 @@ def make_layout(x, layout):
 
 
 LAYOUTS = ["contiguous", "channels_last", "strided", "transposed"]
+
+
+# BatchNorm's bias=False is torch >= 2.12 (pytorch/pytorch#176573); on older torch the layer is
+# built with its bias and then has it removed, as that argument does.
+_BN_TAKES_BIAS = "bias" in inspect.signature(torch.nn.modules.batchnorm._NormBase.__init__).parameters
+
+
+def batchnorm(cls, *args, bias=True, **kwargs):
+    """cls(*args, bias=bias, **kwargs) on any torch."""
+    if _BN_TAKES_BIAS:
+        return cls(*args, bias=bias, **kwargs)
+    module = cls(*args, **kwargs)
+    if not bias:
+        module.register_parameter("bias", None)
+    return module

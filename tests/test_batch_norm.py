@@ -8,7 +8,7 @@ import torch.autograd.forward_ad as fwAD
 import modekernels
 import modekernels.functional as MF
 
-from helpers import BN_TOL, DEVICES, FLOAT_DTYPES, cuda, dtype_id
+from helpers import BN_TOL, DEVICES, FLOAT_DTYPES, batchnorm, cuda, dtype_id
 
 mkops = torch.ops.modekernels
 
@@ -46,14 +46,14 @@ def layout(x, fmt):
 
 def twin_modules(case, variant, device, param_dtype=torch.float32):
     theirs_cls, ours_cls, shape, _ = CASES[case]
-    theirs = theirs_cls(shape[1], **VARIANTS[variant]).to(device=device, dtype=param_dtype)
+    theirs = batchnorm(theirs_cls, shape[1], **VARIANTS[variant]).to(device=device, dtype=param_dtype)
     with torch.no_grad():
         for p in theirs.parameters():
             p.uniform_(0.5, 1.5)
         if theirs.running_mean is not None:
             theirs.running_mean.uniform_(-1, 1)
             theirs.running_var.uniform_(0.5, 2)
-    ours = ours_cls(shape[1], **VARIANTS[variant]).to(device=device, dtype=param_dtype)
+    ours = batchnorm(ours_cls, shape[1], **VARIANTS[variant]).to(device=device, dtype=param_dtype)
     ours.load_state_dict(theirs.state_dict())
     return theirs, ours
 
@@ -192,7 +192,7 @@ def test_functional_matches_torch():
 
 def test_module_is_a_torch_batchnorm_and_checkpoints_cross_load():
     for name, (theirs_cls, ours_cls, shape, _) in CASES.items():
-        theirs, ours = theirs_cls(shape[1], momentum=None, bias=False), ours_cls(shape[1], momentum=None, bias=False)
+        theirs, ours = (batchnorm(cls, shape[1], momentum=None, bias=False) for cls in (theirs_cls, ours_cls))
         assert isinstance(ours, theirs_cls)
         assert repr(ours) == repr(theirs)
         assert list(ours.state_dict()) == list(theirs.state_dict())

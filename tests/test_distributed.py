@@ -19,7 +19,7 @@ from torch import nn
 import modekernels
 from modekernels.bench.distributed import init_process_group, payloads, spawn
 
-from helpers import BN_TOL
+from helpers import BN_TOL, batchnorm
 
 STEPS = 2  # training steps per case, then one eval step
 EVEN = {2: [4, 4], 3: [3, 3, 3]}  # world size -> batch size of each rank
@@ -29,7 +29,7 @@ EMPTY_RANK = {2: [0, 5], 3: [3, 0, 4]}
 
 def layer(cls, num_features, **kwargs):
     torch.manual_seed(0)
-    module = cls(num_features, **kwargs)
+    module = batchnorm(cls, num_features, **kwargs)
     if module.weight is not None:
         nn.init.uniform_(module.weight, 0.5, 1.5)
     if module.bias is not None:
