@@ -28,6 +28,7 @@ namespace {
 
 constexpr int kLanesCL = 32;   // channels per block in the channels-last reduction
 constexpr int kRowsCL = 8;     // rows per block step in the channels-last reduction
+constexpr int64_t kPositionsPerBlock = 4 * cuda::kThreads;  // at least, per channels-first reduction block
 
 // Division by a fixed divisor: multiply-shift for 32-bit indices, plain division for 64-bit.
 template <typename index_t>
@@ -106,9 +107,11 @@ __device__ Acc block_merge(Acc acc) {
   return acc;
 }
 
-// Channels-first partials: block (c, split) covers the positions (n, s) with n in
-// [split * N / splits, (split+1) * N / splits), flattened so that every thread has work even when
-// S is small (7x7), and split with a multiply-shift division (IntDivider) when 32 bits suffice.
+// Channels-first partials: block (c, split) covers the positions e = n * S + s of channel c with
+// e in [split * N * S / splits, (split+1) * N * S / splits): the (n, s) positions flattened, so
+// that a channel splits into as many blocks as the GPU needs however few samples there are and
+// every thread has work even when S is small (7x7); e is split into (n, s) with a multiply-shift
+// division (IntDivider) when 32 bits suffice.
 template <typename scalar_t, typename Acc, typename index_t>
 __global__ void __launch_bounds__(cuda::kThreads)
     reduce_cf(const scalar_t* dy, GateOf<scalar_t> gate, const scalar_t* x, index_t N, int64_t C,
@@ -116,9 +119,9 @@ __global__ void __launch_bounds__(cuda::kThreads)
               const at::opmath_type<scalar_t>* center, Acc* partial) {
   const int64_t c = blockIdx.x;
   const index_t S = s_div.divisor;
-  const index_t splits = gridDim.y;
-  const index_t e0 = static_cast<index_t>(static_cast<uint64_t>(N) * blockIdx.y / splits) * S;
-  const index_t e1 = static_cast<index_t>(static_cast<uint64_t>(N) * (blockIdx.y + 1) / splits) * S;
+  const uint64_t positions = static_cast<uint64_t>(N) * S;
+  const index_t e0 = static_cast<index_t>(positions * blockIdx.y / gridDim.y);
+  const index_t e1 = static_cast<index_t>(positions * (blockIdx.y + 1) / gridDim.y);
   const auto ctr = center ? center[c] : at::opmath_type<scalar_t>(0);
   Acc acc;
   for (index_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
@@ -188,7 +191,7 @@ void reduce(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const L
   int64_t splits;
   at::Tensor partial;
   if (!l.channels_last) {
-    splits = row_splits(C, l.N);
+    splits = row_splits(C, (l.N * l.S + kPositionsPerBlock - 1) / kPositionsPerBlock);
     partial = at::empty({static_cast<int64_t>(splits * C * sizeof(Acc))}, x.options().dtype(at::kByte));
     auto* out = reinterpret_cast<Acc*>(partial.data_ptr());
     if (cuda::fits_int32(l.N * l.S)) {
