@@ -177,6 +177,26 @@ def test_momentum_none_takes_a_counter_of_any_integer_dtype(device):
     assert_same_state(theirs, ours, BN_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(64, 24, 1), (64, 24, 1, 1), (16, 24, 1, 1, 1)], ids=str)
+def test_one_element_per_sample_and_channel_runs_as_the_2d_input(device, shape):
+    # (N, C, 1...) holds its channels innermost like (N, C): the kernels walk both alike (same
+    # bits), where read channel by channel every row would be one element long.
+    x = torch.randn(shape, device=device, requires_grad=True)
+    x2 = x.detach().flatten(1).requires_grad_()
+    grad = torch.randn(shape, device=device)
+    outs = []
+    for inp, g in ((x, grad), (x2, grad.flatten(1))):
+        rm, rv = torch.zeros(24, device=device), torch.ones(24, device=device)
+        y = MF.batch_norm_relu(inp, rm, rv, training=True)
+        y.backward(g)
+        outs.append([y.flatten(1), rm, rv, inp.grad.flatten(1)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    reference = torch.relu(torch.nn.functional.batch_norm(x.detach(), None, None, training=True))
+    torch.testing.assert_close(outs[0][0], reference.flatten(1), **BN_TOL[torch.float32])
+
+
 def test_functional_matches_torch():
     x = torch.randn(8, 4, 5, 5)
     rm, rv = torch.zeros(4), torch.ones(4)

@@ -57,8 +57,10 @@ int64_t per_channel_count(const at::Tensor& input) {
   return input.size(1) == 0 ? 0 : input.numel() / input.size(1);
 }
 
-// The memory format the kernels walk: channels-last for channels_last(_3d) inputs (and every 2-D
-// input, whose channels are innermost), contiguous otherwise. Anything else is copied into it.
+// The memory format the kernels walk: channels-last for channels_last(_3d) inputs, contiguous
+// otherwise. Anything else is copied into it. Where each (n, c) holds one element (2-D inputs,
+// (N, C, 1), (N, C, 1, 1)) the channels are innermost either way, and the kernels walk the
+// memory as channels-last (N, 1, C): read channels-first, every row would be one element long.
 at::MemoryFormat kernel_format(const at::Tensor& t) {
   return t.dim() == 2 ? at::MemoryFormat::Contiguous : t.suggest_memory_format();
 }
@@ -67,7 +69,7 @@ Layout layout_of(const at::Tensor& t) {
   const int64_t N = t.size(0);
   const int64_t C = t.size(1);
   const int64_t S = C == 0 || N == 0 ? 0 : t.numel() / (N * C);
-  const bool cl = t.dim() == 2 || kernel_format(t) != at::MemoryFormat::Contiguous;
+  const bool cl = t.dim() == 2 || S == 1 || kernel_format(t) != at::MemoryFormat::Contiguous;
   return {N, C, t.dim() == 2 ? 1 : S, cl};
 }
 

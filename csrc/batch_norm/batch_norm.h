@@ -28,7 +28,7 @@ namespace modekernels::batch_norm {
 
 // The input as (N, C, S) with S the product of the spatial sizes. Memory is either (N, C, S)
 // (channels_last == false) or (N, S, C) (channels_last == true: channels_last, channels_last_3d,
-// and every (N, C) input).
+// and every input with S == 1, such as (N, C)).
 struct Layout {
   int64_t N, C, S;
   bool channels_last;
