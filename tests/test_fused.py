@@ -5,6 +5,7 @@ from torch._dynamo.utils import counters
 
 import modekernels
 import modekernels.functional as MF
+from modekernels import reference
 
 from helpers import BN_TOL, DEVICES, FLOAT_DTYPES, dtype_id, make_layout
 
@@ -442,6 +443,28 @@ def test_channelwise_dropout_masks_whole_channels(device, dtype, case, channels_
         assert torch.equal(module(x), x)
     else:
         assert module(x) is x
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+@pytest.mark.parametrize("spatial", [(1, 1), (1, 3)], ids=str)
+def test_channelwise_masks_follow_the_reference_stream(threads, channels_last, spatial):
+    # Unit (n, c) takes word n * C + c of the dropout stream, as element n * C + c of plain
+    # dropout would: over many units (1030, not a multiple of 4, several blocks of multipliers)
+    # and any split of them across threads.
+    seed, offset = 2**63 + 12345, 2**40 + 8
+    state = torch.tensor([seed, offset], dtype=torch.uint64).view(torch.int64)
+    ones = torch.ones(10, 103, *spatial, dtype=torch.float64)
+    if channels_last:
+        ones = ones.contiguous(memory_format=torch.channels_last)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mult = mkops.feature_dropout_backward(ones, state, 0.3)
+    finally:
+        torch.set_num_threads(previous)
+    keep = reference.dropout_keep_mask(10 * 103, seed, offset, 0.3).view(10, 103, 1, 1)
+    assert torch.equal(mult, (keep.double() * (1 / (1 - 0.3))).expand_as(ones))
 
 
 def test_channelwise_keep_rate_and_reproducibility():

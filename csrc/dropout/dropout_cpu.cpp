@@ -124,27 +124,47 @@ void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
   });
 }
 
+// The multipliers of units [u0, u0 + count) into mult: unit u takes the word of element u of
+// elementwise dropout, so they come kBlock / 4 Philox groups at a time, as there.
+template <typename opmath_t>
+void unit_multipliers(uint64_t seed, uint64_t offset, double p, int64_t u0, int64_t count,
+                      opmath_t* mult) {
+  if (p == 0.0) {
+    std::fill(mult, mult + count, opmath_t(1));
+    return;
+  }
+  alignas(64) opmath_t block[kBlock];
+  for (int64_t u = u0; u < u0 + count;) {
+    const int64_t g0 = u / 4;
+    const int64_t g1 = std::min((u0 + count + 3) / 4, g0 + kBlock / 4);
+    block_multipliers(seed, offset, static_cast<uint64_t>(g0), g1 - g0, keep_threshold(p),
+                      static_cast<opmath_t>(keep_scale(p)), block);
+    const int64_t end = std::min(u0 + count, 4 * g1);
+    std::copy(block + (u - 4 * g0), block + (end - 4 * g0), mult + (u - u0));
+    u = end;
+  }
+}
+
 // Channel-wise dropout: one multiplier per (n, c) unit, applied to its S elements. (N, C, S)
-// memory: parallel over units. Channels-last (N, S, C): parallel over samples, the C
-// multipliers of a sample computed once and applied to each of its S rows.
+// memory: parallel over units, their multipliers kBlock at a time. Channels-last (N, S, C):
+// parallel over samples, the C multipliers of a sample computed once and applied to each of its
+// S rows.
 template <typename scalar_t>
 void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t seed,
                        uint64_t offset, double p, const Fusion& f) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const uint32_t threshold = keep_threshold(p);
-  const auto scale = static_cast<opmath_t>(keep_scale(p));
   const int64_t S = f.channel_S;
   const int64_t units = n / S;
-  auto unit_multiplier = [&](int64_t u) {
-    if (p == 0.0) return opmath_t(1);
-    const Philox4x32 r = group_bits(seed, offset, static_cast<uint64_t>(u) / 4);
-    return multiplier(r.w[u % 4], threshold, scale);
-  };
   if (f.channels_last_C == 0) {
     at::parallel_for(0, units, grain_for(S), [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const opmath_t m = unit_multiplier(u);
-        scale_blocks(src + u * S, dst + u * S, S, [m](int64_t) { return m; });
+      alignas(64) opmath_t mult[kBlock];
+      for (int64_t b = u0; b < u1; b += kBlock) {
+        const int64_t count = std::min(kBlock, u1 - b);
+        unit_multipliers(seed, offset, p, b, count, mult);
+        for (int64_t k = 0; k < count; ++k) {
+          const opmath_t m = mult[k];
+          scale_blocks(src + (b + k) * S, dst + (b + k) * S, S, [m](int64_t) { return m; });
+        }
       }
     });
   } else {
@@ -152,7 +172,7 @@ void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
     at::parallel_for(0, units / C, grain_for(C * S), [&](int64_t n0, int64_t n1) {
       std::vector<opmath_t> mult(C);
       for (int64_t sample = n0; sample < n1; ++sample) {
-        for (int64_t c = 0; c < C; ++c) mult[c] = unit_multiplier(sample * C + c);
+        unit_multipliers(seed, offset, p, sample * C, C, mult.data());
         for (int64_t row = 0; row < S; ++row) {
           const int64_t base = (sample * S + row) * C;
           scale_blocks(src + base, dst + base, C, [&mult](int64_t c) { return mult[c]; });
