@@ -185,6 +185,10 @@ struct RowSums {
 // then the forward's b and d that a recomputed ReLU gate needs (its m is kM).
 enum : int64_t { kGateB = 4, kGateD = 5, kChannelCoeffs = 6 };
 
+// A fused backward's ReLU gate, as a loop's template argument: none, the saved output, or
+// recomputed from the input (GateView).
+enum GateKind { kNoGate, kSavedGate, kRecomputedGate };
+
 // Walks R rows of len elements as the reductions read them: each kLanes elements on, calls
 // prefetch(r, i) for row r at element i, then part(r, i, j, lane) for the SIMD parts j of
 // kLanes / R elements of each row in turn, lane being the accumulator part it adds to (each row
@@ -348,11 +352,19 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
         v1[lane] += g;
         v2[lane] += g * (v - mean);
       },
+      // The same for one element, with the channel's coefficients as above, not looked up per
+      // element (GateView::open): rows shorter than kLanes are all tail, and with the lookups the
+      // gated sums took 7x the time of the statistics there.
       [&](int64_t r, int64_t i) {
         const int64_t at = begin + r * stride + i;
-        const opmath_t g = gate.open(at, c) ? widen<opmath_t>(dy[at]) : opmath_t(0);
+        opmath_t g = widen<opmath_t>(dy[at]);
+        const opmath_t v = widen<opmath_t>(x[at]);
+        if (gate.g) {
+          const opmath_t open = recompute ? gd + (v - gm) * gb : widen<opmath_t>(gate.g[at]);
+          g = open > above ? g : opmath_t(0);
+        }
         acc.t1 += g;
-        acc.t2 += g * (widen<opmath_t>(x[at]) - mean);
+        acc.t2 += g * (v - mean);
       });
   std::copy(v1.begin(), v1.end(), acc.v1);
   std::copy(v2.begin(), v2.end(), acc.v2);
@@ -566,8 +578,16 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
       sdx[t / per] += pdx[t];
     }
   } else {
-    // The gate's test is compiled in only where there is one, so plain BatchNorm vectorizes.
-    const auto sums = [&](auto gated) {
+    // The gate's kind is compiled in, and a recomputed gate's coefficients are read per column as
+    // the mean is (GateView::passes per element, which tests which kind it is and indexes the
+    // coefficients, kept the loop from vectorizing: BatchNormReLU2d's backward on 128x256x8x8
+    // channels_last took 12 ms, 3x its channels-first time).
+    const opmath_t* gm = gate.coeffs ? gate.coeffs + kM * gate.C : nullptr;
+    const opmath_t* gb = gate.coeffs ? gate.coeffs + kB * gate.C : nullptr;
+    const opmath_t* gd = gate.coeffs ? gate.coeffs + kD * gate.C : nullptr;
+    const opmath_t above = zero_rounding_bound<scalar_t, opmath_t>();
+    const auto sums = [&](auto kind) {
+      constexpr GateKind K = decltype(kind)::value;
       rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
         const auto cols = [&](int64_t c0, int64_t n, int64_t stride, const auto* dyv, const auto* xv,
                               const auto* gv) MK_SPAN_BODY {
@@ -578,18 +598,27 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
             unrolled(R, [&](int64_t j) {
               const int64_t i = j * stride + k;
               opmath_t g = widen<opmath_t>(dyv[i]);
-              if constexpr (decltype(gated)::value) g = gate.passes(widen<opmath_t>(gv[i]), c) ? g : opmath_t(0);
+              const opmath_t v = widen<opmath_t>(xv[i]);
+              // GateView::passes: the saved output > 0, or relu_open of the input.
+              if constexpr (K == kSavedGate) g = widen<opmath_t>(gv[i]) > opmath_t(0) ? g : opmath_t(0);
+              if constexpr (K == kRecomputedGate) g = gd[c] + (v - gm[c]) * gb[c] > above ? g : opmath_t(0);
               sum += g;
-              dot += g * (widen<opmath_t>(xv[i]) - mean[c]);
+              dot += g * (v - mean[c]);
             });
             a[c] += sum;
             b[c] += dot;
           }
         };
-        row_columns(r, R, C, cols, dy, x, decltype(gated)::value ? gate.g : nullptr);
+        row_columns(r, R, C, cols, dy, x, K == kSavedGate ? gate.g : nullptr);
       }, sdy, sdx);
     };
-    gate.g ? sums(std::true_type{}) : sums(std::false_type{});
+    if (!gate.g) {
+      sums(std::integral_constant<GateKind, kNoGate>{});
+    } else if (gate.coeffs) {
+      sums(std::integral_constant<GateKind, kRecomputedGate>{});
+    } else {
+      sums(std::integral_constant<GateKind, kSavedGate>{});
+    }
   }
   opmath_t* out_dy = sum_dy_t.data_ptr<opmath_t>();
   opmath_t* out_dx = sum_dy_xmu_t.data_ptr<opmath_t>();
@@ -619,9 +648,8 @@ struct AffinePtrs {
 };
 
 // Which operands an elementwise pass has, fixed at compile time so that every variant's inner
-// loop stays branch-free and vectorizes: kGate (the fused-ReLU backward: kNoGate, kSavedGate
-// or kRecomputedGate), kResidual, kRelu, kGatedOut (the fused-residual backward).
-enum GateKind { kNoGate, kSavedGate, kRecomputedGate };
+// loop stays branch-free and vectorizes: kGate (the fused-ReLU backward: a GateKind), kResidual,
+// kRelu, kGatedOut (the fused-residual backward).
 
 template <bool P, bool Q, GateKind G, bool R, bool L, bool W = false>
 struct Variant {
