@@ -1,9 +1,10 @@
 """Fused suite: fused variants against the unfused torch sequence they replace, eager and compiled.
 
-Cases: BatchNorm2d+ReLU, BatchNorm2d+add+ReLU and Dropout2d on an NCHW activation,
-dropout+residual and bias+dropout+residual on a (batch, tokens, width) transformer activation;
-training forward+backward, and the eval forward of all but Dropout2d (the identity in eval). Bytes
-that must move count the full-size tensors each pass reads or writes at the least (TENSOR_PASSES).
+Cases: BatchNorm2d+ReLU, BatchNorm2d+add+ReLU and Dropout2d on an NCHW activation, contiguous and
+channels_last, dropout+residual and bias+dropout+residual on a (batch, tokens, width) transformer
+activation; training forward+backward, and the eval forward of all but Dropout2d (the identity in
+eval). Bytes that must move count the full-size tensors each pass reads or writes at the least
+(TENSOR_PASSES).
 """
 import functools
 import itertools
@@ -14,6 +15,7 @@ from torch.nn import functional as F
 import modekernels
 
 from . import harness
+from .batch_norm import LAYOUTS, to_layout
 from .harness import COMPILE, Bench, Case
 
 P = 0.1
@@ -97,6 +99,7 @@ def check(op, training, x, residual, bias, y):
 
 def prepare(case, device):
     x, residual, bias, grad = inputs(case.shape, case.dtype, device)
+    x, residual, grad = (to_layout(t, case.layout) for t in (x, residual, grad))
     # BatchNorm parameters stay float32 for bfloat16 inputs, as in mixed-precision training.
     module = layer(case.op, case.variant, x.shape[1]).to(device).train(case.mode == "train")
     # fwd+bwd differentiates with respect to the activation and, where there is one, the residual
@@ -118,11 +121,13 @@ def prepare(case, device):
 
 
 def cases(size, dtypes):
-    """Each fused op at the size's shapes: training forward+backward (and the forward alone with
-    full), and the eval forward of the ops that compute something in eval."""
+    """Each fused op at the size's shapes (the NCHW activation's in both layouts): training
+    forward+backward (and the forward alone with full), and the eval forward of the ops that
+    compute something in eval."""
     directions = DIRECTIONS if size == "full" else DIRECTIONS[1:]
     modes = [("train", d) for d in directions]
-    return [Case(op, shape, dtype, mode=mode, direction=direction, variant=variant)
+    return [Case(op, shape, dtype, layout, mode, direction, variant)
             for op, shapes in SHAPES.items() for shape in shapes[size]
+            for layout in (LAYOUTS if len(shape) == 4 else LAYOUTS[:1])
             for (mode, direction), dtype, variant in itertools.product(
                 modes + ([("eval", "fwd")] if op != "dropout2d" else []), dtypes, VARIANTS)]
