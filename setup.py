@@ -55,6 +55,11 @@ OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 NO_TRAPS = ["-fno-trapping-math"]
 
 
+# No fused multiply-adds: the AVX-512 build of the CPU kernels has them (AVX-512F), the baseline and
+# AVX2 builds do not, and all three must round alike (csrc/common/cpu_capability.h).
+NO_CONTRACT = ["-ffp-contract=off"]
+
+
 # The sources are C++20 (requires-clauses, std::to_array). torch's cpp_extension defaulted to
 # C++17 until 2026 (pytorch/pytorch#176659) and adds no -std of its own where the extension names
 # one; the GPU machine this is to be proven on runs torch 2.11.
@@ -63,7 +68,7 @@ CXX_STD = ["-std=c++20"]
 
 def extension():
     debug = flag("DEBUG")
-    cxx = (["-O0", "-g"] if debug else ["-O3"]) + CXX_STD + OPENMP + NO_TRAPS
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + CXX_STD + OPENMP + NO_TRAPS + NO_CONTRACT
     srcs = sources("*.cpp")
     if not CUDA:
         return cpp_extension.CppExtension(

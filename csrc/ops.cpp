@@ -1,7 +1,7 @@
 // The modekernels op schemas, declared once for every backend, and the Python module `_C`, whose
 // import runs the static TORCH_LIBRARY registrations (no pybind: the ops are reached through
 // torch.ops.modekernels). Its one attribute, cpu_capability, names the build of the CPU kernels
-// in use ("AVX2" or "DEFAULT", common/cpu_capability.h).
+// in use ("AVX512", "AVX2" or "DEFAULT", common/cpu_capability.h).
 //
 // Randomness is explicit: ops that draw from a generator carry the nondeterministic_seeded tag and
 // return the (seed, offset) they used as an int64[2] `rng_state`, which is all the backward needs.

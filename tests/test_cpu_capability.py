@@ -1,11 +1,12 @@
-"""The two builds of the CPU kernels (csrc/common/cpu_capability.h): the AVX2 build, which runs
-here when the CPU has it, must give the same bits as the baseline build, which a subprocess runs
-with torch's switch ATEN_CPU_CAPABILITY=default. Neither build contracts multiply-adds, and both
-sum in the same order, so every output must be identical, not merely close. float16 and
-bfloat16 inputs also run through every elementwise kernel with all 65536 of their bit patterns
-(NaNs with payloads, infinities, subnormals, values that overflow), as the AVX2 build converts
-float16 with F16C and bfloat16 with its own AVX2 rounding (csrc/common/staged.h), and the
-baseline build both with integer operations."""
+"""The three builds of the CPU kernels (csrc/common/cpu_capability.h): the widest build the CPU
+and torch allow runs here (AVX-512 or AVX2), and must give the same bits as each narrower build,
+which a subprocess runs with torch's switch ATEN_CPU_CAPABILITY ("avx2", "default"). No build
+contracts multiply-adds, and all sum in the same order, so every output must be identical, not
+merely close. float16 and bfloat16 inputs also run through every elementwise kernel with all
+65536 of their bit patterns (NaNs with payloads, infinities, subnormals, values that overflow), as
+the AVX2 build converts float16 with F16C and bfloat16 with its own AVX2 rounding, the AVX-512
+build bfloat16 with AVX512-BF16's conversion and subnormals and NaNs apart (csrc/common/staged.h),
+and the baseline build both with integer operations."""
 import os
 import subprocess
 import sys
@@ -101,16 +102,18 @@ def bits(t):
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def baseline_outputs(tmp_path, cases):
-    """outputs(cases) from a process whose torch and modekernels run their baseline kernels."""
-    src, dst = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
+def narrower_outputs(tmp_path, cases, capability):
+    """outputs(cases) from a process whose torch runs its kernels for `capability` (torch's
+    ATEN_CPU_CAPABILITY), and so modekernels its build of the same width."""
+    src, dst = tmp_path / "inputs.pt", tmp_path / f"outputs-{capability}.pt"
     torch.save(cases, src)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     code = ("import sys, torch, modekernels._C; from tests.test_cpu_capability import outputs; "
-            "assert modekernels._C.cpu_capability == 'DEFAULT', modekernels._C.cpu_capability; "
+            "assert modekernels._C.cpu_capability == sys.argv[3], modekernels._C.cpu_capability; "
             "torch.save(outputs(torch.load(sys.argv[1])), sys.argv[2])")
-    subprocess.run([sys.executable, "-c", code, str(src), str(dst)], env=env, check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", code, str(src), str(dst), BUILDS[capability]], env=env, check=True,
+                   cwd=ROOT)
     return torch.load(dst)
 
 
@@ -119,18 +122,30 @@ def cpu_flags():
         return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
 
 
+# torch's ATEN_CPU_CAPABILITY values, narrowest first, and the build of ours each selects.
+BUILDS = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
+
+
+def expected_build():
+    flags, torch_capability = cpu_flags(), torch.backends.cpu.get_cpu_capability()
+    if torch_capability == "AVX512" and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= set(flags):
+        return "AVX512"
+    return "AVX2" if "avx2" in flags and "f16c" in flags and torch_capability != "DEFAULT" else "DEFAULT"
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or "x86" not in os.uname().machine,
-                    reason="the AVX2 build exists on x86-64 only")
-def test_capability_is_avx2_where_cpu_and_torch_have_it():
-    flags = cpu_flags()
-    has = "avx2" in flags and "f16c" in flags and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
-    assert modekernels._C.cpu_capability == ("AVX2" if has else "DEFAULT")
+                    reason="the AVX2 and AVX-512 builds exist on x86-64 only")
+def test_capability_is_the_widest_the_cpu_and_torch_have():
+    assert modekernels._C.cpu_capability == expected_build()
 
 
-@pytest.mark.skipif(modekernels._C.cpu_capability != "AVX2", reason="this process runs the baseline build")
-def test_avx2_build_gives_the_baseline_build_bits(tmp_path):
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_build_gives_the_narrower_builds_bits(tmp_path, capability):
+    running = list(BUILDS.values()).index(modekernels._C.cpu_capability)
+    if running <= list(BUILDS).index(capability):
+        pytest.skip(f"this process runs the {modekernels._C.cpu_capability} build")
     cases = make_inputs()
-    got, expected = outputs(cases), baseline_outputs(tmp_path, cases)
+    got, expected = outputs(cases), narrower_outputs(tmp_path, cases, capability)
     checked = 0
     for case, g, e in zip(cases, got, expected):
         assert g.keys() == e.keys()

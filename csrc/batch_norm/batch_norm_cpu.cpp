@@ -17,17 +17,23 @@
 // Resident variants: for channels-first memory with small channels, a training forward or
 //   backward runs reduction and elementwise pass over a group of channels, the second pass
 //   reading from cache: one pass over memory in all (see "cache-resident" below).
-// Row-level sums use 16 independent accumulators (four 16-byte SIMD registers for float; enough
-// to hide the add latency), in the opmath type; task and final merges are in double.
+// Row-level sums use 16 independent accumulators (enough to hide the add latency), in the opmath
+// type, held as the build's SIMD vectors (float: four 16-byte ones in the baseline build, two
+// 32-byte ones with AVX2, one 64-byte one with AVX-512; the same values go to the same lane in
+// all three); task and final merges are in double.
 //
-// This file is compiled twice (common/cpu_capability.h): as itself for the baseline ISA, and from
-// batch_norm_cpu_avx2.cpp for AVX2, each build's kernels in a namespace of their own (baseline,
-// avx2). The AVX2 build's loops are 8 float lanes wide; it converts float16 with F16C (the
-// channels-first reductions' loads, the channels-last reductions' rows staged as floats) and
-// stages the elementwise passes' spans of 32 as floats for float16 (F16C) and bfloat16 (256-bit
-// integer registers): common/staged.h. On the development machine (AMD EPYC, 8x256x56x56) the
-// bfloat16 module went from 0.49-0.97x of torch's speed to 0.89-1.21x, float16 from 0.15-0.29x
-// to 0.81-1.22x, float32 within noise. The baseline build registers the ops.
+// This file is compiled three times (common/cpu_capability.h): as itself for the baseline ISA, and
+// from batch_norm_cpu_avx2.cpp and batch_norm_cpu_avx512.cpp for AVX2 and AVX-512, each build's
+// kernels in a namespace of their own (baseline, avx2, avx512). The AVX2 build's loops are 8 float
+// lanes wide, the AVX-512 build's 16; both convert float16 with F16C (the channels-first
+// reductions' loads, the channels-last reductions' rows staged as floats) and stage the
+// elementwise passes' spans of 32 as floats for float16 (F16C) and bfloat16 (integer rounding in
+// 256-bit registers, or AVX512-BF16): common/staged.h. On the development machine (AMD EPYC,
+// 8x256x56x56) the AVX2 build took the bfloat16 module from 0.49-0.97x of torch's speed to
+// 0.89-1.21x, float16 from 0.15-0.29x to 0.81-1.22x, float32 within noise; against it (with
+// its 16-byte reduction lanes), the AVX-512 build runs float16 and bfloat16 eval 1.1-1.5x faster
+// and the fused ops' training 1.1-1.25x (README, "The AVX-512 build"). The baseline build
+// registers the ops.
 #include "batch_norm/batch_norm.h"
 #include "batch_norm/batch_norm_math.h"
 #include "common/convert.h"
@@ -44,6 +50,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -53,6 +60,7 @@ MK_CPU_ISA_TARGET
 
 namespace modekernels::batch_norm {
 namespace MK_CPU_ISA {
+using namespace ::modekernels::MK_CPU_ISA;  // common/staged.h, this build's
 namespace {
 
 constexpr int64_t kLanes = 16;
@@ -78,63 +86,113 @@ void for_channel_tasks(const Layout& l, int64_t per, const Fn& fn) {
   });
 }
 
-// kLanes values of type T as kParts native 16-byte SIMD vectors (GCC/Clang vector extension):
-// kLanes independent accumulators. Loops go part by part, each part loaded, combined and
-// accumulated before the next, so that everything stays in the baseline ISA's 16 registers. (One
-// kLanes-wide vector type would be simpler, but GCC lowers it operation by operation across all
-// parts, which spills to the stack, and turns its comparisons into scalar branches.)
+// The bytes of the build's SIMD vectors: 16 (baseline ISA), 32 (AVX2), 64 (AVX-512).
+constexpr int64_t kVectorBytes = int64_t{16} << MK_CPU_ISA_LEVEL;
+
+// kLanes values of type T as kParts native SIMD vectors (GCC/Clang vector extension): kLanes
+// independent accumulators. Loops go part by part, each part loaded, combined and accumulated
+// before the next, so that everything stays in the baseline ISA's 16 registers. (One kLanes-wide
+// vector type would be simpler, but GCC lowers it operation by operation across all parts, which
+// spills to the stack, and turns its comparisons into scalar branches.) Which values go to which
+// lane is the same in every build, whatever its vectors' width, so that all sum alike.
 template <typename T>
 struct Lanes {
-  typedef T Part __attribute__((vector_size(16)));
-  static constexpr int64_t kWidth = 16 / sizeof(T);
+  typedef T Part __attribute__((vector_size(kVectorBytes)));
+  static constexpr int64_t kWidth = kVectorBytes / sizeof(T);
   static constexpr int64_t kParts = kLanes / kWidth;
 };
 
-// Part k of the kLanes scalar_t values at p, in T.
-template <typename T, typename scalar_t>
-typename Lanes<T>::Part load_part(const scalar_t* p, int64_t k) {
+// Vectors of storage words: n 64-bit words, or n words of 16 bits.
+template <int64_t n>
+struct Words {
+  typedef uint64_t W64 __attribute__((vector_size(8 * n)));
+  typedef uint16_t W16 __attribute__((vector_size(2 * n)));
+};
+
+// a then b, as one vector twice as long.
+template <typename V>
+auto concat(V a, V b) {
+  return [&]<size_t... I>(std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, b, I...);
+  }(std::make_index_sequence<2 * sizeof(V) / sizeof(a[0])>{});
+}
+
+// The values whose storage is `bits` (Lanes<T>::kWidth values of scalar_t), in T. (With
+// __builtin_bit_cast: std::bit_cast is compiled for the baseline ISA, where wider vectors change
+// its calling convention.)
+template <typename T, typename scalar_t, typename Bits>
+typename Lanes<T>::Part widen_part(Bits bits) {
   using L = Lanes<T>;
-  typename L::Part v;
-  p += k * L::kWidth;
+  using Part = typename L::Part;
   if constexpr (std::is_same_v<T, scalar_t>) {
-    std::memcpy(&v, p, sizeof(v));
+    return __builtin_bit_cast(Part, bits);
   } else {
     static_assert(std::is_same_v<T, float> && sizeof(scalar_t) == 2, "float16 or bfloat16 into float");
-    // The four values' bits in 32-bit lanes, widened as vector operations.
-    typedef uint16_t Bits __attribute__((vector_size(8)));
-    typedef int32_t Word __attribute__((vector_size(16)));
-    Bits h;
-    std::memcpy(&h, p, sizeof(h));
-#ifdef MK_CPU_AVX2
-    // The AVX2 build converts float16 with F16C (one instruction) and bfloat16 by zero-extension
-    // and a shift: for the conversion below, GCC shuffled and spilled in the reductions' loops
-    // (bfloat16 BatchNorm training measured 1.25-1.3x slower).
-    if constexpr (MK_CPU_ISA_F16C) {
-      const __m128i bits = _mm_set_epi64x(0, std::bit_cast<int64_t>(h));
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        return std::bit_cast<typename L::Part>(_mm_slli_epi32(_mm_cvtepu16_epi32(bits), 16));
-      } else {
-        return std::bit_cast<typename L::Part>(_mm_cvtph_ps(bits));
-      }
-    }
-#endif
-    const Word w = __builtin_convertvector(h, Word);
+    typedef int32_t Word __attribute__((vector_size(kVectorBytes)));
+    const auto h = __builtin_bit_cast(typename Words<L::kWidth>::W16, bits);
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      v = detail::bfloat16_bits_to_float<typename L::Part>(w);
+      return __builtin_bit_cast(Part, __builtin_convertvector(h, Word) << 16);  // the upper half
     } else {
-      v = detail::half_bits_to_float<typename L::Part>(w);
+#if MK_CPU_ISA_LEVEL >= 2
+      return __builtin_bit_cast(Part, _mm512_maskz_cvtph_ps(kAll16, __builtin_bit_cast(__m256i, h)));
+#elif MK_CPU_ISA_LEVEL >= 1
+      return __builtin_bit_cast(Part, _mm256_cvtph_ps(__builtin_bit_cast(__m128i, h)));
+#else
+      return detail::half_bits_to_float<Part>(__builtin_convertvector(h, Word));
+#endif
     }
   }
-  return v;
+}
+
+// Lanes [k W, (k + 1) W) of one step of R rows, W = Lanes<T>::kWidth, in T: row r's kLanes / R
+// values from p + r * stride fill lanes r kLanes / R on (walk_rows). A part that spans several
+// rows gathers their values into one vector.
+template <typename T, int64_t R, typename scalar_t>
+typename Lanes<T>::Part load_lanes(const scalar_t* p, int64_t stride, int64_t k) {
+  using L = Lanes<T>;
+  constexpr int64_t kStep = kLanes / R;
+  constexpr int64_t kBits = L::kWidth * sizeof(scalar_t) / 8;  // the part's storage, in 64-bit words
+  if constexpr (L::kWidth <= kStep) {
+    const int64_t lane = k * L::kWidth;
+    typename Words<kBits>::W64 bits;
+    std::memcpy(&bits, p + lane / kStep * stride + lane % kStep, sizeof(bits));
+    return widen_part<T, scalar_t>(bits);
+  } else {
+    constexpr int64_t kRows = L::kWidth / kStep;
+    constexpr int64_t kRowBits = kBits / kRows;
+    const scalar_t* row = p + k * kRows * stride;
+    if constexpr (kRowBits == 1) {
+      // One word per row (float16 and bfloat16), as scalars: GCC moves vectors of one word
+      // through the stack.
+      const auto word = [&](int64_t r) {
+        uint64_t w;
+        std::memcpy(&w, row + r * stride, sizeof(w));
+        return w;
+      };
+      return widen_part<T, scalar_t>([&]<size_t... J>(std::index_sequence<J...>) {
+        return typename Words<kBits>::W64{word(J)...};
+      }(std::make_index_sequence<kRows>{}));
+    } else {
+      const auto piece = [&](int64_t r) {
+        typename Words<kRowBits>::W64 bits;
+        std::memcpy(&bits, row + r * stride, sizeof(bits));
+        return bits;
+      };
+      if constexpr (kRows == 2) {
+        return widen_part<T, scalar_t>(concat(piece(0), piece(1)));
+      } else {
+        static_assert(kRows == 4, "a part spans two or four rows");
+        return widen_part<T, scalar_t>(concat(concat(piece(0), piece(1)), concat(piece(2), piece(3))));
+      }
+    }
+  }
 }
 
 // The sum of all lanes, lane by lane in order.
 template <typename T>
-T sum_lanes(const typename Lanes<T>::Part (&v)[Lanes<T>::kParts]) {
+T sum_lanes(const T (&v)[kLanes]) {
   T s = 0;
-  for (int64_t k = 0; k < Lanes<T>::kParts; ++k) {
-    for (int64_t j = 0; j < Lanes<T>::kWidth; ++j) s += v[k][j];
-  }
+  for (int64_t k = 0; k < kLanes; ++k) s += v[k];
   return s;
 }
 
@@ -162,8 +220,9 @@ constexpr int64_t kFlushElems = 4096;
 
 template <typename opmath_t>
 struct RowSums {
-  using L = Lanes<opmath_t>;
-  typename L::Part v1[L::kParts] = {}, v2[L::kParts] = {};
+  // The lanes as scalars (LaneParts holds them in SIMD registers): a std::vector holds RowSums,
+  // and does not align its memory for the AVX builds' vectors, which GCC's loads then assume.
+  opmath_t v1[kLanes] = {}, v2[kLanes] = {};
   opmath_t t1 = 0, t2 = 0;
   int64_t pending = 0;
   double s1 = 0.0, s2 = 0.0;
@@ -181,6 +240,22 @@ struct RowSums {
   }
 };
 
+// RowSums' lanes as SIMD parts, held in registers while a batch of rows adds into them.
+template <typename opmath_t>
+struct LaneParts {
+  using Part = typename Lanes<opmath_t>::Part;
+  Part v1[Lanes<opmath_t>::kParts], v2[Lanes<opmath_t>::kParts];
+
+  explicit LaneParts(const RowSums<opmath_t>& acc) {
+    std::memcpy(v1, acc.v1, sizeof(v1));
+    std::memcpy(v2, acc.v2, sizeof(v2));
+  }
+  void store(RowSums<opmath_t>& acc) const {
+    std::memcpy(acc.v1, v1, sizeof(v1));
+    std::memcpy(acc.v2, v2, sizeof(v2));
+  }
+};
+
 // Coefficients of one channel as the elementwise loops take them: kA..kD (batch_norm_math.h),
 // then the forward's b and d that a recomputed ReLU gate needs (its m is kM).
 enum : int64_t { kGateB = 4, kGateD = 5, kChannelCoeffs = 6 };
@@ -190,21 +265,17 @@ enum : int64_t { kGateB = 4, kGateD = 5, kChannelCoeffs = 6 };
 enum GateKind { kNoGate, kSavedGate, kRecomputedGate };
 
 // Walks R rows of len elements as the reductions read them: each kLanes elements on, calls
-// prefetch(r, i) for row r at element i, then part(r, i, j, lane) for the SIMD parts j of
-// kLanes / R elements of each row in turn, lane being the accumulator part it adds to (each row
-// has kLanes / R lanes); tail(r, i) for the elements after the last kLanes.
+// prefetch(r, i) for row r at element i, then, for each step of kLanes / R elements of every row,
+// part(i, k) for the accumulator parts k (lanes [k W, (k + 1) W), as load_lanes reads them for
+// the step at element i of each row); tail(r, i) for the elements after the last kLanes.
 template <int64_t R, typename opmath_t, typename Prefetch, typename Part, typename Tail>
 inline void walk_rows(int64_t len, const Prefetch& prefetch, const Part& part, const Tail& tail) {
   constexpr int64_t kStep = kLanes / R;
-  constexpr int64_t kRowParts = kStep / Lanes<opmath_t>::kWidth;
-  static_assert(kRowParts >= 1, "a row needs at least one SIMD part per step");
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     for (int64_t r = 0; r < R; ++r) prefetch(r, i);
     for (int64_t s = 0; s < kLanes; s += kStep) {
-      for (int64_t r = 0; r < R; ++r) {
-        for (int64_t j = 0; j < kRowParts; ++j) part(r, i + s, j, r * kRowParts + j);
-      }
+      for (int64_t k = 0; k < Lanes<opmath_t>::kParts; ++k) part(i + s, k);
     }
   }
   for (int64_t r = 0; r < R; ++r) {
@@ -255,21 +326,20 @@ template <int64_t R, typename scalar_t, typename opmath_t>
 void rows_shifted_sums(const scalar_t* x, int64_t stride, int64_t len, int64_t ahead,
                        opmath_t shift, RowSums<opmath_t>& acc) {
   acc.start_batch(R * len);
-  auto v1 = std::to_array(acc.v1), v2 = std::to_array(acc.v2);  // held in registers
+  LaneParts<opmath_t> lanes(acc);
   walk_rows<R, opmath_t>(
       len, [&](int64_t r, int64_t i) { prefetch_lanes(x + r * stride + i + ahead); },
-      [&](int64_t r, int64_t i, int64_t j, int64_t lane) {
-        const auto d = load_part<opmath_t>(x + r * stride + i, j) - shift;
-        v1[lane] += d;
-        v2[lane] += d * d;
+      [&](int64_t i, int64_t k) {
+        const auto d = load_lanes<opmath_t, R>(x + i, stride, k) - shift;
+        lanes.v1[k] += d;
+        lanes.v2[k] += d * d;
       },
       [&](int64_t r, int64_t i) {
         const opmath_t d = widen<opmath_t>(x[r * stride + i]) - shift;
         acc.t1 += d;
         acc.t2 += d * d;
       });
-  std::copy(v1.begin(), v1.end(), acc.v1);
-  std::copy(v2.begin(), v2.end(), acc.v2);
+  lanes.store(acc);
 }
 
 // The moments of n values from the sums s1 of (x - shift) and s2 of (x - shift)^2.
@@ -331,7 +401,7 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
     above = zero_rounding_bound<scalar_t, opmath_t>();
   }
   acc.start_batch(R * len);
-  auto v1 = std::to_array(acc.v1), v2 = std::to_array(acc.v2);  // held in registers
+  LaneParts<opmath_t> lanes(acc);
   walk_rows<R, opmath_t>(
       len,
       [&](int64_t r, int64_t i) {
@@ -340,17 +410,17 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
         prefetch_lanes(x + at);
         if (gate.g && !recompute) prefetch_lanes(gate.g + at);
       },
-      [&](int64_t r, int64_t i, int64_t j, int64_t lane) {
-        const int64_t at = begin + r * stride + i;
-        auto g = load_part<opmath_t>(dy + at, j);
-        const auto v = load_part<opmath_t>(x + at, j);
+      [&](int64_t i, int64_t k) {
+        const int64_t at = begin + i;
+        auto g = load_lanes<opmath_t, R>(dy + at, stride, k);
+        const auto v = load_lanes<opmath_t, R>(x + at, stride, k);
         if (gate.g) {
           // The saved output, or as relu_open recomputes it: normalized(), lane by lane.
-          const auto open = recompute ? gd + (v - gm) * gb : load_part<opmath_t>(gate.g + at, j);
+          const auto open = recompute ? gd + (v - gm) * gb : load_lanes<opmath_t, R>(gate.g + at, stride, k);
           g = open > above ? g : typename L::Part{};  // closed for NaN too
         }
-        v1[lane] += g;
-        v2[lane] += g * (v - mean);
+        lanes.v1[k] += g;
+        lanes.v2[k] += g * (v - mean);
       },
       // The same for one element, with the channel's coefficients as above, not looked up per
       // element (GateView::open): rows shorter than kLanes are all tail, and with the lookups the
@@ -366,8 +436,7 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
         acc.t1 += g;
         acc.t2 += g * (v - mean);
       });
-  std::copy(v1.begin(), v1.end(), acc.v1);
-  std::copy(v2.begin(), v2.end(), acc.v2);
+  lanes.store(acc);
 }
 
 // sum(dy) and sum(dy (x - mean)) of channels c0 <= c < c1 over rows n0 <= n < n1 of
@@ -420,7 +489,7 @@ void for_row_batches(const Layout& l, int64_t r0, int64_t r1, const Fn& fn) {
 // memory in spans of at most kSpan<scalar_t> elements: 512, or kStagedSpan where staged
 // (common/staged.h), whose full spans then run with a compile-time size (FullSpan).
 template <typename scalar_t>
-constexpr int64_t kSpan = staged_span<scalar_t, MK_CPU_ISA_F16C> ? kStagedSpan : 512;
+constexpr int64_t kSpan = staged_span<scalar_t> ? kStagedSpan : 512;
 
 template <typename T>
 T* shifted(T* p, int64_t i) {
@@ -434,11 +503,11 @@ T* shifted(T* p, int64_t i) {
 // channels of each of the R rows at a time (stride = kStagedSpan). Null operands stay null.
 template <typename R, typename Cols, typename scalar_t, typename... More>
 inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_t* first, More... more) {
-  if constexpr (staged_reads<scalar_t, MK_CPU_ISA_F16C>) {
+  if constexpr (staged_reads<scalar_t>) {
     constexpr size_t kViews = 1 + sizeof...(More);
     const std::array<const scalar_t*, kViews> from{first, more...};
-    for_spans<scalar_t, MK_CPU_ISA_F16C>(0, C, kSpan<scalar_t>, [&](int64_t c0, auto n) MK_SPAN_BODY {
-      alignas(32) float buf[kViews][R::value * kStagedSpan];
+    for_spans<scalar_t>(0, C, kSpan<scalar_t>, [&](int64_t c0, auto n) MK_SPAN_BODY {
+      alignas(64) float buf[kViews][R::value * kStagedSpan];
       std::array<const float*, kViews> v{};
       for (size_t k = 0; k < kViews; ++k) {
         if (from[k]) {
@@ -709,13 +778,13 @@ inline void affine_element(AffinePtrs<S> in, int64_t i, opmath_t a, opmath_t b, 
 }
 
 // Calls element(ptrs, k, o) for the elements i0 + k, k < n <= kSpan, of a pass: ptrs and o are
-// `in` and `out` from element i0 on or, for float16 and bfloat16 in the AVX2 build, float copies
-// filled before the loop and stored after it (common/staged.h).
+// `in` and `out` from element i0 on or, for float16 and bfloat16 in the AVX2 and AVX-512 builds,
+// float copies filled before the loop and stored after it (common/staged.h).
 template <typename V, typename scalar_t, typename N, typename Element>
 MK_SPAN_BODY inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0, N n, scalar_t* out,
                                      const Element& element) {
-  if constexpr (staged_span<scalar_t, MK_CPU_ISA_F16C>) {
-    alignas(32) float p[kStagedSpan], q[kStagedSpan], g[kStagedSpan], residual[kStagedSpan],
+  if constexpr (staged_span<scalar_t>) {
+    alignas(64) float p[kStagedSpan], q[kStagedSpan], g[kStagedSpan], residual[kStagedSpan],
         o[kStagedSpan], gated[kStagedSpan];
     if constexpr (V::kHasP) widen_block(in.p + i0, p, n);
     if constexpr (V::kHasQ || !V::kHasP) widen_block(in.q + i0, q, n);
@@ -738,7 +807,7 @@ template <typename V, typename scalar_t, typename opmath_t>
 inline void affine_row(const AffinePtrs<scalar_t>& in, int64_t begin, int64_t len,
                        const opmath_t* k, scalar_t* out) {
   const opmath_t a = k[kA], b = k[kB], m = k[kM], d = k[kD], gb = k[kGateB], gd = k[kGateD];
-  for_spans<scalar_t, MK_CPU_ISA_F16C>(begin, begin + len, kSpan<scalar_t>, [&](int64_t i0, auto n) MK_SPAN_BODY {
+  for_spans<scalar_t>(begin, begin + len, kSpan<scalar_t>, [&](int64_t i0, auto n) MK_SPAN_BODY {
     affine_span<V>(in, i0, n, out, [=](auto ptrs, int64_t i, auto* o) {
       affine_element<V, scalar_t>(ptrs, i, a, b, m, d, gb, gd, o);
     });
@@ -775,11 +844,11 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
       return V::kGate == kRecomputedGate ? in.gate.coeffs[row * C + c] : opmath_t(0);
     };
     at::parallel_for(0, l.N * l.S, grain_for(C), [&](int64_t r0, int64_t r1) {
-      if constexpr (staged_span<scalar_t, MK_CPU_ISA_F16C>) {
+      if constexpr (staged_span<scalar_t>) {
         // The bodies take copies: with references, the compiler reloads the pointers after each
         // store of a span.
         for (int64_t r = r0; r < r1; ++r) {
-          for_spans<scalar_t, MK_CPU_ISA_F16C>(0, C, kSpan<scalar_t>, [=](int64_t c0, auto n) MK_SPAN_BODY {
+          for_spans<scalar_t>(0, C, kSpan<scalar_t>, [=](int64_t c0, auto n) MK_SPAN_BODY {
             affine_span<V>(in, r * C + c0, n, out, [=](auto ptrs, int64_t i, auto* o) {
               const int64_t c = c0 + i;
               affine_element<V, scalar_t>(ptrs, i, A[c], B[c], M[c], D[c], gate_coeff(kB, c), gate_coeff(kD, c), o);
@@ -1024,9 +1093,12 @@ const Backend kCpu = {moments_cpu,        grad_sums_cpu,      forward_coeffs_cpu
 
 }  // namespace MK_CPU_ISA
 
-#ifndef MK_CPU_AVX2_BUILD
+#ifdef MK_CPU_BASELINE_BUILD
 #ifdef MK_CPU_AVX2
 namespace avx2 {
+extern const Backend kCpu;
+}
+namespace avx512 {
 extern const Backend kCpu;
 }
 #endif
@@ -1034,6 +1106,7 @@ extern const Backend kCpu;
 namespace {
 const Backend& cpu_backend() {
 #ifdef MK_CPU_AVX2
+  if (cpu_avx512()) return avx512::kCpu;
   if (cpu_avx2()) return avx2::kCpu;
 #endif
   return baseline::kCpu;

@@ -6,8 +6,9 @@
 // targets the baseline ISA (no F16C), c10's float16 conversions run element by element and do not
 // vectorize: a float16 BatchNorm measured 10x slower than torch's. Here they are branch-free
 // integer and float operations on the bits, which the compiler vectorizes in the loops that call
-// them (one shift for bfloat16's widening). The AVX2 build of the CPU kernels converts spans of
-// float16 with F16C and of bfloat16 with AVX2 instead, to the same bits (common/staged.h).
+// them (one shift for bfloat16's widening). The AVX2 and AVX-512 builds of the CPU kernels convert
+// spans of float16 with F16C and of bfloat16 with AVX2 or AVX512-BF16 instead, to the same bits
+// (common/staged.h).
 #pragma once
 
 #include <c10/util/BFloat16.h>

@@ -1,11 +1,13 @@
 // Which instruction set the CPU kernels use, chosen once per process at run time.
 //
 // The extension is built for the baseline x86-64 ISA (SSE2), so that it loads on any x86-64 CPU.
-// Kernels whose loops gain from wider vectors are also compiled for AVX2 and F16C (in the same .so,
-// under `#pragma GCC target`, without FMA so that both builds round alike), and the AVX2 build
-// runs where the CPU has both and torch runs its own AVX2 (or AVX-512) kernels: setting
-// ATEN_CPU_CAPABILITY=default, torch's switch, makes both torch and modekernels use their
-// baseline kernels.
+// Kernels whose loops gain from wider vectors are compiled twice more, in the same .so under
+// `#pragma GCC target`: for AVX2 and F16C, and for AVX-512 (F, BW, VL, DQ and BF16, with 512-bit
+// vectors preferred). The widest build the CPU has runs where torch runs kernels as wide: the
+// AVX-512 build under torch's AVX512 kernels, the AVX2 build under its AVX2 ones, so that
+// ATEN_CPU_CAPABILITY, torch's switch, picks for both ("avx2", "default"). No build contracts
+// multiply-adds (setup.py: -ffp-contract=off, as AVX-512F brings fused ones) and all sum in the
+// same order, so all three give the same bits.
 #pragma once
 
 #include <ATen/Version.h>
@@ -14,19 +16,31 @@
 #define MK_CPU_AVX2 1
 #endif
 
-// A kernel file built twice (batch_norm_cpu.cpp, dropout_cpu.cpp) puts MK_CPU_ISA_TARGET after its
-// includes, so that everything it includes keeps the baseline ISA (the inline functions both
-// builds share are then the same code in both), and its kernels in namespace MK_CPU_ISA. Its
-// *_avx2.cpp twin defines MK_CPU_AVX2_BUILD before any include, then includes it.
-// MK_CPU_ISA_F16C: whether this build may use AVX2 and F16C (common/staged.h).
-#if defined(MK_CPU_AVX2_BUILD) && defined(MK_CPU_AVX2)
+// A kernel file built three times (batch_norm_cpu.cpp, dropout_cpu.cpp) puts MK_CPU_ISA_TARGET
+// after its includes, so that what it includes keeps the baseline ISA unless it asks for more
+// (common/staged.h), and its kernels in namespace MK_CPU_ISA. Its *_avx2.cpp and *_avx512.cpp
+// twins define MK_CPU_AVX2_BUILD or MK_CPU_AVX512_BUILD before any include, then include it.
+// MK_CPU_ISA_LEVEL: 0 baseline, 1 AVX2 and F16C, 2 AVX-512; MK_CPU_ISA_F16C: level 1 or more.
+#if defined(MK_CPU_AVX512_BUILD) && defined(MK_CPU_AVX2)
+#define MK_CPU_ISA avx512
+#define MK_CPU_ISA_LEVEL 2
+#define MK_CPU_ISA_TARGET_LIST "avx2,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,prefer-vector-width=512"
+#define MK_CPU_ISA_TARGET \
+  _Pragma("GCC target(\"avx2,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,prefer-vector-width=512\")")
+#elif defined(MK_CPU_AVX2_BUILD) && defined(MK_CPU_AVX2)
 #define MK_CPU_ISA avx2
+#define MK_CPU_ISA_LEVEL 1
+#define MK_CPU_ISA_TARGET_LIST "avx2,f16c"
 #define MK_CPU_ISA_TARGET _Pragma("GCC target(\"avx2,f16c\")")
-#define MK_CPU_ISA_F16C true
 #else
 #define MK_CPU_ISA baseline
+#define MK_CPU_ISA_LEVEL 0
 #define MK_CPU_ISA_TARGET
-#define MK_CPU_ISA_F16C false
+#endif
+#define MK_CPU_ISA_F16C (MK_CPU_ISA_LEVEL >= 1)
+// Defined in the file that registers the ops: the baseline build.
+#if !defined(MK_CPU_AVX2_BUILD) && !defined(MK_CPU_AVX512_BUILD)
+#define MK_CPU_BASELINE_BUILD 1
 #endif
 
 namespace modekernels {
@@ -41,9 +55,21 @@ inline bool cpu_avx2() {
 #endif
 }
 
-// "AVX2" or "DEFAULT": the build cpu_avx2() picks (modekernels._C.cpu_capability in Python).
+inline bool cpu_avx512() {
+#ifdef MK_CPU_AVX2
+  static const bool avx512 =
+      cpu_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bf16") && at::get_cpu_capability() == "AVX512";
+  return avx512;
+#else
+  return false;
+#endif
+}
+
+// "AVX512", "AVX2" or "DEFAULT": the build in use (modekernels._C.cpu_capability in Python).
 inline const char* cpu_capability() {
-  return cpu_avx2() ? "AVX2" : "DEFAULT";
+  return cpu_avx512() ? "AVX512" : cpu_avx2() ? "AVX2" : "DEFAULT";
 }
 
 }  // namespace modekernels

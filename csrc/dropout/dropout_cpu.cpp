@@ -9,9 +9,10 @@
 // The random stream is the one of dropout.h, so CUDA gives the same mask for the same
 // (seed, offset); with p == 0 no words are computed at all.
 //
-// Built twice (common/cpu_capability.h), for the baseline ISA and from dropout_cpu_avx2.cpp for
-// AVX2: the AVX2 build's loops are 8 float lanes wide, and it converts float16 and bfloat16 in
-// spans of 32 (common/staged.h: float16 with F16C, bfloat16 in 256-bit integer registers).
+// Built three times (common/cpu_capability.h), for the baseline ISA and from dropout_cpu_avx2.cpp
+// and dropout_cpu_avx512.cpp for AVX2 and AVX-512: their loops are 8 and 16 float lanes wide, and
+// they convert float16 and bfloat16 in spans of 32 (common/staged.h: float16 with F16C, bfloat16
+// with integer operations or AVX512-BF16).
 #include "common/convert.h"
 #include "common/cpu_capability.h"
 #include "common/parallel.h"
@@ -34,6 +35,7 @@ MK_CPU_ISA_TARGET
 
 namespace modekernels::dropout {
 namespace MK_CPU_ISA {
+using namespace ::modekernels::MK_CPU_ISA;  // common/staged.h, this build's
 namespace {
 
 constexpr int64_t kBlock = 256;
@@ -50,21 +52,21 @@ void block_multipliers(uint64_t seed, uint64_t offset, uint64_t first_group, int
   }
 }
 
-// A span's operands and results in opmath (float16 and bfloat16 staged in the AVX2 build).
+// A span's operands and results in opmath (float16 and bfloat16 staged in the AVX2 and AVX-512 builds).
 template <typename scalar_t>
-using In = BlockIn<scalar_t, MK_CPU_ISA_F16C>;
+using In = BlockIn<scalar_t>;
 template <typename scalar_t>
-using Out = BlockOut<scalar_t, MK_CPU_ISA_F16C>;
+using Out = BlockOut<scalar_t>;
 
 // The elements In and Out take at a time: kStagedSpan where staged (common/staged.h), kBlock
 // otherwise.
 template <typename scalar_t>
-constexpr int64_t kSpan = staged_span<scalar_t, MK_CPU_ISA_F16C> ? kStagedSpan : kBlock;
+constexpr int64_t kSpan = staged_span<scalar_t> ? kStagedSpan : kBlock;
 
 // dst[i] = src[i] * m(i) for i < n.
 template <typename scalar_t, typename Mult>
 void scale_blocks(const scalar_t* src, scalar_t* dst, int64_t n, const Mult& m) {
-  for_spans<scalar_t, MK_CPU_ISA_F16C>(0, n, kSpan<scalar_t>, [&](int64_t b, auto len) MK_SPAN_BODY {
+  for_spans<scalar_t>(0, n, kSpan<scalar_t>, [&](int64_t b, auto len) MK_SPAN_BODY {
     const In<scalar_t> x(src + b, len);
     Out<scalar_t> y(dst + b);
     for (int64_t i = 0; i < len; ++i) y.set(i, x[i] * m(b + i));
@@ -119,7 +121,7 @@ void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
         }
         y.store(span);
       };
-      for_spans<scalar_t, MK_CPU_ISA_F16C>(begin, begin + len, kSpan<scalar_t>, span_of_block);
+      for_spans<scalar_t>(begin, begin + len, kSpan<scalar_t>, span_of_block);
     }
   });
 }
@@ -229,19 +231,23 @@ void apply_cpu(const at::Tensor& src, const at::Tensor& dst, double p,
 
 }  // namespace MK_CPU_ISA
 
-#ifndef MK_CPU_AVX2_BUILD
+#ifdef MK_CPU_BASELINE_BUILD
 #ifdef MK_CPU_AVX2
 namespace avx2 {
 decltype(baseline::apply_cpu) apply_cpu;  // dropout_cpu_avx2.cpp
 }
+namespace avx512 {
+decltype(baseline::apply_cpu) apply_cpu;  // dropout_cpu_avx512.cpp
+}
 #endif
 
 namespace {
-// The build cpu_avx2() picks.
+// The widest build the CPU and torch allow (common/cpu_capability.h).
 void apply_cpu(const at::Tensor& src, const at::Tensor& dst, double p,
                const std::optional<at::Generator>& generator, const at::Tensor& state, bool draw,
                const Fusion& fusion) {
 #ifdef MK_CPU_AVX2
+  if (cpu_avx512()) return avx512::apply_cpu(src, dst, p, generator, state, draw, fusion);
   if (cpu_avx2()) return avx2::apply_cpu(src, dst, p, generator, state, draw, fusion);
 #endif
   baseline::apply_cpu(src, dst, p, generator, state, draw, fusion);
