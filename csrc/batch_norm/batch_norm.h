@@ -83,6 +83,7 @@ struct Backend {
                           const at::Tensor& weight, double eps, const at::Tensor& sum_dy,
                           const at::Tensor& sum_dy_xmu, int64_t count, const at::Tensor& coeffs,
                           const at::Tensor& grad_weight, const at::Tensor& grad_bias);
+  // out (and in.gated_out) never alias an operand: the CPU kernel may compute an element twice.
   void (*affine)(const Operands& in, const Layout& layout, const at::Tensor& coeffs,
                  const at::Tensor& out);
   // factor < 0 means the cumulative average 1 / num_batches_tracked (read on the device).

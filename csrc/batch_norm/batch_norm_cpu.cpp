@@ -807,7 +807,7 @@ template <typename V, typename scalar_t, typename opmath_t>
 inline void affine_row(const AffinePtrs<scalar_t>& in, int64_t begin, int64_t len,
                        const opmath_t* k, scalar_t* out) {
   const opmath_t a = k[kA], b = k[kB], m = k[kM], d = k[kD], gb = k[kGateB], gd = k[kGateD];
-  for_spans<scalar_t>(begin, begin + len, kSpan<scalar_t>, [&](int64_t i0, auto n) MK_SPAN_BODY {
+  for_spans_overlapping<scalar_t>(begin, begin + len, kSpan<scalar_t>, [&](int64_t i0, auto n) MK_SPAN_BODY {
     affine_span<V>(in, i0, n, out, [=](auto ptrs, int64_t i, auto* o) {
       affine_element<V, scalar_t>(ptrs, i, a, b, m, d, gb, gd, o);
     });
@@ -848,7 +848,7 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
         // The bodies take copies: with references, the compiler reloads the pointers after each
         // store of a span.
         for (int64_t r = r0; r < r1; ++r) {
-          for_spans<scalar_t>(0, C, kSpan<scalar_t>, [=](int64_t c0, auto n) MK_SPAN_BODY {
+          for_spans_overlapping<scalar_t>(0, C, kSpan<scalar_t>, [=](int64_t c0, auto n) MK_SPAN_BODY {
             affine_span<V>(in, r * C + c0, n, out, [=](auto ptrs, int64_t i, auto* o) {
               const int64_t c = c0 + i;
               affine_element<V, scalar_t>(ptrs, i, A[c], B[c], M[c], D[c], gate_coeff(kB, c), gate_coeff(kD, c), o);

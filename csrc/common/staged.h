@@ -210,6 +210,26 @@ MK_ISA_INLINE void for_spans(int64_t begin, int64_t end, int64_t span, const Fn&
   for (; i < end; i += span) fn(i, std::min(span, end - i));
 }
 
+// for_spans for a loop whose results never alias its operands (BatchNorm's elementwise passes
+// write fresh tensors), which may then compute an element twice: where staged, a range of
+// kStagedSpan values or more ends with a full span that overlaps the one before it rather than
+// with a shorter span, whose length the compiler does not know (scalar conversions, a loop with
+// a remainder). BatchNorm eval on 64x256x7x7 (rows of one full span and 17 values; AVX-512 build,
+// in turns with torch): float16 from 0.46-0.48x of torch's speed to 0.61-0.64x, bfloat16 from
+// 0.62-0.68x to 0.76-0.85x.
+template <typename scalar_t, typename Fn>
+MK_ISA_INLINE void for_spans_overlapping(int64_t begin, int64_t end, int64_t span, const Fn& fn) {
+  if constexpr (staged_span<scalar_t>) {
+    if (end - begin >= kStagedSpan) {
+      int64_t i = begin;
+      for (; i + kStagedSpan <= end; i += kStagedSpan) fn(i, FullSpan{});
+      if (i < end) fn(end - kStagedSpan, FullSpan{});
+      return;
+    }
+  }
+  for_spans<scalar_t>(begin, end, span, fn);
+}
+
 // n values of scalar_t at src, as (*this)[i] in opmath; n <= kStagedSpan where staged (the
 // specialization below).
 template <typename scalar_t>
