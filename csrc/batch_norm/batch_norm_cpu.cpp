@@ -109,12 +109,21 @@ struct Words {
   typedef uint16_t W16 __attribute__((vector_size(2 * n)));
 };
 
-// a then b, as one vector twice as long.
+// a then b, as one vector twice as long: __builtin_shufflevector where the compiler has it (GCC 12
+// and later, Clang), a copy through memory otherwise.
 template <typename V>
 auto concat(V a, V b) {
+#if defined(__clang__) || __GNUC__ >= 12
   return [&]<size_t... I>(std::index_sequence<I...>) {
     return __builtin_shufflevector(a, b, I...);
   }(std::make_index_sequence<2 * sizeof(V) / sizeof(a[0])>{});
+#else
+  typedef std::remove_cvref_t<decltype(a[0])> E __attribute__((vector_size(2 * sizeof(V))));
+  E ab;
+  std::memcpy(&ab, &a, sizeof(a));
+  std::memcpy(reinterpret_cast<char*>(&ab) + sizeof(a), &b, sizeof(b));
+  return ab;
+#endif
 }
 
 // The values whose storage is `bits` (Lanes<T>::kWidth values of scalar_t), in T. (With
@@ -904,9 +913,11 @@ void affine_cpu(const Operands& in, const Layout& l, const at::Tensor& coeffs, c
 // Each channel's sums run in the same order as in the separate passes (whose tasks are single
 // channels when there are as many channels as threads), so results are bit-identical.
 // A channel's operands that the second pass reads again must stay in cache between the passes:
-// 384 KB of them, three quarters of the development machine's 512 KB L2 per core. A group of
-// several channels also keeps its writes within that budget: the second pass's stores allocate
-// cache lines too, and would otherwise evict the group's operands just before they are read.
+// 384 KB of them, three quarters of a 512 KB L2 per core (AMD Zen 2 and 3; the development
+// machine's Zen 4 has 1 MB, where a budget of 768 KB measured the same within the noise on
+// 16x64x56x56 and 8x64x112x112, 2026-12-04). A group of several channels also keeps its writes
+// within that budget: the second pass's stores allocate cache lines too, and would otherwise evict
+// the group's operands just before they are read.
 constexpr int64_t kResidentBytes = 384 << 10;
 
 // Channels per group of the cache-resident passes, or 0 where the layout does not suit them. The
