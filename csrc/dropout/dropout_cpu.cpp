@@ -52,7 +52,8 @@ void block_multipliers(uint64_t seed, uint64_t offset, uint64_t first_group, int
   }
 }
 
-// A span's operands and results in opmath (float16 and bfloat16 staged in the AVX2 and AVX-512 builds).
+// A span's operands and results in opmath (float16 and bfloat16 staged in the AVX2 and AVX-512
+// builds).
 template <typename scalar_t>
 using In = BlockIn<scalar_t>;
 template <typename scalar_t>
