@@ -60,7 +60,7 @@ NO_TRAPS = ["-fno-trapping-math"]
 NO_CONTRACT = ["-ffp-contract=off"]
 
 
-# The sources are C++20 (requires-clauses, std::to_array). torch's cpp_extension defaulted to
+# The sources are C++20 (requires-clauses, std::bit_cast). torch's cpp_extension defaulted to
 # C++17 until 2026 (pytorch/pytorch#176659) and adds no -std of its own where the extension names
 # one; the GPU machine this is to be proven on runs torch 2.11.
 CXX_STD = ["-std=c++20"]

@@ -20,24 +20,27 @@
 // after its includes, so that what it includes keeps the baseline ISA unless it asks for more
 // (common/staged.h), and its kernels in namespace MK_CPU_ISA. Its *_avx2.cpp and *_avx512.cpp
 // twins define MK_CPU_AVX2_BUILD or MK_CPU_AVX512_BUILD before any include, then include it.
-// MK_CPU_ISA_LEVEL: 0 baseline, 1 AVX2 and F16C, 2 AVX-512; MK_CPU_ISA_F16C: level 1 or more.
+// MK_CPU_ISA_LEVEL: 0 baseline, 1 AVX2 and F16C, 2 AVX-512. MK_CPU_ISA_TARGET_LIST: the build's
+// GCC target options (also the target attribute of common/staged.h's functions).
 #if defined(MK_CPU_AVX512_BUILD) && defined(MK_CPU_AVX2)
 #define MK_CPU_ISA avx512
 #define MK_CPU_ISA_LEVEL 2
 #define MK_CPU_ISA_TARGET_LIST "avx2,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,prefer-vector-width=512"
-#define MK_CPU_ISA_TARGET \
-  _Pragma("GCC target(\"avx2,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,prefer-vector-width=512\")")
 #elif defined(MK_CPU_AVX2_BUILD) && defined(MK_CPU_AVX2)
 #define MK_CPU_ISA avx2
 #define MK_CPU_ISA_LEVEL 1
 #define MK_CPU_ISA_TARGET_LIST "avx2,f16c"
-#define MK_CPU_ISA_TARGET _Pragma("GCC target(\"avx2,f16c\")")
 #else
 #define MK_CPU_ISA baseline
 #define MK_CPU_ISA_LEVEL 0
+#endif
+#if MK_CPU_ISA_LEVEL >= 1
+#define MK_CPU_PRAGMA_(x) _Pragma(#x)
+#define MK_CPU_PRAGMA(x) MK_CPU_PRAGMA_(x)
+#define MK_CPU_ISA_TARGET MK_CPU_PRAGMA(GCC target(MK_CPU_ISA_TARGET_LIST))
+#else
 #define MK_CPU_ISA_TARGET
 #endif
-#define MK_CPU_ISA_F16C (MK_CPU_ISA_LEVEL >= 1)
 // Defined in the file that registers the ops: the baseline build.
 #if !defined(MK_CPU_AVX2_BUILD) && !defined(MK_CPU_AVX512_BUILD)
 #define MK_CPU_BASELINE_BUILD 1

@@ -180,12 +180,12 @@ MK_ISA_INLINE void narrow_block(const float* src, c10::BFloat16* dst, int64_t n)
 // Whether a loop over scalar_t stages its spans: float16 and bfloat16, outside the baseline build.
 template <typename scalar_t>
 inline constexpr bool staged_span =
-    MK_CPU_ISA_F16C && (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>);
+    MK_CPU_ISA_LEVEL >= 1 && (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>);
 
 // Whether a loop that only reads scalar_t stages it: float16 only. (Staged, the channels-last
 // reductions over bfloat16 measured 0.88-0.95x of their speed unstaged.)
 template <typename scalar_t>
-inline constexpr bool staged_reads = MK_CPU_ISA_F16C && std::is_same_v<scalar_t, c10::Half>;
+inline constexpr bool staged_reads = MK_CPU_ISA_LEVEL >= 1 && std::is_same_v<scalar_t, c10::Half>;
 
 // The values a staged loop converts at a time: four float vectors per operand with AVX2, two with
 // AVX-512.
