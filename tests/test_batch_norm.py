@@ -438,6 +438,37 @@ def test_nan_and_inf_inputs_propagate_like_torch(device, value, shape, fmt):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("C", [32, 64, 128, 48])
+def test_elementwise_passes_give_the_same_bits_in_both_layouts(device, dtype, C):
+    # Given the same statistics (and, in training, the same gradient sums), each element's result
+    # is one formula of its own operands, whatever the memory format: bit for bit. On the CPU the
+    # channels-last passes keep the coefficients of 32, 64 or 128 channels in registers and read
+    # them per element for other counts (48).
+    x = torch.randn(5, C, 3, 7, device=device).to(dtype)
+    dy, r = torch.randn_like(x), torch.randn_like(x)
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b, mean, sum_dy, sum_dy_xmu = torch.randn(5, C, device=device, dtype=opmath)
+    var = torch.rand(C, device=device, dtype=opmath) + 0.5
+
+    def passes(x, dy, r):
+        y = mkops.batch_norm_eval(x, mean, var, w, b, 1e-5, r, True)
+        return [mkops.batch_norm_eval(x, mean, var, w, b, 1e-5), y,
+                mkops.batch_norm_eval(x, mean, var, w, b, 1e-5, None, True),
+                mkops.batch_norm_backward(dy, x, mean, var, w, 1e-5, False, [True, False, False])[0],
+                *mkops.batch_norm_backward(dy, x, mean, var, w, 1e-5, True, [True, False, False], sum_dy,
+                                           sum_dy_xmu, 105, y, True)[::3],
+                mkops.batch_norm_backward(dy, x, mean, var, w, 1e-5, True, [True, False, False], sum_dy,
+                                          sum_dy_xmu, 105, relu=True, bias=b)[0]]
+
+    first = passes(x, dy, r)
+    last = passes(*(t.contiguous(memory_format=torch.channels_last) for t in (x, dy, r)))
+    for nchw, nhwc in zip(first, last):
+        assert nhwc.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(nchw, nhwc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_same_call_gives_the_same_bits_in_deterministic_mode(device, fmt):
     # No atomics and reductions in a fixed order (for a given thread count on the CPU): torch's
