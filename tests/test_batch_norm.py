@@ -410,6 +410,34 @@ def test_raw_ops_carry_a_tangent(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
+def test_hessian_vector_products_in_training_are_torchs(device, relu):
+    # Forward-over-reverse, as Hessian-vector products take it: a tangent through the gradient of
+    # a training-mode loss, by torch.func (jvp of grad) and by forward_ad around autograd.grad.
+    # Tangents on input, weight and bias, so the batch statistics' dependence on the input counts.
+    def loss(fn, x, w, b):
+        y = fn(x, None, None, w, b, training=True)
+        return (torch.relu(y) if fn is torch.nn.functional.batch_norm and relu else y).pow(3).sum()
+
+    ours = MF.batch_norm_relu if relu else MF.batch_norm
+    primals = (torch.randn(4, 3, 5, 5, device=device, dtype=torch.float64) * 2 + 1,
+               torch.rand(3, device=device, dtype=torch.float64) + 0.5,
+               torch.randn(3, device=device, dtype=torch.float64))
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    results = []
+    for fn in (torch.nn.functional.batch_norm, ours):
+        grads = torch.func.grad(lambda *p: loss(fn, *p), argnums=(0, 1, 2))
+        by_func = torch.func.jvp(grads, primals, tangents)[1]
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(p.clone().requires_grad_(), t) for p, t in zip(primals, tangents)]
+            by_forward_ad = [fwAD.unpack_dual(g).tangent
+                             for g in torch.autograd.grad(loss(fn, *duals), duals, create_graph=True)]
+        results.append((*by_func, *by_forward_ad))
+    assert all(r.abs().max() > 0 for r in results[0])
+    torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize("shape,fmt", [((4, 3, 5), "contiguous"), ((4, 3, 5000), "contiguous"),
                                        ((64, 3), "contiguous"), ((8, 3, 4, 4), "channels_last")])
@@ -438,12 +466,12 @@ def test_nan_and_inf_inputs_propagate_like_torch(device, value, shape, fmt):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("C", [32, 64, 128, 48])
 def test_elementwise_passes_give_the_same_bits_in_both_layouts(device, dtype, C):
     # Given the same statistics (and, in training, the same gradient sums), each element's result
     # is one formula of its own operands, whatever the memory format: bit for bit. On the CPU the
-    # channels-last passes keep the coefficients of 32, 64 or 128 channels in registers and read
+    # channels-last passes hold the coefficients of 32, 64 or 128 channels across rows and read
     # them per element for other counts (48).
     x = torch.randn(5, C, 3, 7, device=device).to(dtype)
     dy, r = torch.randn_like(x), torch.randn_like(x)

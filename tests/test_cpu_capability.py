@@ -22,9 +22,11 @@ ops = torch.ops.modekernels
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (N, C, H, W) and memory format: channels-first with the cache-resident passes, channels-last
-# with rows under and over 4 KB (row-by-row and four-row sweeps), and a size with tails.
+# with rows under and over 4 KB (row-by-row and four-row sweeps) and with 64 channels (their
+# coefficients held across rows), and a size with tails.
 SHAPES = [((4, 6, 9, 7), "contiguous"), ((4, 24, 5, 3), "channels_last"),
-          ((10, 2064, 1, 3), "channels_last"), ((3, 5, 17, 1), "contiguous")]
+          ((10, 2064, 1, 3), "channels_last"), ((3, 64, 2, 5), "channels_last"),
+          ((3, 5, 17, 1), "contiguous")]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 

@@ -14,7 +14,7 @@
 // grad_sums: the same task split, accumulating sum(dy) and sum(dy (x - mean)). One pass.
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows
 //   (channels-last rows of 4 KB or more four at a time; of 32, 64 or 128 channels with the
-//   coefficients in registers), in spans of at most kSpan elements.
+//   coefficients held across rows), in spans of at most kSpan elements.
 // Resident variants: for channels-first memory with small channels, a training forward or
 //   backward runs reduction and elementwise pass over a group of channels, the second pass
 //   reading from cache: one pass over memory in all (see "cache-resident" below).
@@ -837,14 +837,14 @@ void gate_coeffs(const GateOf<scalar_t>& gate, int64_t c, opmath_t* k) {
   k[kGateD] = gate.coeffs ? gate.coeffs[kD * gate.C + c] : opmath_t(0);
 }
 
-// The unstaged channels-last elementwise pass runs with C known at compile time where C is 32, 64
-// or 128: it copies the channels' coefficients into local arrays once per task, which the
-// compiler keeps in registers across the rows, instead of loading three or more coefficients per
-// element. In a model of the loop (benchmarks/loop_models, float32, 2 threads) that took
-// 0.65-0.75x the time of reading them per element with the tensor in cache, and from memory
-// about as long as the channels-first loop, whose coefficients are in registers anyway (modules:
-// README, "Known gaps"). Calls fn(std::integral_constant<int64_t, C>{}) and returns true for
-// those C; false for the others.
+// The channels-last elementwise pass runs with C known at compile time where C is 32, 64 or 128:
+// it copies the channels' coefficients into local arrays once per task, which the compiler keeps
+// in registers across the rows (or, for float16 and bfloat16, on the stack, a row's spans
+// unrolled), instead of loading three or more coefficients per element. In a model of the loop
+// (benchmarks/loop_models, float32, 2 threads) that took 0.65-0.75x the time of reading them per
+// element with the tensor in cache, and from memory about as long as the channels-first loop,
+// whose coefficients are in registers anyway (modules: README, "Known gaps"). Calls
+// fn(std::integral_constant<int64_t, C>{}) and returns true for those C; false for the others.
 template <typename Fn>
 bool with_registered_channels(int64_t C, const Fn& fn) {
   return [&]<int64_t... K>(std::integer_sequence<int64_t, K...>) {
@@ -875,6 +875,31 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
       return V::kGate == kRecomputedGate ? in.gate.coeffs[row * C + c] : opmath_t(0);
     };
     at::parallel_for(0, l.N * l.S, grain_for(C), [&](int64_t r0, int64_t r1) {
+      // With C of 32, 64 or 128 the coefficients are held across rows (with_registered_channels).
+      const auto registered = [&](auto kC) {
+        constexpr int64_t K = decltype(kC)::value;
+        opmath_t a[K], b[K], m[K], d[K], gb[K], gd[K];
+        for (int64_t c = 0; c < K; ++c) {
+          a[c] = A[c], b[c] = B[c], m[c] = M[c], d[c] = D[c];
+          gb[c] = gate_coeff(kB, c), gd[c] = gate_coeff(kD, c);
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          if constexpr (staged_span<scalar_t>) {
+            for_spans_overlapping<scalar_t>(0, K, kSpan<scalar_t>, [&](int64_t c0, auto n) MK_SPAN_BODY {
+              affine_span<V>(in, r * K + c0, n, out, [&](auto ptrs, int64_t i, auto* o) {
+                const int64_t c = c0 + i;
+                affine_element<V, scalar_t>(ptrs, i, a[c], b[c], m[c], d[c], gb[c], gd[c], o);
+              });
+            });
+          } else {
+            _Pragma("GCC ivdep")  // outputs never alias operands (batch_norm.h)
+            for (int64_t c = 0; c < K; ++c) {
+              affine_element<V, scalar_t>(in, r * K + c, a[c], b[c], m[c], d[c], gb[c], gd[c], out);
+            }
+          }
+        }
+      };
+      if (with_registered_channels(C, registered)) return;
       if constexpr (staged_span<scalar_t>) {
         // The bodies take copies: with references, the compiler reloads the pointers after each
         // store of a span.
@@ -887,22 +912,6 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
           });
         }
       } else {
-        // With C of 32, 64 or 128 the coefficients stay in registers (with_registered_channels).
-        const auto registered = [&](auto kC) {
-          constexpr int64_t K = decltype(kC)::value;
-          opmath_t a[K], b[K], m[K], d[K], gb[K], gd[K];
-          for (int64_t c = 0; c < K; ++c) {
-            a[c] = A[c], b[c] = B[c], m[c] = M[c], d[c] = D[c];
-            gb[c] = gate_coeff(kB, c), gd[c] = gate_coeff(kD, c);
-          }
-          for (int64_t r = r0; r < r1; ++r) {
-            _Pragma("GCC ivdep")  // outputs never alias operands (batch_norm.h)
-            for (int64_t c = 0; c < K; ++c) {
-              affine_element<V, scalar_t>(in, r * K + c, a[c], b[c], m[c], d[c], gb[c], gd[c], out);
-            }
-          }
-        };
-        if (with_registered_channels(C, registered)) return;
         // kBatchRows rows per sweep over the channels: each channel's coefficients are loaded
         // once for them (with thousands of channels they come from L2).
         for_row_batches<scalar_t>(l, r0, r1, [&](int64_t r, auto R) {
