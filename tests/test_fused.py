@@ -24,14 +24,16 @@ def call(module, x, r):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "channels_last-wide"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "channels_last-wide",
+                                    "channels_last-64"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_equals_torch_composition_in_both_modes(device, dtype, layout, variant):
     ours_cls, pre_activation = VARIANTS[variant]
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    # Wide: rows of 4 KB or more, which the CPU's channels-last passes take four at a time.
-    shape = (10, 2048, 1, 5) if layout == "channels_last-wide" else (4, 6, 5, 7)
-    layout = layout.removesuffix("-wide")
+    # Wide: rows of 4 KB or more, which the CPU's channels-last passes take four at a time. 64:
+    # a channel count whose values the CPU's channels-last passes hold across rows.
+    shape = {"channels_last-wide": (10, 2048, 1, 5), "channels_last-64": (6, 64, 5, 7)}.get(layout, (4, 6, 5, 7))
+    layout = layout.split("-")[0]
     theirs = torch.nn.BatchNorm2d(shape[1]).to(device, param_dtype)
     with torch.no_grad():
         theirs.weight.uniform_(0.5, 1.5)

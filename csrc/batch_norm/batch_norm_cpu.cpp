@@ -9,8 +9,8 @@
 //   Channels-last memory (N*S, C): a task is a range of rows; blocks of rows (>= 64 rows) get
 //   per-channel sums of (x - K) and (x - K)^2 in one sweep, K being the channel's first element,
 //   so the squares never lose precision to a large mean; block sums add up in double per task,
-//   task sums per channel at the end. Rows of 4 KB or more are swept four at a time. One pass
-//   over memory.
+//   task sums per channel at the end. Rows of 4 KB or more are swept four at a time; with 32, 64
+//   or 128 channels a block's sums stay in registers. One pass over memory.
 // grad_sums: the same task split, accumulating sum(dy) and sum(dy (x - mean)). One pass.
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows
 //   (channels-last rows of 4 KB or more four at a time; of 32, 64 or 128 channels with the
@@ -543,15 +543,49 @@ inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_
   }
 }
 
+// The channels-last passes run with C known at compile time where C is 32, 64 or 128: they keep
+// per-channel values (the elementwise pass's coefficients, the reductions' sums and their shift,
+// mean and gate coefficients) in local arrays across rows, which the compiler holds in registers
+// where they fit, instead of loading (and, for sums, storing) them per element. In a model of the
+// elementwise loop (benchmarks/loop_models, float32, 2 threads) that took 0.65-0.75x the time of
+// reading three coefficients per element with the tensor in cache, and from memory about as long
+// as the channels-first loop, whose coefficients are in registers anyway (modules: README, "Known
+// gaps"). Calls fn(std::integral_constant<int64_t, C>{}) and returns true for those C; false for
+// the others.
+template <typename Fn>
+bool with_registered_channels(int64_t C, const Fn& fn) {
+  return [&]<int64_t... K>(std::integer_sequence<int64_t, K...>) {
+    return ((C == K && (fn(std::integral_constant<int64_t, K>{}), true)) || ...);
+  }(std::integer_sequence<int64_t, 32, 64, 128>{});
+}
+
+// Adds rows r0 <= r < r1 of K channels-last channels (K known at compile time,
+// with_registered_channels) into a[c] and b[c]: add(i, c, s, q) adds element i, of channel c, to
+// s and q, which are local arrays for the block (in registers, where they fit) added into a and b
+// at its end: the same sums as row by row into a and b, which the block starts with at zero.
+template <int64_t K, typename opmath_t, typename Add>
+void registered_block(int64_t r0, int64_t r1, opmath_t* a, opmath_t* b, const Add& add) {
+  opmath_t s[K] = {}, q[K] = {};
+  for (int64_t r = r0; r < r1; ++r) {
+    _Pragma("GCC ivdep")  // channel c of a row: no dependence between iterations
+    for (int64_t c = 0; c < K; ++c) add(r * K + c, c, s[c], q[c]);
+  }
+  for (int64_t c = 0; c < K; ++c) {
+    a[c] += s[c];
+    b[c] += q[c];
+  }
+}
+
 // Two sums per channel over the N * S rows of channels-last memory, into s1 and s2 (C each). A task
 // is a range of rows, one per thread; it adds blocks of rows (>= kMinBlockRows) into opmath sums
 // a[c] and b[c] with add_rows(r, R, a, b), which adds rows r to r + R - 1 (R as for_row_batches
 // gives it), and adds the blocks' sums in double. Tasks' sums add up per channel, in order, at the
 // end. (Four tasks per thread, each with its C partial sums to clear and merge, measured 1.1-1.5x
-// slower with 512 to 4096 channels.)
-template <typename scalar_t, typename opmath_t, typename AddRows>
-void rows_last_sums(const Layout& l, const AddRows& add_rows, std::vector<double>& s1,
-                    std::vector<double>& s2) {
+// slower with 512 to 4096 channels.) With 32, 64 or 128 channels, and unless float16 is staged,
+// a block goes through registered_block with add_element(i, c, s, q) instead.
+template <typename scalar_t, typename opmath_t, typename AddRows, typename AddElement>
+void rows_last_sums(const Layout& l, const AddRows& add_rows, const AddElement& add_element,
+                    std::vector<double>& s1, std::vector<double>& s2) {
   const int64_t C = l.C;
   const int64_t rows = l.N * l.S;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
@@ -564,8 +598,13 @@ void rows_last_sums(const Layout& l, const AddRows& add_rows, std::vector<double
       for (int64_t r0 = rows * k / chunks; r0 < end; r0 += block_rows) {
         std::fill(a.begin(), a.end(), opmath_t(0));
         std::fill(b.begin(), b.end(), opmath_t(0));
-        for_row_batches<scalar_t>(l, r0, std::min(end, r0 + block_rows),
-                                  [&](int64_t r, auto R) { add_rows(r, R, a.data(), b.data()); });
+        const int64_t r1 = std::min(end, r0 + block_rows);
+        const auto registered = [&](auto kC) {
+          registered_block<decltype(kC)::value>(r0, r1, a.data(), b.data(), add_element);
+        };
+        if (staged_reads<scalar_t> || !with_registered_channels(C, registered)) {
+          for_row_batches<scalar_t>(l, r0, r1, [&](int64_t r, auto R) { add_rows(r, R, a.data(), b.data()); });
+        }
         for (int64_t c = 0; c < C; ++c) {
           p1[k * C + c] += a[c];
           p2[k * C + c] += b[c];
@@ -604,6 +643,12 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
     // simply add up, with no per-block divisions or merges.
     std::vector<opmath_t> shift(C);
     for (int64_t c = 0; c < C; ++c) shift[c] = shift_from(widen<opmath_t>(x[c]));
+    // Value v of channel c into the sums s and q.
+    const auto add = [&](opmath_t v, int64_t c, opmath_t& s, opmath_t& q) {
+      const opmath_t d = v - shift[c];
+      s += d;
+      q += d * d;
+    };
     std::vector<double> s1, s2;
     rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
       row_columns(r, R, C, [&](int64_t c0, int64_t n, int64_t stride, const auto* xv) MK_SPAN_BODY {
@@ -611,16 +656,12 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
         for (int64_t k = 0; k < n; ++k) {
           const int64_t c = c0 + k;
           opmath_t sum = 0, sq = 0;
-          unrolled(R, [&](int64_t j) {
-            const opmath_t d = widen<opmath_t>(xv[j * stride + k]) - shift[c];
-            sum += d;
-            sq += d * d;
-          });
+          unrolled(R, [&](int64_t j) { add(widen<opmath_t>(xv[j * stride + k]), c, sum, sq); });
           a[c] += sum;
           b[c] += sq;
         }
       }, x);
-    }, s1, s2);
+    }, [&](int64_t i, int64_t c, opmath_t& s, opmath_t& q) { add(widen<opmath_t>(x[i]), c, s, q); }, s1, s2);
     for (int64_t c = 0; c < C; ++c) {
       total[c] = shifted_moments(static_cast<double>(l.N * l.S), static_cast<double>(shift[c]), s1[c], s2[c]);
     }
@@ -673,6 +714,18 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
     const opmath_t above = zero_rounding_bound<scalar_t, opmath_t>();
     const auto sums = [&](auto kind) {
       constexpr GateKind K = decltype(kind)::value;
+      // dy g and input v of channel c (and its saved gate value s, for kSavedGate) into the sums.
+      const auto add = [&](opmath_t g, opmath_t v, [[maybe_unused]] opmath_t s, int64_t c, opmath_t& sum,
+                           opmath_t& dot) {
+        // GateView::passes: the saved output > 0, or relu_open of the input.
+        if constexpr (K == kSavedGate) g = s > opmath_t(0) ? g : opmath_t(0);
+        if constexpr (K == kRecomputedGate) g = gd[c] + (v - gm[c]) * gb[c] > above ? g : opmath_t(0);
+        sum += g;
+        dot += g * (v - mean[c]);
+      };
+      const auto gate_value = [](const auto* gv, int64_t i) {
+        return K == kSavedGate ? widen<opmath_t>(gv[i]) : opmath_t(0);
+      };
       rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
         const auto cols = [&](int64_t c0, int64_t n, int64_t stride, const auto* dyv, const auto* xv,
                               const auto* gv) MK_SPAN_BODY {
@@ -682,19 +735,15 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
             opmath_t sum = 0, dot = 0;
             unrolled(R, [&](int64_t j) {
               const int64_t i = j * stride + k;
-              opmath_t g = widen<opmath_t>(dyv[i]);
-              const opmath_t v = widen<opmath_t>(xv[i]);
-              // GateView::passes: the saved output > 0, or relu_open of the input.
-              if constexpr (K == kSavedGate) g = widen<opmath_t>(gv[i]) > opmath_t(0) ? g : opmath_t(0);
-              if constexpr (K == kRecomputedGate) g = gd[c] + (v - gm[c]) * gb[c] > above ? g : opmath_t(0);
-              sum += g;
-              dot += g * (v - mean[c]);
+              add(widen<opmath_t>(dyv[i]), widen<opmath_t>(xv[i]), gate_value(gv, i), c, sum, dot);
             });
             a[c] += sum;
             b[c] += dot;
           }
         };
         row_columns(r, R, C, cols, dy, x, K == kSavedGate ? gate.g : nullptr);
+      }, [&](int64_t i, int64_t c, opmath_t& sum, opmath_t& dot) {
+        add(widen<opmath_t>(dy[i]), widen<opmath_t>(x[i]), gate_value(gate.g, i), c, sum, dot);
       }, sdy, sdx);
     };
     if (!gate.g) {
@@ -837,21 +886,6 @@ void gate_coeffs(const GateOf<scalar_t>& gate, int64_t c, opmath_t* k) {
   k[kGateD] = gate.coeffs ? gate.coeffs[kD * gate.C + c] : opmath_t(0);
 }
 
-// The channels-last elementwise pass runs with C known at compile time where C is 32, 64 or 128:
-// it copies the channels' coefficients into local arrays once per task, which the compiler keeps
-// in registers across the rows (or, for float16 and bfloat16, on the stack, a row's spans
-// unrolled), instead of loading three or more coefficients per element. In a model of the loop
-// (benchmarks/loop_models, float32, 2 threads) that took 0.65-0.75x the time of reading them per
-// element with the tensor in cache, and from memory about as long as the channels-first loop,
-// whose coefficients are in registers anyway (modules: README, "Known gaps"). Calls
-// fn(std::integral_constant<int64_t, C>{}) and returns true for those C; false for the others.
-template <typename Fn>
-bool with_registered_channels(int64_t C, const Fn& fn) {
-  return [&]<int64_t... K>(std::integer_sequence<int64_t, K...>) {
-    return ((C == K && (fn(std::integral_constant<int64_t, K>{}), true)) || ...);
-  }(std::integer_sequence<int64_t, 32, 64, 128>{});
-}
-
 template <typename V, typename scalar_t>
 void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
                    const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
@@ -875,7 +909,8 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
       return V::kGate == kRecomputedGate ? in.gate.coeffs[row * C + c] : opmath_t(0);
     };
     at::parallel_for(0, l.N * l.S, grain_for(C), [&](int64_t r0, int64_t r1) {
-      // With C of 32, 64 or 128 the coefficients are held across rows (with_registered_channels).
+      // With C of 32, 64 or 128 the coefficients are held across rows (with_registered_channels;
+      // for float16 and bfloat16 GCC keeps them on the stack, a row's spans unrolled).
       const auto registered = [&](auto kC) {
         constexpr int64_t K = decltype(kC)::value;
         opmath_t a[K], b[K], m[K], d[K], gb[K], gd[K];
