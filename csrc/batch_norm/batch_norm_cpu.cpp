@@ -544,9 +544,10 @@ inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_
 }
 
 // The channels-last passes run with C known at compile time where C is 32, 64 or 128: they keep
-// per-channel values (the elementwise pass's coefficients, the reductions' sums and their shift,
-// mean and gate coefficients) in local arrays across rows, which the compiler holds in registers
-// where they fit, instead of loading (and, for sums, storing) them per element. In a model of the
+// per-channel values in local arrays across rows (the elementwise pass's coefficients, the
+// reductions' sums, whose loops are then left with no store, so that the compiler may also hold
+// the shift, mean and gate coefficients they read), which the compiler holds in registers where
+// they fit, instead of loading (and, for sums, storing) them per element. In a model of the
 // elementwise loop (benchmarks/loop_models, float32, 2 threads) that took 0.65-0.75x the time of
 // reading three coefficients per element with the tensor in cache, and from memory about as long
 // as the channels-first loop, whose coefficients are in registers anyway (modules: README, "Known
