@@ -469,12 +469,12 @@ def test_nan_and_inf_inputs_propagate_like_torch(device, value, shape, fmt):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("C", [32, 64, 128, 48])
+@pytest.mark.parametrize("C", [32, 64, 128, 256, 48])
 def test_elementwise_passes_give_the_same_bits_in_both_layouts(device, dtype, C):
     # Given the same statistics (and, in training, the same gradient sums), each element's result
     # is one formula of its own operands, whatever the memory format: bit for bit. On the CPU the
-    # channels-last passes hold the coefficients of 32, 64 or 128 channels across rows and read
-    # them per element for other counts (48).
+    # channels-last passes hold the coefficients of 32, 64 or 128 channels across rows (and of 256
+    # in the forward's passes) and read them per element for other counts (48).
     x = torch.randn(5, C, 3, 7, device=device).to(dtype)
     dy, r = torch.randn_like(x), torch.randn_like(x)
     opmath = torch.float64 if dtype == torch.float64 else torch.float32

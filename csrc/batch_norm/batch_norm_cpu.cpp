@@ -551,13 +551,20 @@ inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_
 // elementwise loop (benchmarks/loop_models, float32, 2 threads) that took 0.65-0.75x the time of
 // reading three coefficients per element with the tensor in cache, and from memory about as long
 // as the channels-first loop, whose coefficients are in registers anyway (modules: README, "Known
-// gaps"). Calls fn(std::integral_constant<int64_t, C>{}) and returns true for those C; false for
-// the others.
-template <typename Fn>
+// gaps"). The forward's elementwise passes (three coefficients) also take 256 channels, whose
+// coefficients GCC spills to the stack, still faster than reading them from the coefficient
+// rows: BatchNorm2d eval on 8x256x56x56 channels_last from 0.71-0.78x of torch's speed to
+// 0.95-1.15x in float32, 0.84-0.98x to 1.06-1.18x in float16 (alternating processes, 3 runs);
+// with the backward's (up to six) and the reductions', 256 made BatchNormReLU2d's training 15%
+// slower. Calls fn(std::integral_constant<int64_t, C>{}) and returns true for those
+// C (and 256 where wide), false for the others.
+template <bool kWide = false, typename Fn>
 bool with_registered_channels(int64_t C, const Fn& fn) {
-  return [&]<int64_t... K>(std::integer_sequence<int64_t, K...>) {
+  const auto call = [&]<int64_t... K>(std::integer_sequence<int64_t, K...>) {
     return ((C == K && (fn(std::integral_constant<int64_t, K>{}), true)) || ...);
-  }(std::integer_sequence<int64_t, 32, 64, 128>{});
+  };
+  if constexpr (kWide) return call(std::integer_sequence<int64_t, 32, 64, 128, 256>{});
+  return call(std::integer_sequence<int64_t, 32, 64, 128>{});
 }
 
 // Adds rows r0 <= r < r1 of K channels-last channels (K known at compile time,
@@ -935,7 +942,7 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
           }
         }
       };
-      if (with_registered_channels(C, registered)) return;
+      if (with_registered_channels<!V::kHasP>(C, registered)) return;
       if constexpr (staged_span<scalar_t>) {
         // The bodies take copies: with references, the compiler reloads the pointers after each
         // store of a span.
