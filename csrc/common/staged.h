@@ -53,8 +53,8 @@
 namespace modekernels::MK_CPU_ISA {
 
 #if MK_CPU_ISA_LEVEL >= 2
-// Every lane: the AVX-512 conversions below are the masked forms, as GCC 12's unmasked
-// _mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_cvtepu16_epi32 and _mm512_slli_epi32 draw
+// Every lane: the AVX-512 conversions and shifts below are the masked forms, as GCC 12's unmasked
+// _mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_cvtepu16_epi32 and its shifts draw
 // -Wmaybe-uninitialized warnings from their own header (GCC bug 105593).
 constexpr __mmask16 kAll16 = 0xffff;
 #endif
@@ -144,19 +144,24 @@ MK_ISA_INLINE __m256i bfloat16_bits8(__m256 v) {
 #endif
 
 #if MK_CPU_ISA_LEVEL >= 2
-// Sixteen floats at src rounded to bfloat16 at dst as narrow rounds them. AVX512-BF16's
-// conversion rounds to nearest even but treats subnormal inputs as zero and keeps NaN payloads,
-// so those lanes (rare: a branch the CPU predicts) are redone by narrow.
-MK_ISA_INLINE void narrow16(const float* src, c10::BFloat16* dst) {
-  const __m512 v = _mm512_loadu_ps(src);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+// Sixteen floats rounded to bfloat16 as narrow rounds them. AVX512-BF16's conversion rounds to
+// nearest even but treats subnormal inputs as zero and keeps NaN payloads, so those lanes (rare:
+// a branch the CPU predicts) take narrow's integer rounding and quiet NaN instead, computed from
+// the register: a fix-up that read the floats from memory made the compiler store every staged
+// span's results to the stack (bfloat16 BatchNorm's elementwise passes spent a third of their
+// time around it).
+MK_ISA_INLINE __m256i bfloat16_bits16(__m512 v) {
+  __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
   constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // quiet NaN, subnormal, signalling NaN
-  const unsigned special = _mm512_fpclass_ps_mask(v, kNanOrSubnormal);
+  const __mmask16 special = _mm512_fpclass_ps_mask(v, kNanOrSubnormal);
   if (__builtin_expect(special != 0, 0)) {
-    for (int k = 0; k < 16; ++k) {
-      if (special >> k & 1) dst[k] = narrow<c10::BFloat16>(src[k]);
-    }
+    const __m512i x = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll16, x, 16), _mm512_set1_epi32(1));
+    __m512i up = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb);
+    up = _mm512_mask_mov_epi32(up, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+    bits = _mm512_mask_cvtepi32_epi16(bits, special, _mm512_maskz_srli_epi32(kAll16, up, 16));
   }
+  return bits;
 }
 #endif
 
@@ -165,7 +170,9 @@ MK_ISA_INLINE void narrow16(const float* src, c10::BFloat16* dst) {
 MK_ISA_INLINE void narrow_block(const float* src, c10::BFloat16* dst, int64_t n) {
   int64_t i = 0;
 #if MK_CPU_ISA_LEVEL >= 2
-  for (; i < (n & ~int64_t{15}); i += 16) narrow16(src + i, dst + i);
+  for (; i < (n & ~int64_t{15}); i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), bfloat16_bits16(_mm512_loadu_ps(src + i)));
+  }
 #elif MK_CPU_ISA_LEVEL >= 1
   for (; i < (n & ~int64_t{15}); i += 16) {
     const __m256i lo = bfloat16_bits8(_mm256_loadu_ps(src + i));
