@@ -791,12 +791,14 @@ struct AffinePtrs {
 
 // Which operands an elementwise pass has, fixed at compile time so that every variant's inner
 // loop stays branch-free and vectorizes: kGate (the fused-ReLU backward: a GateKind), kResidual,
-// kRelu, kGatedOut (the fused-residual backward).
+// kRelu, kGatedOut (the fused-residual backward). A recomputed gate's tensor is the input x, which
+// is q itself where the pass has q (training): kGateIsQ, whose loops read and convert x once.
 
 template <bool P, bool Q, GateKind G, bool R, bool L, bool W = false>
 struct Variant {
   static constexpr bool kHasP = P, kHasQ = Q, kResidual = R, kRelu = L, kGatedOut = W;
   static constexpr GateKind kGate = G;
+  static constexpr bool kGateIsQ = G == kRecomputedGate && Q;
 };
 
 // fn(Variant<...>{}) for the combinations the op bodies use: forward (q; + residual, relu),
@@ -812,6 +814,7 @@ void with_variant(const AffinePtrs<scalar_t>& in, const Fn& fn) {
   } else if (!in.gate.g) {
     in.q ? fn(Variant<true, true, kNoGate, false, false>{}) : fn(Variant<true, false, kNoGate, false, false>{});
   } else if (in.gate.coeffs) {
+    TORCH_INTERNAL_ASSERT(!in.q || in.q == in.gate.g, "a recomputed gate reads x, which is q");
     in.q ? fn(Variant<true, true, kRecomputedGate, false, false>{})
          : fn(Variant<true, false, kRecomputedGate, false, false>{});
   } else if (in.gated_out) {
@@ -835,7 +838,7 @@ inline void affine_element(AffinePtrs<S> in, int64_t i, opmath_t a, opmath_t b, 
     bool open = true;
     if constexpr (V::kGate == kSavedGate) open = widen<opmath_t>(in.gate.g[i]) > opmath_t(0);
     if constexpr (V::kGate == kRecomputedGate) {
-      open = relu_open<scalar_t>(widen<opmath_t>(in.gate.g[i]), m, gb, gd);
+      open = relu_open<scalar_t>(widen<opmath_t>((V::kGateIsQ ? in.q : in.gate.g)[i]), m, gb, gd);
     }
     const opmath_t pv = widen<opmath_t>(in.p[i]);  // loaded either way: no branch
     const opmath_t g = open ? pv : opmath_t(0);
@@ -861,7 +864,7 @@ MK_SPAN_BODY inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0,
         o[kStagedSpan], gated[kStagedSpan];
     if constexpr (V::kHasP) widen_block(in.p + i0, p, n);
     if constexpr (V::kHasQ || !V::kHasP) widen_block(in.q + i0, q, n);
-    if constexpr (V::kGate != kNoGate) widen_block(in.gate.g + i0, g, n);
+    if constexpr (V::kGate != kNoGate && !V::kGateIsQ) widen_block(in.gate.g + i0, g, n);
     if constexpr (V::kResidual) widen_block(in.residual + i0, residual, n);
     const AffinePtrs<float> staged{p, q, {g, in.gate.coeffs, in.gate.C}, residual, in.relu, gated};
     for (int64_t k = 0; k < n; ++k) element(staged, k, o);
