@@ -883,8 +883,8 @@ MK_SPAN_BODY inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0,
 // with a call per row, BatchNorm eval on 64x256x7x7 took 1.12-1.25x as long in float16, 1.04-1.22x
 // in bfloat16.
 template <typename V, typename scalar_t, typename opmath_t>
-__attribute__((always_inline)) inline void affine_row(const AffinePtrs<scalar_t>& in, int64_t begin, int64_t len,
-                       const opmath_t* k, scalar_t* out) {
+__attribute__((always_inline)) inline void affine_row(const AffinePtrs<scalar_t>& in, int64_t begin,
+                                                      int64_t len, const opmath_t* k, scalar_t* out) {
   const opmath_t a = k[kA], b = k[kB], m = k[kM], d = k[kD], gb = k[kGateB], gd = k[kGateD];
   for_spans_overlapping<scalar_t>(begin, begin + len, kSpan<scalar_t>, [&](int64_t i0, auto n) MK_SPAN_BODY {
     affine_span<V>(in, i0, n, out, [=](auto ptrs, int64_t i, auto* o) {
