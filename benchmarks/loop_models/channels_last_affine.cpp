@@ -7,7 +7,7 @@
 //       -mprefer-vector-width=512 -ffp-contract=off channels_last_affine.cpp -o channels_last_affine
 //   ./channels_last_affine [C] [elements]        (default 256 and 8*256*56*56)
 //
-// Variants, each timed 60 times in turns with the others (min and median, ms):
+// Variants, each timed 60 times in turns with the others (min and median, ms; timing.h):
 //   copy          memcpy of the same bytes (the roofline)
 //   registers     coefficients in registers: the channels-first pass's loop (one channel per row)
 //   three_arrays  row by row, m, b, d read per element: the kernel's loop for most C
@@ -16,10 +16,7 @@
 //   two_arrays    row by row, out = x a + c: torch's loop (two coefficients)
 //   tile          runs of >= 512 elements over coefficients repeated to the run's length
 //   four_rows     each coefficient read once for four rows
-#include <omp.h>
-
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -27,6 +24,8 @@
 #include <functional>
 #include <utility>
 #include <vector>
+
+#include "timing.h"
 
 namespace {
 
@@ -99,8 +98,9 @@ int main(int argc, char** argv) {
     tiles[len + t] = b[t % C];
     tiles[2 * len + t] = d[t % C];
   }
-  using Pass = std::function<void(const float*, float*, int64_t)>;
-  std::vector<std::pair<const char*, Pass>> variants = {
+  // A variant's pass over k elements (whole rows) from xs to os.
+  using Rows = std::function<void(const float*, float*, int64_t)>;
+  std::vector<std::pair<const char*, Rows>> variants = {
       {"copy", [&](const float* xs, float* os, int64_t k) { std::memcpy(os, xs, k * sizeof(float)); }},
       {"registers", [&](const float* xs, float* os, int64_t k) { registers(xs, os, k, 1.f, 2.f, 3.f); }},
       {"three_arrays", [&](const float* xs, float* os, int64_t k) { three_arrays(xs, os, k, m, b, d); }},
@@ -120,23 +120,10 @@ int main(int argc, char** argv) {
   registered_at(std::integral_constant<int64_t, 32>{});
   registered_at(std::integral_constant<int64_t, 64>{});
   registered_at(std::integral_constant<int64_t, 128>{});
-  std::vector<std::vector<double>> ms(variants.size());
-  for (int turn = 0; turn < 60; ++turn) {
-    for (size_t v = 0; v < variants.size(); ++v) {
-      const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(2)
-      {
-        // Each thread a half of the rows, as at::parallel_for splits them.
-        const int64_t t = omp_get_thread_num();
-        const int64_t r0 = rows * t / 2, r1 = rows * (t + 1) / 2;
-        variants[v].second(x.data() + r0 * C, o.data() + r0 * C, (r1 - r0) * C);
-      }
-      ms[v].push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
+  std::vector<std::pair<const char*, loop_models::Pass>> timed;
+  for (const auto& [name, pass] : variants) {
+    timed.emplace_back(name, [&, pass](int64_t r0, int64_t r1) { pass(&x[r0 * C], &o[r0 * C], (r1 - r0) * C); });
   }
   std::printf("C = %lld, %lld elements, 2 threads\n", static_cast<long long>(C), static_cast<long long>(n));
-  for (size_t v = 0; v < variants.size(); ++v) {
-    std::sort(ms[v].begin(), ms[v].end());
-    std::printf("%-13s min %.3f  median %.3f ms\n", variants[v].first, ms[v].front(), ms[v][ms[v].size() / 2]);
-  }
+  loop_models::time_in_turns(timed, rows);
 }

@@ -7,7 +7,7 @@
 //   g++ -O3 -std=c++20 -fopenmp -ffp-contract=off vector_width.cpp -o vector_width
 //   ./vector_width [elements]        (default 8*256*56*56: 25.7 MB per float32 tensor)
 //
-// Variants, each timed 60 times in turns with the others (min and median, ms):
+// Variants, each timed 60 times in turns with the others (min and median, ms; timing.h):
 //   copy          memcpy of the same bytes (the roofline of the affine pass)
 //   affine_512    out = d + (x - m) b, 512-bit vectors (the AVX-512 build's loop)
 //   affine_256    the same with 256-bit vectors
@@ -16,17 +16,14 @@
 // On the development machine (AMD EPYC, Zen 4, 2 threads, 2026-12-05; medians of two runs) the
 // 256-bit versions took less time from memory (16 and 25.7 MB per tensor): add 12-15%, affine
 // 3-11%; in cache (1 MB) about the same.
-#include <omp.h>
-
-#include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <utility>
 #include <vector>
+
+#include "timing.h"
 
 #define MK_WIDTH(bits) __attribute__((target("avx2,avx512f,prefer-vector-width=" #bits), noinline))
 
@@ -61,31 +58,13 @@ int main(int argc, char** argv) {
     x[i] = static_cast<float>(i % 7);
     r[i] = static_cast<float>(i % 5);
   }
-  // A variant runs on elements [i0, i1).
-  using Pass = std::function<void(int64_t, int64_t)>;
-  const std::vector<std::pair<const char*, Pass>> variants = {
+  const std::vector<std::pair<const char*, loop_models::Pass>> variants = {
       {"copy", [&](int64_t i0, int64_t i1) { std::memcpy(&o[i0], &x[i0], (i1 - i0) * sizeof(float)); }},
       {"affine_512", [&](int64_t i0, int64_t i1) { affine_512(&x[i0], &o[i0], i1 - i0, 1.f, 2.f, 3.f); }},
       {"affine_256", [&](int64_t i0, int64_t i1) { affine_256(&x[i0], &o[i0], i1 - i0, 1.f, 2.f, 3.f); }},
       {"add_512", [&](int64_t i0, int64_t i1) { add_512(&x[i0], &r[i0], &o[i0], i1 - i0); }},
       {"add_256", [&](int64_t i0, int64_t i1) { add_256(&x[i0], &r[i0], &o[i0], i1 - i0); }},
   };
-  std::vector<std::vector<double>> ms(variants.size());
-  for (int turn = 0; turn < 60; ++turn) {
-    for (size_t v = 0; v < variants.size(); ++v) {
-      const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(2)
-      {
-        // Each thread a half, as at::parallel_for splits the buffer.
-        const int64_t t = omp_get_thread_num();
-        variants[v].second(n * t / 2, n * (t + 1) / 2);
-      }
-      ms[v].push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
-  }
   std::printf("%lld elements, 2 threads\n", static_cast<long long>(n));
-  for (size_t v = 0; v < variants.size(); ++v) {
-    std::sort(ms[v].begin(), ms[v].end());
-    std::printf("%-11s min %.3f  median %.3f ms\n", variants[v].first, ms[v].front(), ms[v][ms[v].size() / 2]);
-  }
+  loop_models::time_in_turns(variants, n);
 }
