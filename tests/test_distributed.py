@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 import modekernels
-from modekernels.bench.distributed import init_process_group, payloads, spawn
+from modekernels.bench.distributed import payloads, process_group, spawn
 
 from helpers import BN_TOL, batchnorm
 
@@ -190,8 +190,7 @@ def collectives(input_grad):
 
 def worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
-    init_process_group(rank, world, port, timeout_s=30)
-    try:
+    with process_group(rank, world, port, timeout_s=30):
         own = [dist.new_group([r]) for r in range(world)][rank]
         results = {}
         for name, case in CASES.items():
@@ -203,8 +202,6 @@ def worker(rank, world, port, out_dir):
         results["bad_inputs"] = bad_inputs(rank, world)
         results["payloads"] = [collectives(input_grad) for input_grad in (True, False)]
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
