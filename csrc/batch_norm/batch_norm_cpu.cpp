@@ -110,23 +110,6 @@ struct Words {
   typedef uint16_t W16 __attribute__((vector_size(2 * n)));
 };
 
-// a then b, as one vector twice as long: __builtin_shufflevector where the compiler has it (GCC 12
-// and later, Clang), a copy through memory otherwise.
-template <typename V>
-auto concat(V a, V b) {
-#if defined(__clang__) || __GNUC__ >= 12
-  return [&]<size_t... I>(std::index_sequence<I...>) {
-    return __builtin_shufflevector(a, b, I...);
-  }(std::make_index_sequence<2 * sizeof(V) / sizeof(a[0])>{});
-#else
-  typedef std::remove_cvref_t<decltype(a[0])> E __attribute__((vector_size(2 * sizeof(V))));
-  E ab;
-  std::memcpy(&ab, &a, sizeof(a));
-  std::memcpy(reinterpret_cast<char*>(&ab) + sizeof(a), &b, sizeof(b));
-  return ab;
-#endif
-}
-
 // The values whose storage is `bits` (Lanes<T>::kWidth values of scalar_t), in T. (With
 // __builtin_bit_cast: std::bit_cast is compiled for the baseline ISA, where wider vectors change
 // its calling convention.)
@@ -160,48 +143,15 @@ typename Lanes<T>::Part widen_part(Bits bits) {
   }
 }
 
-// Lanes [k W, (k + 1) W) of one step of R rows, W = Lanes<T>::kWidth, in T: row r's kLanes / R
-// values from p + r * stride fill lanes r kLanes / R on (walk_rows). A part that spans several
-// rows gathers their values into one vector.
-template <typename T, int64_t R, typename scalar_t>
-typename Lanes<T>::Part load_lanes(const scalar_t* p, int64_t stride, int64_t k) {
-  using L = Lanes<T>;
-  constexpr int64_t kStep = kLanes / R;
-  constexpr int64_t kBits = L::kWidth * sizeof(scalar_t) / 8;  // the part's storage, in 64-bit words
-  if constexpr (L::kWidth <= kStep) {
-    const int64_t lane = k * L::kWidth;
-    typename Words<kBits>::W64 bits;
-    std::memcpy(&bits, p + lane / kStep * stride + lane % kStep, sizeof(bits));
-    return widen_part<T, scalar_t>(bits);
-  } else {
-    constexpr int64_t kRows = L::kWidth / kStep;
-    constexpr int64_t kRowBits = kBits / kRows;
-    const scalar_t* row = p + k * kRows * stride;
-    if constexpr (kRowBits == 1) {
-      // One word per row (float16 and bfloat16), as scalars: GCC moves vectors of one word
-      // through the stack.
-      const auto word = [&](int64_t r) {
-        uint64_t w;
-        std::memcpy(&w, row + r * stride, sizeof(w));
-        return w;
-      };
-      return widen_part<T, scalar_t>([&]<size_t... J>(std::index_sequence<J...>) {
-        return typename Words<kBits>::W64{word(J)...};
-      }(std::make_index_sequence<kRows>{}));
-    } else {
-      const auto piece = [&](int64_t r) {
-        typename Words<kRowBits>::W64 bits;
-        std::memcpy(&bits, row + r * stride, sizeof(bits));
-        return bits;
-      };
-      if constexpr (kRows == 2) {
-        return widen_part<T, scalar_t>(concat(piece(0), piece(1)));
-      } else {
-        static_assert(kRows == 4, "a part spans two or four rows");
-        return widen_part<T, scalar_t>(concat(concat(piece(0), piece(1)), concat(piece(2), piece(3))));
-      }
-    }
-  }
+// Lanes [k W, (k + 1) W) in T, W = Lanes<T>::kWidth: the W values from p + k W on, one plain load
+// in every build (a part of four bfloat16 or float16 values, a single word in the baseline build,
+// is loaded as a scalar: GCC moves vectors of one word through the stack).
+template <typename T, typename scalar_t>
+typename Lanes<T>::Part load_lanes(const scalar_t* p, int64_t k) {
+  constexpr size_t kBytes = Lanes<T>::kWidth * sizeof(scalar_t);
+  std::conditional_t<kBytes == 8, uint64_t, typename Words<kBytes / 8>::W64> bits;
+  std::memcpy(&bits, p + k * Lanes<T>::kWidth, sizeof(bits));
+  return widen_part<T, scalar_t>(bits);
 }
 
 // The sum of all lanes, lane by lane in order.
@@ -220,8 +170,8 @@ inline void prefetch_lanes(const scalar_t* p) {
   for (size_t k = 0; k < kLanes * sizeof(scalar_t); k += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + k);
 }
 
-// The channels-first reductions read kBatchRows rows of a channel at once, kLanes / kBatchRows
-// lanes each (and the channels-last passes sweep kBatchRows long rows at once, below). With
+// The channels-first reductions read kBatchRows rows of a channel at once, kLanes elements of each
+// in turn (and the channels-last passes sweep kBatchRows long rows at once, below). With
 // four streams of memory in flight the development machine (AMD EPYC, 2 cores) reads a tensor
 // 1.3-1.4x faster than row by row: the statistics alone took 0.7-0.9 ms instead of 1.0-1.1 ms
 // at 8x256x56x56 float32, BatchNorm's backward 10-15% less (20% at 64x512x7x7).
@@ -280,18 +230,29 @@ enum : int64_t { kGateB = 4, kGateD = 5, kChannelCoeffs = 6 };
 // recomputed from the input (GateView).
 enum GateKind { kNoGate, kSavedGate, kRecomputedGate };
 
+// fn(0), ..., fn(R - 1) as straight-line code, R a std::integral_constant: loops over the rows of
+// a batch are so unrolled before the loop around them is vectorized, and accumulator parts
+// indexed by the loop variable stay in registers (with a loop over walk_rows' parts, GCC kept the
+// AVX2 build's accumulators on the stack: float32 gradient sums 1.3x slower).
+template <typename R, typename Fn>
+inline void unrolled(R, const Fn& fn) {
+  [&]<int64_t... J>(std::integer_sequence<int64_t, J...>) {
+    (fn(J), ...);
+  }(std::make_integer_sequence<int64_t, R::value>{});
+}
+
 // Walks R rows of len elements as the reductions read them: each kLanes elements on, calls
-// prefetch(r, i) for row r at element i, then, for each step of kLanes / R elements of every row,
-// part(i, k) for the accumulator parts k (lanes [k W, (k + 1) W), as load_lanes reads them for
-// the step at element i of each row); tail(r, i) for the elements after the last kLanes.
+// prefetch(r, i) for row r at element i, then, row by row, part(r, i, k) for the accumulator parts
+// k (lanes [k W, (k + 1) W) take row r's elements from i + k W on, load_lanes); tail(r, i) for the
+// elements after the last kLanes. Lane j so sums element i + j of row 0, then of row 1, ..., in
+// every build, each row's lanes read with plain loads.
 template <int64_t R, typename opmath_t, typename Prefetch, typename Part, typename Tail>
 inline void walk_rows(int64_t len, const Prefetch& prefetch, const Part& part, const Tail& tail) {
-  constexpr int64_t kStep = kLanes / R;
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     for (int64_t r = 0; r < R; ++r) prefetch(r, i);
-    for (int64_t s = 0; s < kLanes; s += kStep) {
-      for (int64_t k = 0; k < Lanes<opmath_t>::kParts; ++k) part(i + s, k);
+    for (int64_t r = 0; r < R; ++r) {
+      unrolled(std::integral_constant<int64_t, Lanes<opmath_t>::kParts>{}, [&](int64_t k) { part(r, i, k); });
     }
   }
   for (int64_t r = 0; r < R; ++r) {
@@ -345,8 +306,8 @@ void rows_shifted_sums(const scalar_t* x, int64_t stride, int64_t len, int64_t a
   LaneParts<opmath_t> lanes(acc);
   walk_rows<R, opmath_t>(
       len, [&](int64_t r, int64_t i) { prefetch_lanes(x + r * stride + i + ahead); },
-      [&](int64_t i, int64_t k) {
-        const auto d = load_lanes<opmath_t, R>(x + i, stride, k) - shift;
+      [&](int64_t r, int64_t i, int64_t k) {
+        const auto d = load_lanes<opmath_t>(x + r * stride + i, k) - shift;
         lanes.v1[k] += d;
         lanes.v2[k] += d * d;
       },
@@ -426,13 +387,13 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
         prefetch_lanes(x + at);
         if (gate.g && !recompute) prefetch_lanes(gate.g + at);
       },
-      [&](int64_t i, int64_t k) {
-        const int64_t at = begin + i;
-        auto g = load_lanes<opmath_t, R>(dy + at, stride, k);
-        const auto v = load_lanes<opmath_t, R>(x + at, stride, k);
+      [&](int64_t r, int64_t i, int64_t k) {
+        const int64_t at = begin + r * stride + i;
+        auto g = load_lanes<opmath_t>(dy + at, k);
+        const auto v = load_lanes<opmath_t>(x + at, k);
         if (gate.g) {
           // The saved output, or as relu_open recomputes it: normalized(), lane by lane.
-          const auto open = recompute ? gd + (v - gm) * gb : load_lanes<opmath_t, R>(gate.g + at, stride, k);
+          const auto open = recompute ? gd + (v - gm) * gb : load_lanes<opmath_t>(gate.g + at, k);
           g = open > above ? g : typename L::Part{};  // closed for NaN too
         }
         lanes.v1[k] += g;
@@ -470,15 +431,6 @@ void channel_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const s
     sdy[c - c0] = acc[c - c0].s1;
     sdx[c - c0] = acc[c - c0].s2;
   }
-}
-
-// fn(0), ..., fn(R - 1) as straight-line code, R a std::integral_constant: loops over the rows of
-// a batch are so unrolled before the loop around them is vectorized.
-template <typename R, typename Fn>
-inline void unrolled(R, const Fn& fn) {
-  [&]<int64_t... J>(std::integer_sequence<int64_t, J...>) {
-    (fn(J), ...);
-  }(std::make_integer_sequence<int64_t, R::value>{});
 }
 
 // Channels-last passes sweep over the channels of kBatchRows rows at once where a row takes at
