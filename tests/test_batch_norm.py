@@ -626,12 +626,11 @@ def test_building_blocks_compose_over_a_split_batch(device, channels_last):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("fused", ["plain", "relu", "add-relu"])
 def test_cpu_resident_and_separate_passes_agree(dtype, fused):
-    # With at least one channel per thread and small channels, the CPU runs the backward's
-    # reduction and elementwise pass channel by channel (one pass over memory); with more threads
-    # than channels it runs them as separate passes, and splits each channel's statistics over
-    # several tasks. Both must give the same forward and backward. 80 rows of 63 elements per
-    # channel: the lane sums are added into double within a channel, not only at its end, and the
-    # resident backward takes the channels in groups.
+    # With at least one channel per thread and small channels, the CPU runs reduction and
+    # elementwise pass channel by channel (one pass over memory); with more threads than channels
+    # it runs them as separate passes. Both must give the same forward and backward. 80 rows of
+    # 63 elements per channel: the lane sums are added into double within a channel, not only at
+    # its end, and the resident passes take the channels in groups.
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(80, 5, 7, 9, generator=gen) * 2 + 1).to(dtype)
     residual = torch.randn(x.shape, generator=gen).to(dtype) if fused == "add-relu" else None

@@ -21,7 +21,7 @@ from modekernels import functional as F
 ops = torch.ops.modekernels
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (N, C, H, W) and memory format: channels-first with the cache-resident backward, channels-last
+# (N, C, H, W) and memory format: channels-first with the cache-resident passes, channels-last
 # with rows under and over 4 KB (row-by-row and four-row sweeps) and with 64 channels (their
 # coefficients held across rows), and a size with tails.
 SHAPES = [((4, 6, 9, 7), "contiguous"), ((4, 24, 5, 3), "channels_last"),

@@ -117,7 +117,7 @@ def test_recomputed_relu_gate_is_exactly_the_saved_one(device, dtype, layout, th
     w = torch.tensor([1.0, 1e-6, 1e-8, 3e-7, 2.0, 1e-30] + [0.0] * 4, dtype=param, device=device)
     b = torch.tensor([0.0, 1e-7, -1e-8, 0.0, -0.5, 1e-40] + bounds, dtype=param, device=device)
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)  # 1: the CPU's cache-resident backward; 8: separate passes
+    torch.set_num_threads(threads)  # 1: the CPU's cache-resident passes; 8: the separate ones
     try:
         for training in (True, False):
             if training:

@@ -164,6 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, co
     var.zero_();
     return {out, mean, var};
   }
+  if (be.train_resident && be.train_resident(in, layout, opt(weight), opt(bias), eps, mean, var, out)) {
+    return {out, mean, var};
+  }
   be.moments(x, layout, mean, var);
   at::Tensor coeffs = channel_empty(input, acc, 4);
   be.forward_coeffs(mean, var, opt(weight), opt(bias), eps, coeffs);

@@ -3,9 +3,9 @@
 //
 // Passes over memory (x, dy, y, dx are activation-sized; everything else is per-channel):
 //   train forward:    moments (read x) + affine (read x, write y)          = 2 reads, 1 write
+//                     (CPU, small channels-first channels: 1 read, 1 write; see train_resident)
 //   eval forward:     affine (read x, write y)                             = 1 read,  1 write
 //   train backward:   grad_sums (read dy, x) + affine (read dy, x, write dx)
-//                     (CPU, small channels-first channels: 1 read, 1 write; see backward_resident)
 //   eval backward:    affine (read dy, write dx) [+ grad_sums (read dy, x) if weight/bias need grads]
 // The fused variants add the residual to the forward's elementwise read. BN+ReLU's backward
 // recomputes the ReLU's gate from x (no extra read); BN+add+ReLU's reads the saved output as its
@@ -90,10 +90,13 @@ struct Backend {
   void (*update_running)(const at::Tensor& running_mean, const at::Tensor& running_var,
                          const at::Tensor& mean, const at::Tensor& var, int64_t count,
                          double factor, const at::Tensor& num_batches_tracked);
-  // Optional (null where a backend has none): a whole training backward (from in.p = dy,
-  // in.q = x, in.gate) in one pass over memory, for layouts that suit it. It returns false,
-  // having written nothing, when the layout does not suit it; the op body then runs the passes
-  // above.
+  // Optional (null where a backend has none): a whole training forward (mean, var and out from
+  // in.q = x) or training backward (from in.p = dy, in.q = x, in.gate) in one pass over memory,
+  // for layouts that suit it. They return false, having written nothing, when the layout does
+  // not suit them; the op bodies then run the passes above.
+  bool (*train_resident)(const Operands& in, const Layout& layout, const at::Tensor& weight,
+                         const at::Tensor& bias, double eps, const at::Tensor& mean,
+                         const at::Tensor& var, const at::Tensor& out);
   bool (*backward_resident)(const Operands& in, const Layout& layout, const at::Tensor& mean,
                             const at::Tensor& var, const at::Tensor& weight, double eps,
                             const at::Tensor& grad_input, const at::Tensor& grad_weight,

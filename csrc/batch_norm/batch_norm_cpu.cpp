@@ -15,9 +15,9 @@
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows
 //   (channels-last rows of 4 KB or more four at a time; of 32, 64 or 128 channels with the
 //   coefficients held across rows), in spans of at most kSpan elements.
-// Resident backward: for channels-first memory with small channels, a training backward runs
-//   reduction and elementwise pass over a group of channels, the second pass reading from cache:
-//   one pass over memory in all (see "cache-resident" below).
+// Resident variants: for channels-first memory with small channels, a training forward or
+//   backward runs reduction and elementwise pass over a group of channels, the second pass
+//   reading from cache: one pass over memory in all (see "cache-resident" below).
 // Row-level sums use 16 independent accumulators (enough to hide the add latency), in the opmath
 // type, held as the build's SIMD vectors (float: four 16-byte ones in the baseline build, two
 // 32-byte ones with AVX2, one 64-byte one with AVX-512; the same values go to the same lane in
@@ -952,19 +952,12 @@ void affine_cpu(const Operands& in, const Layout& l, const at::Tensor& coeffs, c
 
 // ----------------------------------------------------------------------- cache-resident
 
-// Channels-first memory with at least one channel per thread and small channels: a task of the
-// training backward takes a group of channels, runs the gradient sums over their rows and then,
-// with their coefficients, the elementwise pass over the same rows, which it finds in cache.
-// Memory traffic drops from two reads to one (read dy, x [, gate], write dx [, the gated dy]).
-// Both passes walk the group's rows in memory order, G * S elements at a time, so that small
-// spatial sizes still read long runs of memory. The training forward had the same (statistics,
-// then the elementwise pass from cache) until 2026-12-05, when it measured as fast as the
-// separate passes or slower on the development machine (AMD EPYC Zen 4; alternating processes,
-// three runs: 8x256x56x56 and 8x64x112x112 bfloat16 and float16 1.02-1.29x the time of the
-// separate passes, float32 0.86-1.20x, smaller shapes 0.87-1.5x): its elementwise pass costs as
-// much with x in cache as from memory, bound by the output's stores. The backward measured
-// 0.7-1.1x the separate passes' time at 8x64x56x56 and up, the same way (up to 1.4x in a noisy
-// run), but 1.0-2.8x at 256x64x8x8 (rows of 64 elements): a limit on short rows is left to do.
+// Channels-first memory with at least one channel per thread and small channels: a task takes a
+// group of channels, runs the reduction over their rows and then, with their coefficients, the
+// elementwise pass over the same rows, which it finds in cache. Memory traffic drops from two
+// reads to one (training forward: read x, write y; backward: read dy, x [, gate], write dx
+// [, the gated dy]). Both passes walk the group's rows in memory order, G * S elements at a time,
+// so that small spatial sizes still read long runs of memory.
 // Each channel's sums run in the same order as in the separate passes (whose tasks are single
 // channels when there are as many channels as threads), so results are bit-identical.
 // A channel's operands that the second pass reads again must stay in cache between the passes:
@@ -994,6 +987,53 @@ void for_groups(const Layout& l, int64_t G, const Fn& fn) {
   });
 }
 
+// The kChannelCoeffs coefficients of each channel of a group, and the group's elementwise pass
+// with them (the second pass of both resident functions), in memory order.
+template <typename opmath_t>
+using GroupCoeffs = std::vector<std::array<opmath_t, kChannelCoeffs>>;
+
+template <typename V, typename scalar_t, typename opmath_t>
+void affine_group(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t c0, int64_t c1,
+                  const GroupCoeffs<opmath_t>& k, scalar_t* out) {
+  for_rows<1, scalar_t>(l, c0, c1, 0, l.N, [&](int64_t c, int64_t off, int64_t, auto) {
+    affine_row<V>(in, off, l.S, k[c - c0].data(), out);
+  });
+}
+
+bool train_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& weight,
+                        const at::Tensor& bias, double eps, const at::Tensor& mean_t,
+                        const at::Tensor& var_t, const at::Tensor& out) {
+  const int64_t G = resident_group(l, out.element_size(), out.element_size());  // x read, out written
+  if (G == 0) return false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "modekernels_bn_train_resident", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    dispatch_param(weight.defined() ? weight : bias, mean_t.scalar_type(), [&](auto tag) {
+      using P = std::remove_pointer_t<decltype(tag)>;
+      const auto ptrs = affine_ptrs<scalar_t>(in);
+      const P* w = ptr_or_null<P>(weight);
+      const P* b = ptr_or_null<P>(bias);
+      opmath_t* mean = mean_t.data_ptr<opmath_t>();
+      opmath_t* var = var_t.data_ptr<opmath_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      with_variant(ptrs, [&](auto v) {
+        for_groups(l, G, [&](int64_t c0, int64_t c1) {
+          std::vector<Moments<double>> m(c1 - c0);
+          GroupCoeffs<opmath_t> k(c1 - c0);
+          channel_moments<scalar_t, opmath_t>(ptrs.q, l, c0, c1, 0, l.N, m.data());
+          for (int64_t c = c0; c < c1; ++c) {
+            mean[c] = static_cast<opmath_t>(m[c - c0].mean);
+            var[c] = static_cast<opmath_t>(m[c - c0].m2 / m[c - c0].n);
+            forward_coeffs<opmath_t, P>(0, 1, mean + c, var + c, w ? w + c : nullptr,
+                                        b ? b + c : nullptr, eps, k[c - c0].data());
+          }
+          affine_group<decltype(v)>(ptrs, l, c0, c1, k, o);
+        });
+      });
+    });
+  });
+  return true;
+}
+
 bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& mean_t,
                            const at::Tensor& var_t, const at::Tensor& weight, double eps,
                            const at::Tensor& grad_input, const at::Tensor& grad_weight,
@@ -1019,7 +1059,7 @@ bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor
       with_variant(ptrs, [&](auto v) {
         for_groups(l, G, [&](int64_t c0, int64_t c1) {
           std::vector<double> sdy(c1 - c0), sdx(c1 - c0);
-          std::vector<std::array<opmath_t, kChannelCoeffs>> k(c1 - c0);
+          GroupCoeffs<opmath_t> k(c1 - c0);
           channel_grad_sums<scalar_t, opmath_t>(ptrs.p, ptrs.gate, ptrs.q, l, c0, c1, 0, l.N, mean,
                                                 sdy.data(), sdx.data());
           for (int64_t c = c0; c < c1; ++c) {
@@ -1031,9 +1071,7 @@ bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor
                                          gb ? gb + c : nullptr);
             gate_coeffs(ptrs.gate, c, kc);
           }
-          for_rows<1, scalar_t>(l, c0, c1, 0, l.N, [&](int64_t c, int64_t off, int64_t, auto) {
-            affine_row<decltype(v)>(ptrs, off, l.S, k[c - c0].data(), o);
-          });
+          affine_group<decltype(v)>(ptrs, l, c0, c1, k, o);
         });
       });
     });
@@ -1110,7 +1148,7 @@ void update_running_cpu(const at::Tensor& running_mean, const at::Tensor& runnin
 extern const Backend kCpu;
 const Backend kCpu = {moments_cpu,        grad_sums_cpu,      forward_coeffs_cpu,
                       backward_coeffs_cpu, affine_cpu,         update_running_cpu,
-                      backward_resident_cpu};
+                      train_resident_cpu,  backward_resident_cpu};
 
 }  // namespace MK_CPU_ISA
 

@@ -469,7 +469,7 @@ void update_running_cuda(const at::Tensor& running_mean, const at::Tensor& runni
 
 const Backend kCuda = {moments_cuda,         grad_sums_cuda, forward_coeffs_cuda,
                        backward_coeffs_cuda, affine_cuda,    update_running_cuda,
-                       nullptr};
+                       nullptr,              nullptr};
 
 }  // namespace
 
