@@ -968,6 +968,13 @@ void affine_cpu(const Operands& in, const Layout& l, const at::Tensor& coeffs, c
 // the group's operands just before they are read.
 constexpr int64_t kResidentBytes = 384 << 10;
 
+// The backward's resident pass is for rows of at least kMinResidentRow elements: on 512x32x4x4 it
+// took 1.03-2.9x the time of the separate passes (float32 and bfloat16, alternating processes,
+// three runs; 2026-12-05). With rows of 64 (256x64x8x8) float32 was 1.8-2.2x faster apart too
+// (medians over seven runs) but bfloat16 0.93-1.05x, and with 49 (64x512x7x7) 1.09-1.22x and
+// 0.90-0.97x: those keep the resident pass.
+constexpr int64_t kMinResidentRow = 32;
+
 // Channels per group of the cache-resident passes, or 0 where the layout does not suit them. The
 // second pass reads `reread` and writes `written` bytes per element. At least two groups per
 // thread.
@@ -1043,7 +1050,7 @@ bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor
   const int64_t written = in.gated_out.defined() ? 2 : 1;  // dx [and the gated dy]
   const int64_t G = resident_group(l, reread * grad_input.element_size(),
                                    written * grad_input.element_size());
-  if (G == 0) return false;
+  if (G == 0 || l.S < kMinResidentRow) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_input.scalar_type(), "modekernels_bn_backward_resident", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     dispatch_param(weight.defined() ? weight : grad_bias, mean_t.scalar_type(), [&](auto tag) {
