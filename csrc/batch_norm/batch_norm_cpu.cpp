@@ -970,7 +970,7 @@ constexpr int64_t kResidentBytes = 384 << 10;
 
 // The backward's resident pass is for rows of at least kMinResidentRow elements: on 512x32x4x4 it
 // took 1.03-2.9x the time of the separate passes (float32 and bfloat16, alternating processes,
-// three runs; 2026-12-05). With rows of 64 (256x64x8x8) float32 was 1.8-2.2x faster apart too
+// five runs; 2026-12-05). With rows of 64 (256x64x8x8) float32 was 1.8-2.2x faster apart too
 // (medians over seven runs) but bfloat16 0.93-1.05x, and with 49 (64x512x7x7) 1.09-1.22x and
 // 0.90-0.97x: those keep the resident pass.
 constexpr int64_t kMinResidentRow = 32;
