@@ -20,6 +20,15 @@ def _in_layout(t, stride):
     return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
+def _check_devices(family, reference, like, **tensors):
+    """The kernels' device check (csrc), for the fake kernels, which a meta or fake input reaches
+    even beside real tensors on another device: each of `tensors` on reference's device."""
+    for name, t in tensors.items():
+        if t is not None and t.device != reference.device:
+            raise RuntimeError(f"modekernels {family}: expected {name} on {reference.device} like "
+                               f"{like}, but got {t.device}")
+
+
 # Forward-mode AD (torch.autograd.forward_ad): the ops' C++ autograd kernels carry tangents
 # (csrc/common/autograd.h). Here only the in-place dropouts, whose Python Function has no
 # forward-mode formula, and the BatchNorm backward op, whose autograd is the Python double
@@ -103,11 +112,13 @@ def _(input, p, generator=None):
 
 @torch.library.register_fake("modekernels::dropout_add")
 def _(input, residual, p, generator=None):
+    _check_devices("dropout", input, "input", residual=residual)
     return torch.empty_like(input), _state_fake(input)
 
 
 @torch.library.register_fake("modekernels::bias_dropout_add")
 def _(input, bias, residual, p, generator=None):
+    _check_devices("dropout", input, "input", bias=bias, residual=residual)
     return torch.empty_like(input, memory_format=torch.contiguous_format), _state_fake(input)
 
 
@@ -123,11 +134,13 @@ def _(input, p, generator=None):
 
 @torch.library.register_fake("modekernels::dropout_backward")
 def _(grad_output, rng_state, p):
+    _check_devices("dropout", grad_output, "grad_output", rng_state=rng_state)
     return torch.empty_like(grad_output)
 
 
 @torch.library.register_fake("modekernels::feature_dropout_backward")
 def _(grad_output, rng_state, p):
+    _check_devices("dropout", grad_output, "grad_output", rng_state=rng_state)
     return torch.empty_like(grad_output, memory_format=_feature_format(grad_output))
 
 
@@ -286,12 +299,15 @@ def batch_norm_update_stats_(running_mean, running_var, mean, var, count, moment
 
 @torch.library.register_fake("modekernels::batch_norm_train")
 def _(input, weight, bias, eps, residual=None, relu=False):
+    _check_devices("batch_norm", input, "input", weight=weight, bias=bias, residual=residual)
     mean, var = _channel_stats_fake(input)
     return torch.empty_like(input, memory_format=_channels_format(input)), mean, var
 
 
 @torch.library.register_fake("modekernels::batch_norm_eval")
 def _(input, running_mean, running_var, weight, bias, eps, residual=None, relu=False):
+    _check_devices("batch_norm", input, "input", running_mean=running_mean, running_var=running_var,
+                   weight=weight, bias=bias, residual=residual)
     return torch.empty_like(input, memory_format=_channels_format(input))
 
 
@@ -341,12 +357,16 @@ def _(input):
 
 @torch.library.register_fake("modekernels::batch_norm_grad_sums")
 def _(grad_output, input, mean):
+    _check_devices("batch_norm", input, "input", grad_output=grad_output, mean=mean)
     return _channel_stats_fake(input)
 
 
 @torch.library.register_fake("modekernels::batch_norm_backward")
 def _(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy=None,
       sum_dy_xmu=None, count=None, relu_output=None, residual_grad=False, relu=False, bias=None):
+    _check_devices("batch_norm", input, "input", grad_output=grad_output, mean=mean, var=var,
+                   weight=weight, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, relu_output=relu_output,
+                   bias=bias)
     param_dtype = weight.dtype if weight is not None else _opmath(input.dtype)
     C = input.shape[1]
 
@@ -361,6 +381,8 @@ def _(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy=
 
 @torch.library.register_fake("modekernels::batch_norm_update_stats_")
 def _(running_mean, running_var, mean, var, count, momentum, num_batches_tracked):
+    _check_devices("batch_norm", mean, "mean", running_mean=running_mean, running_var=running_var,
+                   var=var, num_batches_tracked=num_batches_tracked)
     return None
 
 

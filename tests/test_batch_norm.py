@@ -313,6 +313,27 @@ def test_mismatched_param_dtype_is_an_error():
         mkops.batch_norm_eval(x.double(), torch.zeros(3), torch.ones(3, dtype=torch.float64), None, None, 1e-5)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", ["bn", "bn-relu", "bn-add-relu-meta-residual"])
+def test_meta_input_beside_cpu_tensors_is_an_error_and_changes_nothing(training, case):
+    # Meta (and fake) tensors reach the fake kernels, which check devices as the kernels do.
+    cls = {"bn": modekernels.BatchNorm2d, "bn-relu": modekernels.BatchNormReLU2d,
+           "bn-add-relu-meta-residual": modekernels.BatchNormAddReLU2d}[case]
+    module = cls(3).train(training)
+    before = state_of(module)
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="on (meta|cpu) like input, but got (cpu|meta)"):
+        if case.startswith("bn-add-relu"):
+            module(x, torch.empty_like(x, device="meta"))
+        else:
+            module(x.to("meta"))
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    meta = cls(3, device="meta").train(training)  # all on meta: shapes only, as torch's
+    y = meta(x.to("meta"), x.to("meta")) if case.startswith("bn-add-relu") else meta(x.to("meta"))
+    assert y.device.type == "meta" and y.shape == x.shape
+
+
 @cuda
 def test_device_mismatch_is_an_error():
     with pytest.raises(RuntimeError, match="weight on cuda"):

@@ -433,6 +433,8 @@ def test_dropout_add_checks_alike_in_both_modes(training):
         MF.bias_dropout_add(x, torch.randn(8), x.double(), 0.5, training)  # no type promotion
     with pytest.raises(ValueError, match="between 0 and 1"):
         MF.dropout_add(x, x, 1.5, training)
+    with pytest.raises(RuntimeError, match="expected residual on cpu like input, but got meta"):
+        MF.dropout_add(x, torch.empty_like(x, device="meta"), 0.5, training)  # to the fake kernel
 
 
 # -------------------------------------------------------------------- channel-wise dropout
