@@ -122,13 +122,19 @@ def _(input, bias, residual, p, generator=None):
     return torch.empty_like(input, memory_format=torch.contiguous_format), _state_fake(input)
 
 
+def _check_feature_input(input):
+    torch._check(input.dim() >= 2, lambda: "Feature dropout requires at least 2 dimensions in the input")
+
+
 @torch.library.register_fake("modekernels::feature_dropout")
 def _(input, p, generator=None):
+    _check_feature_input(input)
     return torch.empty_like(input, memory_format=_feature_format(input)), _state_fake(input)
 
 
 @torch.library.register_fake("modekernels::feature_dropout_")
 def _(input, p, generator=None):
+    _check_feature_input(input)
     return _state_fake(input)
 
 

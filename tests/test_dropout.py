@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -206,6 +207,16 @@ def test_unsupported_dtype_is_clear_error_and_mutates_nothing(dtype, inplace):
     with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
         MF.dropout(x, 0.5, inplace=inplace)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("shape", [(), (5,)], ids=["0d", "1d"])
+def test_feature_dropout_of_fewer_than_2_dims_is_torch_error(device, shape):
+    x = torch.randn(shape, device=device)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.functional.dropout2d(x, 0.5)
+    with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
+        modekernels.Dropout2d(0.5)(x)
 
 
 @cuda

@@ -57,8 +57,7 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& input) 
 // Channel-wise dropout walks (N, C, S) or channels-last (N, S, C) memory; other layouts are
 // copied into the first. Fills the Fusion's unit description for `t` as laid out.
 at::Tensor feature_layout(const at::Tensor& t, Fusion& fusion) {
-  TORCH_CHECK_VALUE(t.dim() >= 2, "modekernels feature dropout: expected an (N, C, ...) input, but got ",
-                    t.dim(), "D");
+  TORCH_CHECK(t.dim() >= 2, "Feature dropout requires at least 2 dimensions in the input");  // torch's
   const int64_t N = t.size(0);
   const int64_t C = t.size(1);
   const auto fmt = t.suggest_memory_format();
