@@ -212,10 +212,13 @@ def test_unsupported_dtype_is_clear_error_and_mutates_nothing(dtype, inplace):
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize("shape", [(), (5,)], ids=["0d", "1d"])
 def test_feature_dropout_of_fewer_than_2_dims_is_torch_error(device, shape):
+    # After torch's deprecation warning for such inputs, which ours gives too.
     x = torch.randn(shape, device=device)
-    with pytest.raises(RuntimeError) as theirs:
+    warning = f"dropout2d: Received a {len(shape)}-D input"
+    with pytest.raises(RuntimeError) as theirs, pytest.warns(UserWarning, match=warning):
         torch.nn.functional.dropout2d(x, 0.5)
-    with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
+    with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))), \
+            pytest.warns(UserWarning, match=warning):
         modekernels.Dropout2d(0.5)(x)
 
 
