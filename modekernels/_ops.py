@@ -123,7 +123,8 @@ def _(input, bias, residual, p, generator=None):
 
 
 def _check_feature_input(input):
-    torch._check(input.dim() >= 2, lambda: "Feature dropout requires at least 2 dimensions in the input")
+    torch._check(input.dim() >= 2,
+                 lambda: "Feature dropout requires at least 2 dimensions in the input")
 
 
 @torch.library.register_fake("modekernels::feature_dropout")

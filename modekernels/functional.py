@@ -21,6 +21,14 @@ def _torch_function(fn):
     return public
 
 
+def _warn(message):
+    """torch's deprecation warnings for some input ranks, pointed at the caller. Not while
+    torch.compile traces, which cannot take warnings.warn in a full graph; torch's functionals
+    sit in its graphs whole and compile with these inputs too."""
+    if not torch.compiler.is_compiling():
+        warnings.warn(message, stacklevel=4)  # _warn, the functional, its public wrapper
+
+
 @_torch_function
 def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout on modekernels' fused kernels.
@@ -119,21 +127,19 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
     """
     _check_p(p)
     if input.dim() not in (3, 4):
-        warnings.warn(
+        _warn(
             f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated "
             "and will result in an error in a future release. To retain the behavior "
             "and silence this warning, please use dropout instead. Note that dropout2d "
             "exists to provide channel-wise dropout on inputs with 2 spatial dimensions, "
-            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
-            stacklevel=2)
+            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).")
     if input.dim() == 3:
-        warnings.warn(
+        _warn(
             "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
             "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
             "is the channel dim. This behavior will change in a future release to interpret the "
             "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
-            "channel-wise dropout behavior, please switch to using dropout1d instead.",
-            stacklevel=2)
+            "channel-wise dropout behavior, please switch to using dropout1d instead.")
     return _feature_dropout(input, p, training, inplace, generator)
 
 
@@ -142,13 +148,12 @@ def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout3d: one mask per channel of (N, C, D, H, W) or (C, D, H, W)."""
     _check_p(p)
     if input.dim() not in (4, 5):
-        warnings.warn(
+        _warn(
             f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated "
             "and will result in an error in a future release. To retain the behavior "
             "and silence this warning, please use dropout instead. Note that dropout3d "
             "exists to provide channel-wise dropout on inputs with 3 spatial dimensions, "
-            "a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).",
-            stacklevel=2)
+            "a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).")
     return _unbatched_feature_dropout(input, input.dim() == 5, p, training, inplace, generator)
 
 

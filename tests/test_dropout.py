@@ -468,6 +468,20 @@ def test_torch_compile_fullgraph_matches_eager(device):
         model.zero_grad()
 
 
+@pytest.mark.parametrize("cls", [modekernels.Dropout2d, modekernels.Dropout3d], ids=["2d", "3d"])
+def test_torch_compile_fullgraph_takes_the_warned_input_ranks(cls):
+    # A 3-D input: eager warns as torch does; a compiled graph cannot hold warnings.warn, and
+    # compiles as torch's does, with the same masks.
+    torch._dynamo.reset()
+    model = cls(0.5)
+    x = torch.randn(6, 5, 7)
+    with pytest.warns(UserWarning, match=f"{cls.__name__.lower()}: Received a"):
+        torch.manual_seed(0)
+        eager = model(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), eager)
+
+
 def test_saved_state_is_16_bytes():
     x = torch.randn(8, 256, 56, 56, requires_grad=True)
     saved = []
