@@ -55,9 +55,18 @@ def dropout(input, p, generator=None):
     return _ops.dropout.default(input, p, generator)
 
 
+def _copied_back(input):
+    """Whether an in-place dropout runs out of place and is copied into input, which autograd
+    records as torch's copy_: under forward-mode AD, for which the autograd.Function has no
+    formula, and while torch.compile traces, which drops the Function's mark_dirty
+    (pytorch/pytorch#133491; torch 2.14 still): an input from outside the graph would then get
+    its gradient without the mask."""
+    return torch.compiler.is_compiling() or _split_duals(input)[1] is not None
+
+
 def dropout_(input, p, generator=None):
     """In-place dropout; returns input. Differentiable through an autograd.Function."""
-    if _split_duals(input)[1] is not None:  # forward-mode AD: out of place, copied back
+    if _copied_back(input):
         return input.copy_(dropout(input, p, generator)[0])
     return _DropoutInplace.apply(input, p, generator, False)[0]
 
@@ -79,7 +88,7 @@ def feature_dropout(input, p, generator=None):
 
 def feature_dropout_(input, p, generator=None):
     """In-place channel-wise dropout; returns input."""
-    if _split_duals(input)[1] is not None:
+    if _copied_back(input):
         return input.copy_(feature_dropout(input, p, generator)[0])
     return _DropoutInplace.apply(input, p, generator, True)[0]
 

@@ -468,6 +468,27 @@ def test_torch_compile_fullgraph_matches_eager(device):
         model.zero_grad()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", [modekernels.Dropout, modekernels.Dropout1d], ids=["elementwise", "channel"])
+def test_torch_compile_inplace_dropout_of_a_graph_input_keeps_the_mask_in_the_gradient(device, cls):
+    # The compiled block starts with the in-place dropout of an input computed outside it, which
+    # requires grad: its gradient must carry the mask, and the input be changed as in eager.
+    torch._dynamo.reset()
+    block = torch.nn.Sequential(cls(0.5, inplace=True), torch.nn.Flatten(),
+                                torch.nn.Linear(24, 3)).to(device)
+    x0 = torch.randn(4, 6, 4, device=device)
+    results = []
+    for fn in (block, torch.compile(block, fullgraph=True)):
+        x = x0.clone().requires_grad_()
+        h = x * 2.0
+        torch.manual_seed(0)
+        y = fn(h)
+        y.sum().backward()
+        results.append((y, h, x.grad))
+    torch.testing.assert_close(results[1], results[0])
+    assert (results[0][2] == 0).any()  # the mask dropped some
+
+
 @pytest.mark.parametrize("cls", [modekernels.Dropout2d, modekernels.Dropout3d], ids=["2d", "3d"])
 def test_torch_compile_fullgraph_takes_the_warned_input_ranks(cls):
     # A 3-D input: eager warns as torch does; a compiled graph cannot hold warnings.warn, and
