@@ -58,10 +58,12 @@ def dropout(input, p, generator=None):
 def _copied_back(input):
     """Whether an in-place dropout runs out of place and is copied into input, which autograd
     records as torch's copy_: under forward-mode AD, for which the autograd.Function has no
-    formula, and while torch.compile traces, which drops the Function's mark_dirty
-    (pytorch/pytorch#133491; torch 2.14 still): an input from outside the graph would then get
-    its gradient without the mask."""
-    return torch.compiler.is_compiling() or _split_duals(input)[1] is not None
+    formula; for a view that requires grad, which autograd allows a Function to change in place
+    only if it returns that view alone (ours also returns the rng_state); and while torch.compile
+    traces, which drops the Function's mark_dirty (pytorch/pytorch#133491; torch 2.14 still): an
+    input from outside the graph would then get its gradient without the mask."""
+    return (torch.compiler.is_compiling() or (input.requires_grad and input._base is not None)
+            or _split_duals(input)[1] is not None)
 
 
 def dropout_(input, p, generator=None):

@@ -296,6 +296,24 @@ def test_inplace_on_a_leaf_that_requires_grad_is_torch_error():
         MF.dropout(leaf, 0.5, inplace=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fn", [MF.dropout, MF.dropout2d], ids=["elementwise", "channel"])
+def test_inplace_on_a_view_of_a_tensor_that_requires_grad_works_as_torch(device, fn):
+    # Every other channel of an activation, dropped in place: the base's gradient is the mask
+    # (times 1/(1-p)) there and untouched elsewhere, as with torch's in-place dropout.
+    x = torch.randn(4, 6, 5, 5, device=device, requires_grad=True)
+    h = x * 1.0
+    view = h[:, ::2]
+    before = view.detach().clone()
+    fn(view, 0.5, True, inplace=True)
+    h.backward(torch.ones_like(h))
+    kept = view.detach() != 0
+    assert kept.any() and not kept.all()
+    torch.testing.assert_close(view.detach(), torch.where(kept, before * 2, 0.0))
+    torch.testing.assert_close(x.grad[:, ::2], kept.float() * 2)
+    torch.testing.assert_close(x.grad[:, 1::2], torch.ones_like(x.grad[:, 1::2]))
+
+
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 @pytest.mark.parametrize("device", DEVICES)
 def test_jagged_nested_tensor_like_torch(device):
