@@ -57,12 +57,12 @@ def dropout(input, p, generator=None):
 
 def _copied_back(input):
     """Whether an in-place dropout runs out of place and is copied into input, which autograd
-    records as torch's copy_: under forward-mode AD, for which the autograd.Function has no
-    formula; for a view that requires grad, which autograd allows a Function to change in place
-    only if it returns that view alone (ours also returns the rng_state); and while torch.compile
-    traces, which drops the Function's mark_dirty (pytorch/pytorch#133491; torch 2.14 still): an
-    input from outside the graph would then get its gradient without the mask."""
-    return (torch.compiler.is_compiling() or (input.requires_grad and input._base is not None)
+    and torch's transforms record as torch's copy_, instead of through _DropoutInplace: under
+    torch.func's transforms (vmap, grad, jacrev, ...) and forward-mode AD, which that Function
+    does not support; and while torch.compile traces, which drops its mark_dirty
+    (pytorch/pytorch#133491; torch 2.14 still): an input from outside the graph would then get
+    its gradient without the mask."""
+    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
             or _split_duals(input)[1] is not None)
 
 
@@ -70,7 +70,7 @@ def dropout_(input, p, generator=None):
     """In-place dropout; returns input. Differentiable through an autograd.Function."""
     if _copied_back(input):
         return input.copy_(dropout(input, p, generator)[0])
-    return _DropoutInplace.apply(input, p, generator, False)[0]
+    return _DropoutInplace.apply(input, p, generator, False)
 
 
 def dropout_add(input, residual, p, generator=None):
@@ -92,7 +92,7 @@ def feature_dropout_(input, p, generator=None):
     """In-place channel-wise dropout; returns input."""
     if _copied_back(input):
         return input.copy_(feature_dropout(input, p, generator)[0])
-    return _DropoutInplace.apply(input, p, generator, True)[0]
+    return _DropoutInplace.apply(input, p, generator, True)
 
 
 def dropout_backward(grad_output, rng_state, p, stride=None):
@@ -173,31 +173,21 @@ def _mask(grad, rng_state, p, stride, feature):
 
 
 class _DropoutInplace(torch.autograd.Function):
-    # The mutating ops' autograd: forward(input, p, generator, feature) -> (input, rng_state).
+    # The mutating ops' autograd: forward(input, p, generator, feature) -> input. It returns the
+    # changed input alone, which autograd requires where input is a view, and keeps the
+    # rng_state for the backward as an intermediate.
     @staticmethod
-    def forward(input, p, generator, feature):
+    def forward(ctx, input, p, generator, feature):
         op = _ops.feature_dropout_ if feature else _ops.dropout_
-        return input, op.default(input, p, generator)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, p, _, feature = inputs
+        rng_state = op.default(input, p, generator)
         ctx.mark_dirty(input)
-        ctx.mark_non_differentiable(output[1])
         ctx.p, ctx.feature, ctx.stride = p, feature, input.stride()
-        ctx.save_for_backward(output[1])
+        ctx.save_for_backward(rng_state)
+        return input
 
     @staticmethod
-    def backward(ctx, grad, _grad_state):
+    def backward(ctx, grad):
         return _mask(grad, ctx.saved_tensors[0], ctx.p, ctx.stride, ctx.feature), None, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, input, p, generator, feature):
-        # The out-of-place op's vmap rule, written back into input.
-        (out, rng_state), _ = (_feature_dropout_vmap if feature else _dropout_vmap)(
-            info, in_dims[:1], input, p, generator)
-        input.movedim(in_dims[0], 0).copy_(out)
-        return (input, rng_state), (in_dims[0], None)
 
 
 # vmap: the randomness modes of torch.vmap, as torch's own random ops follow them. "error" raises;

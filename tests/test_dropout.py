@@ -388,13 +388,15 @@ def test_torch_func_reverse_transforms_match_autograd(case):
 
 
 @pytest.mark.parametrize("functional", [MF.dropout, MF.dropout1d], ids=["dropout", "dropout1d"])
-def test_per_sample_gradients_with_vmap_over_grad(functional):
+@pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace"])
+def test_per_sample_gradients_with_vmap_over_grad(functional, inplace):
     # Per-sample gradients (vmap of grad). randomness="same": every sample has the mask that one
     # sample alone draws from the same generator state.
     w, x, weights = torch.randn(5, 8), torch.randn(6, 5, 8), torch.randn(5, 8)
 
     def loss(w, sample, seed=3):
-        out = functional(sample * w, 0.4, generator=torch.Generator().manual_seed(seed))
+        out = functional(sample * w, 0.4, inplace=inplace,
+                         generator=torch.Generator().manual_seed(seed))
         return (out * weights).sum()
 
     per_sample = torch.vmap(torch.func.grad(loss), in_dims=(None, 0), randomness="same")(w, x)
