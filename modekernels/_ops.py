@@ -66,11 +66,16 @@ def _copied_back(input):
             or _split_duals(input)[1] is not None)
 
 
-def dropout_(input, p, generator=None):
-    """In-place dropout; returns input. Differentiable through an autograd.Function."""
+def _inplace(input, p, generator, feature):
     if _copied_back(input):
-        return input.copy_(dropout(input, p, generator)[0])
-    return _DropoutInplace.apply(input, p, generator, False)
+        return input.copy_((feature_dropout if feature else dropout)(input, p, generator)[0])
+    return _DropoutInplace.apply(input, p, generator, feature)
+
+
+def dropout_(input, p, generator=None):
+    """In-place dropout; returns input. Differentiable through _DropoutInplace, or copied back
+    (_copied_back)."""
+    return _inplace(input, p, generator, False)
 
 
 def dropout_add(input, residual, p, generator=None):
@@ -90,9 +95,7 @@ def feature_dropout(input, p, generator=None):
 
 def feature_dropout_(input, p, generator=None):
     """In-place channel-wise dropout; returns input."""
-    if _copied_back(input):
-        return input.copy_(feature_dropout(input, p, generator)[0])
-    return _DropoutInplace.apply(input, p, generator, True)
+    return _inplace(input, p, generator, True)
 
 
 def dropout_backward(grad_output, rng_state, p, stride=None):
