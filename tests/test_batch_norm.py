@@ -296,13 +296,49 @@ def test_per_channel_tensors_may_be_views(device, training, fused):
     torch.testing.assert_close(results[1], results[0], **BN_TOL[torch.float32])
 
 
-def test_non_positive_eps_is_torch_error_and_changes_nothing():
-    ours = modekernels.BatchNorm2d(6, eps=0.0)
-    before = state_of(ours)
-    with pytest.raises(ValueError, match="batch_norm eps must be positive during training, but got 0"):
-        ours(torch.randn(4, 6, 3, 3))
-    for k, v in ours.state_dict().items():
-        assert torch.equal(v, before[k]), k
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("eps", [-1.0, 0.0, float("nan")], ids=str)
+def test_eps_is_checked_as_torch_checks_it(training, eps):
+    # torch: eps <= 0 raises in training, eps < 0 in eval; a NaN eps passes and gives NaN outputs.
+    theirs, ours = twin_modules("2d", "default", "cpu")
+    for m in (theirs, ours):
+        m.eps = eps
+        m.train(training)
+    x = torch.randn(4, 6, 7, 9)
+    try:
+        expected = theirs(x)
+    except ValueError as error:
+        before = state_of(ours)
+        with pytest.raises(ValueError, match=re.escape(str(error).removesuffix(".0"))):
+            ours(x)
+        assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+        return
+    torch.testing.assert_close(ours(x), expected, equal_nan=True, **BN_TOL[torch.float32])
+    assert_same_state(theirs, ours, BN_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [-0.5, 0.0, 1.0, 1.5, float("inf"), float("nan")], ids=str)
+def test_any_momentum_updates_the_running_statistics_as_torch(device, momentum):
+    # Every float is a momentum to torch. The kernels once took a negative or NaN one for
+    # momentum=None's cumulative average (silently, with the module's counter).
+    theirs, ours = twin_modules("2d", "default", device)
+    theirs.momentum = ours.momentum = momentum
+    for _ in range(2):
+        x = torch.randn(4, 6, 7, 9, device=device)
+        torch.testing.assert_close(ours(x), theirs(x), **BN_TOL[torch.float32])
+    assert_same_state(theirs, ours, {**BN_TOL[torch.float32], "equal_nan": True})
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["weight", "running_mean", "running_var"])
+def test_a_per_channel_tensor_of_two_dimensions_is_named_and_changes_nothing(training, name):
+    tensors = dict(running_mean=torch.zeros(6), running_var=torch.ones(6), weight=torch.ones(6))
+    tensors[name] = tensors[name].view(2, 3)
+    before = {k: v.clone() for k, v in tensors.items()}
+    with pytest.raises(RuntimeError, match=rf"expected {name} to be 1-D, but got shape \[2, 3\]"):
+        MF.batch_norm(torch.randn(4, 6), training=training, **tensors)
+    assert all(torch.equal(v, before[k]) for k, v in tensors.items())
 
 
 def test_mismatched_param_dtype_is_an_error():

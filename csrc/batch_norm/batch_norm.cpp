@@ -20,12 +20,17 @@ void check_input(const at::Tensor& input, const char* name) {
                     " with at least 2 dimensions (N, C, ...), but got ", input.dim(), "D");
 }
 
+// A per-channel tensor's shape: (C,), with torch's message for another element count.
+void check_channel_shape(const at::Tensor& t, const char* name, int64_t C) {
+  TORCH_CHECK(t.numel() == C, name, " should contain ", C, " elements not ", t.numel());
+  TORCH_CHECK(t.dim() == 1, "modekernels batch_norm: expected ", name, " to be 1-D, but got shape ",
+              t.sizes());
+}
+
 // A per-channel tensor: (C,), on input's device, in input's dtype or (for float16/bfloat16
 // inputs) float32.
 void check_channel(const at::Tensor& t, const char* name, const at::Tensor& input) {
-  const int64_t C = input.size(1);
-  TORCH_CHECK(t.dim() == 1 && t.numel() == C, name, " should contain ", C, " elements not ",
-              t.numel());
+  check_channel_shape(t, name, input.size(1));
   TORCH_CHECK(t.device() == input.device(), "modekernels batch_norm: expected ", name, " on ",
               input.device(), " like input, but got ", t.device());
   const auto ok = t.scalar_type() == input.scalar_type() ||
@@ -149,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, co
   TORCH_CHECK_VALUE(per_channel_count(input) != 1,
                     "Expected more than 1 value per channel when training, got input size ",
                     input.sizes());
-  TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
+  // A NaN eps passes, as in torch's batch_norm (eps <= 0 raises), and gives NaN outputs.
+  TORCH_CHECK_VALUE(!(eps <= 0.0), "batch_norm eps must be positive during training, but got ", eps);
   const auto fmt = kernel_format(input);
   const at::Tensor r = like_input(residual, "residual", input, fmt);
   const at::Tensor x = dense(input, fmt);
@@ -181,7 +187,7 @@ at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
   check_channel(running_mean, "running_mean", input);
   check_channel(running_var, "running_var", input);
   check_params(input, weight, bias);
-  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+  TORCH_CHECK_VALUE(!(eps < 0.0), "batch_norm eps must be non-negative, but got ", eps);
   const auto fmt = kernel_format(input);
   const at::Tensor r = like_input(residual, "residual", input, fmt);
   const at::Tensor x = dense(input, fmt);
@@ -281,10 +287,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                   const at::Tensor& var, int64_t count, std::optional<double> momentum,
                   const OptTensor& num_batches_tracked, const Backend& be) {
-  const int64_t C = running_mean.numel();
-  TORCH_CHECK(running_mean.dim() == 1 && running_var.dim() == 1 && running_var.numel() == C &&
-                  mean.numel() == C && var.numel() == C,
-              "running_mean should contain ", mean.numel(), " elements not ", running_mean.numel());
+  const int64_t C = mean.numel();
+  TORCH_CHECK(var.numel() == C, "modekernels batch_norm: expected var of ", C, " elements like mean, but got ",
+              var.numel());
+  check_channel_shape(running_mean, "running_mean", C);
+  check_channel_shape(running_var, "running_var", C);
   TORCH_CHECK(running_mean.device() == mean.device() && running_var.device() == mean.device(),
               "modekernels batch_norm: expected running stats on ", mean.device(), ", but got ",
               running_mean.device(), " and ", running_var.device());
@@ -308,8 +315,8 @@ void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::T
   at::Tensor rm = running_mean.contiguous();
   at::Tensor rv = running_var.contiguous();
   // The kernels read the counter as int64 (torch's dtype for it; another is converted).
-  be.update_running(rm, rv, mean.contiguous(), var.contiguous(), count, momentum ? *momentum : -1.0,
-                    counter ? num_batches_tracked->to(at::kLong) : at::Tensor());
+  be.update_running(rm, rv, mean.contiguous(), var.contiguous(), count, momentum.value_or(0.0),
+                    momentum ? at::Tensor() : num_batches_tracked->to(at::kLong));
   if (!rm.is_same(running_mean)) running_mean.copy_(rm);
   if (!rv.is_same(running_var)) running_var.copy_(rv);
 }

@@ -86,7 +86,8 @@ struct Backend {
   // out (and in.gated_out) never alias an operand: the CPU kernel may compute an element twice.
   void (*affine)(const Operands& in, const Layout& layout, const at::Tensor& coeffs,
                  const at::Tensor& out);
-  // factor < 0 means the cumulative average 1 / num_batches_tracked (read on the device).
+  // With num_batches_tracked (momentum=None) the factor is the cumulative average
+  // 1 / num_batches_tracked, read on the device; without it, `factor` (any value, as in torch).
   void (*update_running)(const at::Tensor& running_mean, const at::Tensor& running_var,
                          const at::Tensor& mean, const at::Tensor& var, int64_t count,
                          double factor, const at::Tensor& num_batches_tracked);

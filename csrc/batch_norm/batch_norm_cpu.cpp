@@ -1137,8 +1137,9 @@ void update_running_cpu(const at::Tensor& running_mean, const at::Tensor& runnin
     using T = scalar_t;
     dispatch_param(running_mean, mean.scalar_type(), [&](auto tag) {
       using P = std::remove_pointer_t<decltype(tag)>;
-      const T f = factor >= 0.0 ? static_cast<T>(factor)
-                                : T(1) / static_cast<T>(num_batches_tracked.item<int64_t>());
+      const T f = num_batches_tracked.defined()
+                      ? T(1) / static_cast<T>(num_batches_tracked.item<int64_t>())
+                      : static_cast<T>(factor);
       const T* m = mean.const_data_ptr<T>();
       const T* v = var.const_data_ptr<T>();
       P* rm = running_mean.data_ptr<P>();

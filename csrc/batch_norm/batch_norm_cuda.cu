@@ -410,7 +410,7 @@ __global__ void update_running_kernel(int64_t C, const T* mean, const T* var, T 
                                       P* running_var) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const T f = factor >= 0.0 ? static_cast<T>(factor) : T(1) / static_cast<T>(*num_batches_tracked);
+  const T f = num_batches_tracked ? T(1) / static_cast<T>(*num_batches_tracked) : static_cast<T>(factor);
   update_running<T, P>(c, mean, var, count, f, running_mean, running_var);
 }
 
