@@ -66,15 +66,43 @@ def _copied_back(input):
             or _split_duals(input)[1] is not None)
 
 
+def _check_writable(input, recorded):
+    """The errors torch gives an in-place op on a leaf that requires grad (or a view of one) and
+    on an inference tensor outside inference mode, before the kernel writes: autograd raises the
+    first only after the op has run, and the mask would already be in input. Not while
+    torch.compile traces: it traces no view bases, and checks its graph inputs itself."""
+    if torch.compiler.is_compiling():
+        return
+    if recorded:
+        if input.is_leaf:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
+                               "operation.")
+        if input._is_view() and input._base.is_leaf:
+            raise RuntimeError("a view of a leaf Variable that requires grad is being used in an "
+                               "in-place operation.")
+    if input.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not "
+                           "allowed.You can make a clone to get a normal tensor before doing "
+                           "inplace update.See https://github.com/pytorch/rfcs/pull/17 for more "
+                           "details.")
+
+
 def _inplace(input, p, generator, feature):
+    """In-place dropout; returns input itself, as torch's does. Through _DropoutInplace where
+    autograd records the op, copied back where that Function cannot run (_copied_back), else the
+    bare op (a Function would return a detached alias of input under no_grad)."""
+    recorded = input.requires_grad and torch.is_grad_enabled()
+    _check_writable(input, recorded)
     if _copied_back(input):
         return input.copy_((feature_dropout if feature else dropout)(input, p, generator)[0])
-    return _DropoutInplace.apply(input, p, generator, feature)
+    if recorded:
+        return _DropoutInplace.apply(input, p, generator, feature)
+    (_ops.feature_dropout_ if feature else _ops.dropout_).default(input, p, generator)
+    return input
 
 
 def dropout_(input, p, generator=None):
-    """In-place dropout; returns input. Differentiable through _DropoutInplace, or copied back
-    (_copied_back)."""
+    """In-place dropout; returns input (_inplace)."""
     return _inplace(input, p, generator, False)
 
 

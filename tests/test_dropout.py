@@ -290,10 +290,30 @@ def test_inplace_equals_out_of_place_and_keeps_autograd(device, layout):
     torch.testing.assert_close(w.grad, (base * kept / 0.7).sum(), rtol=1e-5, atol=1e-4)
 
 
-def test_inplace_on_a_leaf_that_requires_grad_is_torch_error():
-    leaf = torch.randn(3, requires_grad=True)
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
-        MF.dropout(leaf, 0.5, inplace=True)
+def _inference_tensor():
+    with torch.inference_mode():
+        return torch.randn(4, 6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(4, 6, requires_grad=True),
+    lambda: torch.randn(4, 6, requires_grad=True)[1:],
+    _inference_tensor,
+], ids=["leaf", "view-of-leaf", "inference-tensor"])
+@pytest.mark.parametrize("ours,theirs", [(MF.dropout, torch.nn.functional.dropout),
+                                          (MF.dropout1d, torch.nn.functional.dropout1d)],
+                         ids=["elementwise", "channel"])
+def test_inplace_on_a_tensor_it_may_not_write_is_torch_error_before_any_write(make, ours, theirs):
+    x = make()
+    with pytest.raises(RuntimeError) as expected:
+        theirs(x, 0.5, True, True)
+    before = x.detach().clone()  # torch's dropout has written its mask into an inference tensor
+    with pytest.raises(RuntimeError) as raised:
+        ours(x, 0.5, True, True)
+    assert str(raised.value) == str(expected.value)
+    assert torch.equal(x.detach(), before)
+    with torch.no_grad() if x.requires_grad else torch.inference_mode():
+        assert ours(x, 0.5, True, True) is x  # where torch allows the write
 
 
 @pytest.mark.parametrize("device", DEVICES)
