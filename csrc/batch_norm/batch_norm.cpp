@@ -4,8 +4,20 @@
 
 #include <ATen/ATen.h>
 
+#include <charconv>
+#include <string>
+
 namespace modekernels::batch_norm {
 namespace {
+
+// A double as Python's repr writes it (the shortest round-trip digits, "0.0" rather than "0"),
+// for messages that torch raises from Python with an f-string.
+std::string py_float(double v) {
+  char buf[32];
+  std::string s(buf, std::to_chars(buf, buf + sizeof(buf), v).ptr);
+  if (s.find_first_not_of("-0123456789") == std::string::npos) s += ".0";
+  return s;
+}
 
 bool is_reduced(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16;
@@ -152,10 +164,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(const at::Tensor& input, co
   check_input(input, "input");
   check_params(input, weight, bias);
   TORCH_CHECK_VALUE(per_channel_count(input) != 1,
-                    "Expected more than 1 value per channel when training, got input size ",
-                    input.sizes());
+                    "Expected more than 1 value per channel when training, got input size torch.Size(",
+                    input.sizes(), ")");
   // A NaN eps passes, as in torch's batch_norm (eps <= 0 raises), and gives NaN outputs.
-  TORCH_CHECK_VALUE(!(eps <= 0.0), "batch_norm eps must be positive during training, but got ", eps);
+  TORCH_CHECK_VALUE(!(eps <= 0.0), "batch_norm eps must be positive during training, but got ",
+                    py_float(eps));
   const auto fmt = kernel_format(input);
   const at::Tensor r = like_input(residual, "residual", input, fmt);
   const at::Tensor x = dense(input, fmt);
@@ -187,7 +200,7 @@ at::Tensor eval(const at::Tensor& input, const at::Tensor& running_mean,
   check_channel(running_mean, "running_mean", input);
   check_channel(running_var, "running_var", input);
   check_params(input, weight, bias);
-  TORCH_CHECK_VALUE(!(eps < 0.0), "batch_norm eps must be non-negative, but got ", eps);
+  TORCH_CHECK_VALUE(!(eps < 0.0), "batch_norm eps must be non-negative, but got ", py_float(eps));
   const auto fmt = kernel_format(input);
   const at::Tensor r = like_input(residual, "residual", input, fmt);
   const at::Tensor x = dense(input, fmt);
