@@ -37,7 +37,7 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     (a torch.Generator on input's device) makes the mask reproducible independently of the global
     seed.
     """
-    _check_p(p)
+    _check_args("dropout", input, p, training)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if inplace:
@@ -58,9 +58,23 @@ def _jagged_dropout(input, p, generator):
                                                   jagged_dim=input._ragged_idx)
 
 
-def _check_p(p):
-    if not 0.0 <= p <= 1.0:  # NaN included
+def _check_args(op, input, p, training):
+    """torch's checks of a dropout's arguments, in its order: p (NaN included), then the types
+    that torch's argument parser enforces on its `op` (a truthy non-bool `training` is refused)."""
+    if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not "
+                        f"{_typename(input)}")
+    if training is not True and training is not False:
+        raise TypeError(f"{op}(): argument 'train' (position 3) must be bool, not "
+                        f"{_typename(training)}")
+
+
+def _typename(value):
+    """A type's name as torch's argument parser writes it: `int`, `numpy.bool`."""
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 @_torch_function
@@ -70,7 +84,8 @@ def dropout_add(input, residual, p=0.5, training=True, generator=None):
     Every mode runs the same op, so shapes and dtypes are checked alike in training and eval
     (no broadcasting or type promotion), and eval leaves the random generator untouched.
     """
-    return _ops.dropout_add(input, residual, _train_p(p, training, input), generator)[0]
+    return _ops.dropout_add(input, residual, _train_p("dropout_add", input, p, training),
+                            generator)[0]
 
 
 @_torch_function
@@ -80,13 +95,14 @@ def bias_dropout_add(input, bias, residual, p=0.5, training=True, generator=None
     In eval (or with p == 0) this is residual + input + bias, also in one pass and without
     touching the random generator.
     """
-    return _ops.bias_dropout_add(input, bias, residual, _train_p(p, training, input), generator)[0]
+    return _ops.bias_dropout_add(input, bias, residual,
+                                 _train_p("bias_dropout_add", input, p, training), generator)[0]
 
 
-def _train_p(p, training, input):
+def _train_p(op, input, p, training):
     """The probability the fused ops run with: 0 (the plain sum, no random draw) in eval or for an
     empty input, as torch's dropout draws nothing then either."""
-    _check_p(p)
+    _check_args(op, input, p, training)
     return p if training and input.numel() else 0.0
 
 
@@ -109,7 +125,7 @@ def _unbatched_feature_dropout(input, batched, p, training, inplace, generator):
 @_torch_function
 def dropout1d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout1d: one mask per channel of (N, C, L) or (C, L)."""
-    _check_p(p)
+    _check_args("feature_dropout", input, p, training)
     if input.dim() not in (2, 3):
         raise RuntimeError(
             f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
@@ -125,7 +141,7 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
 
     Like torch, a 3-D input is taken as (N, C, L), with torch's warning.
     """
-    _check_p(p)
+    _check_args("feature_dropout", input, p, training)
     if input.dim() not in (3, 4):
         _warn(
             f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated "
@@ -146,7 +162,7 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
 @_torch_function
 def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout3d: one mask per channel of (N, C, D, H, W) or (C, D, H, W)."""
-    _check_p(p)
+    _check_args("feature_dropout", input, p, training)
     if input.dim() not in (4, 5):
         _warn(
             f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated "

@@ -199,6 +199,29 @@ def test_p_nan_is_a_value_error_with_torch_message():
     assert str(ours.value) == str(theirs.value)
 
 
+@pytest.mark.parametrize("training", [None, 1, np.bool_(True), "yes"], ids=repr)
+@pytest.mark.parametrize("ours,theirs", [(MF.dropout, torch.nn.functional.dropout),
+                                          (MF.dropout2d, torch.nn.functional.dropout2d)],
+                         ids=["elementwise", "channel"])
+def test_training_that_is_not_a_bool_is_torch_type_error(training, ours, theirs):
+    x = torch.randn(2, 4, 6, 5)
+    with pytest.raises(TypeError) as expected:
+        theirs(x, 0.5, training)
+    with pytest.raises(TypeError, match=re.escape(str(expected.value))):
+        ours(x, 0.5, training)
+    for fused in (lambda: MF.dropout_add(x, x, 0.5, training),
+                  lambda: MF.bias_dropout_add(x, x[0, 0, 0], x, 0.5, training)):
+        with pytest.raises(TypeError, match="argument 'train' \\(position 3\\) must be bool"):
+            fused()
+
+
+def test_input_that_is_not_a_tensor_is_torch_type_error():
+    with pytest.raises(TypeError) as expected:
+        torch.nn.functional.dropout([1.0, 2.0], 0.5)
+    with pytest.raises(TypeError, match=re.escape(str(expected.value))):
+        MF.dropout([1.0, 2.0], 0.5)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_unsupported_dtype_is_clear_error_and_mutates_nothing(dtype, inplace):
