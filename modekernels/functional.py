@@ -66,9 +66,14 @@ def _check_args(op, input, p, training):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not "
                         f"{_typename(input)}")
-    if training is not True and training is not False:
-        raise TypeError(f"{op}(): argument 'train' (position 3) must be bool, not "
-                        f"{_typename(training)}")
+    _check_bool(op, "train", 3, training)
+
+
+def _check_bool(op, name, position, value):
+    """torch's argument parser takes a bool flag only; a truthy None or 1 would pass here."""
+    if value is not True and value is not False:
+        raise TypeError(f"{op}(): argument '{name}' (position {position}) must be bool, not "
+                        f"{_typename(value)}")
 
 
 def _typename(value):
@@ -204,6 +209,7 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
 
 def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, training, momentum,
                 eps, num_batches_tracked):
+    _check_bool("batch_norm", "training", 6, training)
     _check_running_stats(running_mean, running_var, training)
     if not training:
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,

@@ -1,6 +1,7 @@
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -269,6 +270,18 @@ def test_errors_are_clear_and_change_nothing(error):
         ours(x)
     for k, v in ours.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("training", [None, 1, np.bool_(True)], ids=repr)
+def test_training_that_is_not_a_bool_is_torch_type_error_and_changes_nothing(training):
+    x = torch.randn(4, 3)
+    stats = [torch.zeros(3), torch.ones(3)]
+    with pytest.raises(TypeError) as theirs:
+        torch.nn.functional.batch_norm(x, *stats, training=training)
+    for fn in (MF.batch_norm, lambda *a, **k: MF.batch_norm_add_relu(x, x, *a[1:], **k)):
+        with pytest.raises(TypeError, match=re.escape(str(theirs.value))):
+            fn(x, *stats, training=training)
+    assert torch.equal(stats[0], torch.zeros(3)) and torch.equal(stats[1], torch.ones(3))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
