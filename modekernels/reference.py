@@ -34,10 +34,11 @@ def keep_threshold(p):
     return min(int(np.floor((1.0 - p) * 2.0**32)), 0xFFFFFFFF)
 
 
-def dropout_keep_mask(numel, seed, offset, p):
-    """The keep mask (bool, length numel, memory order) of the dropout stream for (seed, offset)."""
+def dropout_keep_mask(numel, seed, offset, p, start=0):
+    """The keep mask (bool, memory order) of the dropout stream for (seed, offset), of its
+    elements start <= i < start + numel; start a multiple of 4."""
     seed, offset = int(seed) & (2**64 - 1), int(offset) & (2**64 - 1)
-    groups = np.arange((numel + 3) // 4, dtype=np.uint64)
+    groups = np.arange(start // 4, (start + numel + 3) // 4, dtype=np.uint64)
     block = offset // 4
     words = philox4x32_10(
         (np.full_like(groups, block & 0xFFFFFFFF), np.full_like(groups, block >> 32),
