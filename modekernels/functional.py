@@ -61,7 +61,7 @@ def _jagged_dropout(input, p, generator):
 def _check_args(op, input, p, training):
     """torch's checks of a dropout's arguments, in its order: p (NaN included), then the types
     that torch's argument parser enforces on its `op` (a truthy non-bool `training` is refused)."""
-    if not 0.0 <= p <= 1.0:
+    if not 0.0 <= p <= 1.0:  # NaN included
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not "
