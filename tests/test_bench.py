@@ -82,3 +82,17 @@ def test_variants_are_timed_in_turns(monkeypatch):
     turns = len(calls[2:]) // 2
     assert calls[2:] == ["a", "b"] * turns
     assert turns >= 25  # 0.1 s of calls in turns of 4 ms
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dtype", "int8"], "'int8' is not one of float32, float64, float16, bfloat16"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--device", "cuda"], "torch finds no CUDA device"),
+], ids=["dtype", "threads", "device"])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    if argv[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err

@@ -16,7 +16,6 @@ import torch
 from . import batch_norm, dropout, e2e, fused, harness, report, verify
 
 SUITES = {"dropout": dropout, "batch_norm": batch_norm, "fused": fused}
-ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Bytes a copy moves for the headline roofline figure: far beyond every cache.
 ROOFLINE_BYTES = {"tiny": 1 << 23, "quick": 1 << 28, "full": 1 << 30}
 
@@ -51,7 +50,12 @@ def parse_args(argv):
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON on stdout instead of tables")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch finds no CUDA device here")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    return args
 
 
 def run_device(device, args, command, size, log):
@@ -66,7 +70,7 @@ def run_device(device, args, command, size, log):
     log(f"copy roofline: {roofline['gb_s']:.1f} GB/s over {roofline['nbytes'] / 1e6:.0f} MB")
 
     results = {"command": command, "environment": env, "roofline": roofline}
-    results["verify"] = verify.verify(device, ALL_DTYPES, args.progress)
+    results["verify"] = verify.verify(device, harness.FLOAT_DTYPES, args.progress)
     failed = sum(not r["passed"] for r in results["verify"])
     log(f"\nverification: {len(results['verify']) - failed} of {len(results['verify'])} passed")
     log(report.text_table(verify.summarize(results["verify"]), "verify_summary"))

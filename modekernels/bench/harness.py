@@ -4,6 +4,7 @@ Nothing here parses a command line or touches CUDA at import time. An op suite (
 batch_norm.py, fused.py) builds its list of `Case`s and a `prepare(case, device) -> Bench`
 function; `run` verifies and times them.
 """
+import argparse
 import ctypes
 import dataclasses
 import datetime
@@ -193,10 +194,15 @@ def saved_bytes(forward):
 
 # ----------------------------------------------------------------------------- cases, runner
 
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def parse_dtype(name):
+    """A --dtype argument: one of the dtypes the ops take."""
     dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"not a torch dtype: {name!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is not one of {', '.join(map(dtype_str, FLOAT_DTYPES))}")
     return dtype
 
 
