@@ -546,3 +546,59 @@ def _bn_update_stats_vmap(info, in_dims, running_mean, running_var, mean, var, c
 for _name, _rule in [("batch_norm_train", _bn_train_vmap), ("batch_norm_eval", _bn_eval_vmap),
                      ("batch_norm_update_stats_", _bn_update_stats_vmap)]:
     torch.library.register_vmap(f"modekernels::{_name}", _rule)
+
+
+# ---------------------------------------------------------------------------- decompositions
+# For torch.export's run_decompositions: the ops of an eval-mode graph as torch operations, so that
+# exporters that know only torch's operators (torch.onnx, ...) take the graph. Same values; in
+# float16/bfloat16 the sums may round once more than our kernels do.
+
+def _add_relu(out, residual, relu):
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
+
+
+def _batch_norm_train_decomposition(input, weight, bias, eps, residual=None, relu=False):
+    # Batch statistics in eval mode: a BatchNorm with track_running_stats=False.
+    dims = [d for d in range(input.dim()) if d != 1]
+    var, mean = torch.var_mean(input.to(_opmath(input.dtype)), dim=dims, correction=0)
+    out = torch.nn.functional.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
+    return _add_relu(out, residual, relu), mean, var
+
+
+def _batch_norm_eval_decomposition(input, running_mean, running_var, weight, bias, eps,
+                                   residual=None, relu=False):
+    out = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False,
+                                         0.0, eps)
+    return _add_relu(out, residual, relu)
+
+
+def _no_draw(p, input):
+    """The rng_state of a fused dropout that keeps everything (p == 0: eval mode)."""
+    if p != 0:
+        raise NotImplementedError(
+            "modekernels.decompositions(): a dropout that drops (training mode) has no torch "
+            "decomposition, its masks being modekernels' own random stream; export in eval mode")
+    return torch.zeros(2, dtype=torch.int64, device=input.device)
+
+
+def _dropout_add_decomposition(input, residual, p, generator=None):
+    return residual + input, _no_draw(p, input)
+
+
+def _bias_dropout_add_decomposition(input, bias, residual, p, generator=None):
+    return residual + (input + bias), _no_draw(p, input)
+
+
+def decompositions():
+    """{op: torch composition} for `ExportedProgram.run_decompositions` (torch.export): an
+    eval-mode graph of modekernels' layers becomes one of torch's operators only, which exporters
+    such as `torch.onnx.export` take. Training-mode graphs (running-statistics updates, dropout
+    masks) keep modekernels' ops; torch.export and AOTInductor run those as they are."""
+    return {
+        _ops.batch_norm_train.default: _batch_norm_train_decomposition,
+        _ops.batch_norm_eval.default: _batch_norm_eval_decomposition,
+        _ops.dropout_add.default: _dropout_add_decomposition,
+        _ops.bias_dropout_add.default: _bias_dropout_add_decomposition,
+    }

@@ -33,7 +33,7 @@ def targets(model):
 
 def randomize_running_stats(model, generator):
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             m.running_mean.normal_(0, 0.1, generator=generator)
             m.running_var.uniform_(0.5, 2.0, generator=generator)
             m.num_batches_tracked.fill_(7)
@@ -166,6 +166,43 @@ def test_fx_feature_extractor_on_a_converted_resnet(mode):
         extractor = create_feature_extractor(model, nodes).train(mode == "train")
         features.append(extractor(x))
     torch.testing.assert_close(features[1], features[0], rtol=1e-4, atol=1e-4)
+
+
+class _Tails(nn.Module):
+    """Every layer whose eval-mode op a decomposition replaces, the fused ones included."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = modekernels.BatchNormReLU2d(8)
+        self.batch_stats = modekernels.BatchNorm2d(8, track_running_stats=False)
+        self.add_relu = modekernels.BatchNormAddReLU2d(8)
+        self.dropout_add = modekernels.DropoutAdd(0.3)
+        self.bias_dropout_add = modekernels.BiasDropoutAdd(0.3)
+        self.dropouts = nn.Sequential(modekernels.Dropout(0.3), modekernels.Dropout2d(0.3))
+        self.bias = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        y = self.add_relu(self.batch_stats(self.bn(x)), x)
+        return self.dropouts(self.bias_dropout_add(self.dropout_add(y, x), self.bias, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eval_graph_decomposes_into_torch_operators(dtype):
+    # What exporters that know only torch's operators need (torch.onnx: README).
+    model = _Tails()
+    randomize_running_stats(model, torch.Generator().manual_seed(1))
+    model = model.to(dtype).eval()
+    x = torch.randn(2, 8, 4, 5, dtype=dtype)
+    program = torch.export.export(model, (x,)).run_decompositions(modekernels.decompositions())
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not [op for op in ops if "modekernels" in op], ops
+    torch.testing.assert_close(program.module()(x), model(x), **TOL[dtype])
+
+
+def test_training_graph_dropout_has_no_decomposition():
+    program = torch.export.export(modekernels.DropoutAdd(0.3), (torch.randn(4), torch.randn(4)))
+    with pytest.raises(NotImplementedError, match="export in eval mode"):
+        program.run_decompositions(modekernels.decompositions())
 
 
 def test_fx_symbolic_trace_records_our_functions_and_updates_the_statistics():
