@@ -23,6 +23,8 @@ def _in_layout(t, stride):
 def _check_devices(family, reference, like, **tensors):
     """The kernels' device check (csrc), for the fake kernels, which a meta or fake input reaches
     even beside real tensors on another device: each of `tensors` on reference's device."""
+    if reference is None:  # a required tensor given as None, as the kernels' checks report it
+        raise TypeError(f"modekernels {family}: expected {like} to be a Tensor, but got None")
     for name, t in tensors.items():
         if t is not None and t.device != reference.device:
             raise RuntimeError(f"modekernels {family}: expected {name} on {reference.device} like "

@@ -369,6 +369,21 @@ def test_a_per_channel_tensor_of_two_dimensions_is_named_and_changes_nothing(tra
     assert all(torch.equal(v, before[k]) for k, v in tensors.items())
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_raw_ops_name_a_required_tensor_given_as_none(device):
+    x = torch.randn(4, 3, device=device)
+    stats = torch.zeros(3, device=device), torch.ones(3, device=device)
+    calls = {"running_mean": lambda: mkops.batch_norm_eval(x, None, stats[1], None, None, 1e-5),
+             "mean": lambda: mkops.batch_norm_update_stats_(*stats, None, stats[1], 4, 0.1, None),
+             "grad_output": lambda: mkops.batch_norm_grad_sums(None, x, stats[0]),
+             "input": lambda: mkops.batch_norm_train(None, stats[0], None, 1e-5)}
+    for name, call in calls.items():
+        if device == "meta" and name not in ("input", "mean"):
+            continue  # the fake kernels check the tensor the others are compared with
+        with pytest.raises(TypeError, match=f"expected {name} to be a Tensor, but got None"):
+            call()
+
+
 def test_mismatched_param_dtype_is_an_error():
     x = torch.randn(4, 3, 5, 5)
     with pytest.raises(TypeError, match="expected weight to be Float"):

@@ -263,6 +263,21 @@ def test_backward_rejects_a_bad_rng_state():
         mkops.dropout_backward(g, torch.zeros(2, dtype=torch.float32), 0.5)
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_raw_ops_name_a_required_tensor_given_as_none(device):
+    # torch's binding hands None through as an undefined tensor; the kernels and fake kernels name it.
+    x = torch.randn(4, 5, device=device)
+    calls = {"residual": lambda: mkops.dropout_add(x, None, 0.5),
+             "bias": lambda: mkops.bias_dropout_add(x, None, x, 0.5),
+             "rng_state": lambda: mkops.dropout_backward(x, None, 0.5),
+             "input": lambda: mkops.dropout_add(None, x, 0.5)}
+    for name, call in calls.items():
+        if device == "meta" and name != "input":
+            continue  # the fake kernels check the tensor the others are compared with
+        with pytest.raises(TypeError, match=f"expected {name} to be a Tensor, but got None"):
+            call()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backward", [mkops.dropout_backward, mkops.feature_dropout_backward])
 def test_backward_reads_a_strided_rng_state(device, backward):

@@ -2,6 +2,8 @@
 // and runs before anything is allocated or written; messages follow torch's where torch has one.
 #include "batch_norm/batch_norm.h"
 
+#include "common/checks.h"
+
 #include <ATen/ATen.h>
 
 #include <charconv>
@@ -24,6 +26,7 @@ bool is_reduced(at::ScalarType t) {
 }
 
 void check_input(const at::Tensor& input, const char* name) {
+  check_defined(input, "batch_norm", name);
   const auto t = input.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || is_reduced(t),
                    "modekernels batch_norm: expected ", name,
@@ -34,6 +37,7 @@ void check_input(const at::Tensor& input, const char* name) {
 
 // A per-channel tensor's shape: (C,), with torch's message for another element count.
 void check_channel_shape(const at::Tensor& t, const char* name, int64_t C) {
+  check_defined(t, "batch_norm", name);
   TORCH_CHECK(t.numel() == C, name, " should contain ", C, " elements not ", t.numel());
   TORCH_CHECK(t.dim() == 1, "modekernels batch_norm: expected ", name, " to be 1-D, but got shape ",
               t.sizes());
@@ -64,6 +68,7 @@ void check_params(const at::Tensor& input, const OptTensor& weight, const OptTen
 
 void check_grad(const at::Tensor& grad_output, const at::Tensor& input) {
   check_input(input, "input");
+  check_defined(grad_output, "batch_norm", "grad_output");
   TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type() &&
                   grad_output.device() == input.device(),
               "modekernels batch_norm: expected grad_output like input (", input.sizes(), ", ",
@@ -300,6 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                   const at::Tensor& var, int64_t count, std::optional<double> momentum,
                   const OptTensor& num_batches_tracked, const Backend& be) {
+  check_defined(mean, "batch_norm", "mean");
+  check_defined(var, "batch_norm", "var");
   const int64_t C = mean.numel();
   TORCH_CHECK(var.numel() == C, "modekernels batch_norm: expected var of ", C, " elements like mean, but got ",
               var.numel());

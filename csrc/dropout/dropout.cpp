@@ -2,6 +2,8 @@
 // anything is allocated or written), output allocation, and the dense-buffer contract of Apply.
 #include "dropout/dropout.h"
 
+#include "common/checks.h"
+
 #include <ATen/ATen.h>
 
 namespace modekernels::dropout {
@@ -13,6 +15,7 @@ void check_p(double p) {
 }
 
 void check_floating(const at::Tensor& t, const char* name) {
+  check_defined(t, "dropout", name);
   const auto dt = t.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                    "modekernels dropout: expected ", name,
@@ -21,6 +24,7 @@ void check_floating(const at::Tensor& t, const char* name) {
 
 // The backward's rng_state, checked, as the dense pair the kernels read.
 at::Tensor checked_state(const at::Tensor& state, const at::Tensor& grad) {
+  check_defined(state, "dropout", "rng_state");
   TORCH_CHECK(state.scalar_type() == at::kLong && state.dim() == 1 && state.numel() == 2,
               "modekernels dropout: expected rng_state to be the int64 tensor of 2 elements that "
               "the forward returned, but got ", state.scalar_type(), " of shape ", state.sizes());
@@ -47,6 +51,7 @@ at::Tensor match(const at::Tensor& t, const at::Tensor& like) {
 }
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  check_defined(t, "dropout", name);
   TORCH_CHECK(t.sizes() == input.sizes() && t.scalar_type() == input.scalar_type() &&
                   t.device() == input.device(),
               "modekernels dropout: expected ", name, " like input (", input.sizes(), ", ",
@@ -126,6 +131,7 @@ std::tuple<at::Tensor, at::Tensor> bias_add(const at::Tensor& input, const at::T
   check_p(p);
   check_floating(input, "input");
   check_like(residual, "residual", input);
+  check_defined(bias, "bias_dropout_add", "bias");
   TORCH_CHECK(input.dim() >= 1 && bias.dim() == 1 && bias.numel() == input.size(-1) &&
                   bias.scalar_type() == input.scalar_type() && bias.device() == input.device(),
               "modekernels bias_dropout_add: expected bias of shape (", input.dim() ? input.size(-1) : 0,
