@@ -13,10 +13,15 @@ namespace modekernels::batch_norm {
 namespace {
 
 // A double as Python's repr writes it (the shortest round-trip digits, "0.0" rather than "0"),
-// for messages that torch raises from Python with an f-string.
+// for messages that torch raises from Python with an f-string. Standard libraries without
+// floating-point to_chars (libstdc++ before GCC 11) write six significant digits instead.
 std::string py_float(double v) {
+#if defined(__cpp_lib_to_chars)
   char buf[32];
   std::string s(buf, std::to_chars(buf, buf + sizeof(buf), v).ptr);
+#else
+  std::string s = c10::str(v);
+#endif
   if (s.find_first_not_of("-0123456789") == std::string::npos) s += ".0";
   return s;
 }
