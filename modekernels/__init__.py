@@ -12,11 +12,11 @@ from .nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAddReLU1d, Batc
 from .precise import precise_batchnorm
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-    "BatchNormAddReLU1d", "BatchNormAddReLU2d", "BatchNormAddReLU3d",
-    "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
-    "BiasDropoutAdd", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropoutAdd",
-    "FusedReLU", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "ModeError", "ModeReport", "SyncBatchNorm", "built_with", "check_modes",
-    "convert", "decompositions", "evaluating", "freeze_batchnorm", "functional", "modes", "precise_batchnorm",
-    "reference", "revert", "training", "unfreeze_batchnorm",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAddReLU1d", "BatchNormAddReLU2d",
+    "BatchNormAddReLU3d", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
+    "BiasDropoutAdd", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropoutAdd", "FusedReLU",
+    "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "ModeError", "ModeReport",
+    "SyncBatchNorm", "built_with", "check_modes", "convert", "decompositions", "evaluating",
+    "freeze_batchnorm", "functional", "modes", "precise_batchnorm", "reference", "revert",
+    "training", "unfreeze_batchnorm",
 ]
