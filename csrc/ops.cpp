@@ -5,8 +5,14 @@
 //
 // Randomness is explicit: ops that draw from a generator carry the nondeterministic_seeded tag and
 // return the (seed, offset) they used as an int64[2] `rng_state`, which is all the backward needs.
+// The in-place dropouts bump the version counter of their input, as torch's in-place ops do, so
+// that autograd refuses a backward through a tensor they changed. batch_norm_update_stats_ does
+// not: torch's BatchNorm leaves the running statistics' counters alone too (a graph that saved
+// them in eval mode still runs its backward after a training step), and its counter's add_ counts.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "common/cpu_capability.h"
 
@@ -64,4 +70,34 @@ TORCH_LIBRARY(modekernels, m) {
   // momentum=None: cumulative average 1 / num_batches_tracked, read on the device (no sync).
   // num_batches_tracked, when given, is incremented.
   m.def("batch_norm_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, SymInt count, float? momentum, Tensor(c!)? num_batches_tracked) -> ()");
+}
+
+namespace {
+
+// The ADInplaceOrView kernel of an in-place op: runs it, then bumps the version counter of every
+// tensor its schema marks as written (torch generates the same for its own in-place ops).
+void bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto* alias = args[i].alias_info();
+    const auto& value = (*stack)[first + i];
+    if (alias && alias->isWrite() && value.isTensor()) written.push_back(value.toTensor());
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const auto& t : written) {
+    if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(modekernels, ADInplaceOrView, m) {
+  for (const char* name : {"dropout_", "feature_dropout_"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written>());
+  }
 }

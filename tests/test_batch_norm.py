@@ -272,6 +272,22 @@ def test_errors_are_clear_and_change_nothing(error):
         assert torch.equal(v, before[k]), k
 
 
+def test_a_graph_from_eval_mode_backpropagates_after_a_training_step_as_torch():
+    # torch's layer updates its running statistics without bumping their version counters, so a
+    # graph that saved them in eval mode still runs its backward (a consistency loss between the
+    # modes of one model); ours must not refuse it either.
+    grads = []
+    for cls in (torch.nn.BatchNorm1d, modekernels.BatchNorm1d):
+        torch.manual_seed(0)
+        m = cls(3).eval()
+        x = torch.randn(4, 3, requires_grad=True)
+        in_eval = m(x)
+        m.train()
+        (in_eval.sum() + m(torch.randn(4, 3)).sum()).backward()
+        grads.append((x.grad, m.weight.grad))
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 @pytest.mark.parametrize("training", [None, 1, np.bool_(True)], ids=repr)
 def test_training_that_is_not_a_bool_is_torch_type_error_and_changes_nothing(training):
     x = torch.randn(4, 3)

@@ -355,6 +355,24 @@ def test_inplace_on_a_tensor_it_may_not_write_is_torch_error_before_any_write(ma
         assert ours(x, 0.5, True, True) is x  # where torch allows the write
 
 
+@pytest.mark.parametrize("ours,theirs", [(MF.dropout, torch.nn.functional.dropout),
+                                          (MF.dropout1d, torch.nn.functional.dropout1d)],
+                         ids=["elementwise", "channel"])
+def test_inplace_under_no_grad_on_a_saved_tensor_fails_the_backward_as_torch(ours, theirs):
+    # exp saves its output for the backward: writing into it must bump its version counter, or
+    # the backward would use the dropped-out values without a word.
+    messages = []
+    for fn in (theirs, ours):
+        x = torch.randn(4, 6, requires_grad=True)
+        y = x.exp()
+        with torch.no_grad():
+            fn(y, 0.5, True, True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation") as raised:
+            y.sum().backward()
+        messages.append(str(raised.value))
+    assert messages[1] == messages[0]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fn", [MF.dropout, MF.dropout2d], ids=["elementwise", "channel"])
 def test_inplace_on_a_view_of_a_tensor_that_requires_grad_works_as_torch(device, fn):
