@@ -6,9 +6,10 @@
 // Randomness is explicit: ops that draw from a generator carry the nondeterministic_seeded tag and
 // return the (seed, offset) they used as an int64[2] `rng_state`, which is all the backward needs.
 // The in-place dropouts bump the version counter of their input, as torch's in-place ops do, so
-// that autograd refuses a backward through a tensor they changed. batch_norm_update_stats_ does
-// not: torch's BatchNorm leaves the running statistics' counters alone too (a graph that saved
-// them in eval mode still runs its backward after a training step), and its counter's add_ counts.
+// that autograd refuses a backward through a tensor they changed. batch_norm_update_stats_ leaves
+// the running statistics' version counters alone, as torch's BatchNorm does (a graph that saved
+// them in eval mode still runs its backward after a training step); num_batches_tracked's is
+// bumped by the add_ that increments it, as in torch.
 #include <Python.h>
 #include <torch/library.h>
 
