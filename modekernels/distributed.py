@@ -86,9 +86,7 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, training, m
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{input.shape} and 1 value in all processes together")
     output = _SyncBatchNormFunction.apply(input, weight, bias, mean, var, count, eps, group)
-    if running_mean is not None or running_var is not None:
-        _ops.batch_norm_update_stats_(running_mean, running_var, mean, var, count, momentum,
-                                      num_batches_tracked)
+    F._update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
     return output
 
 

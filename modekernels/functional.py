@@ -215,11 +215,20 @@ def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, 
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,
                                     relu)
     output, mean, var = _ops.batch_norm_train(input, weight, bias, eps, residual, relu)
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    _update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    return output
+
+
+def _update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked):
+    """A training call's update, after every check: the running statistics (the op also counts
+    the call), or only the counter where a layer tracking statistics has none (torch's layer
+    counts then too)."""
     if running_mean is not None or running_var is not None:
-        count = input.numel() // input.shape[1] if input.shape[1] else 0
         _ops.batch_norm_update_stats_(running_mean, running_var, mean, var, count, momentum,
                                       num_batches_tracked)
-    return output
+    elif num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
 
 
 def _check_running_stats(running_mean, running_var, training):

@@ -272,6 +272,25 @@ def test_errors_are_clear_and_change_nothing(error):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("track", [True, False], ids=["tracking", "not-tracking"])
+@pytest.mark.parametrize("stats", ["kept", "removed"])
+def test_attributes_set_after_construction_behave_as_torch(training, momentum, track, stats):
+    # Scripts set these on built layers (freezing, converting checkpoints). With statistics
+    # removed but tracking on, torch's layer still counts training calls.
+    results = []
+    for cls in (torch.nn.BatchNorm1d, modekernels.BatchNorm1d):
+        torch.manual_seed(0)
+        m = cls(3).train(training)
+        m.track_running_stats, m.momentum = track, momentum
+        if stats == "removed":
+            m.running_mean = m.running_var = None
+        x = torch.randn(5, 3)
+        results.append((m(x), m(2 * x), state_of(m)))
+    torch.testing.assert_close(results[1], results[0])
+
+
 def test_a_graph_from_eval_mode_backpropagates_after_a_training_step_as_torch():
     # torch's layer updates its running statistics without bumping their version counters, so a
     # graph that saved them in eval mode still runs its backward (a consistency loss between the
