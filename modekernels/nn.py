@@ -8,34 +8,45 @@ import torch
 from . import functional as F
 
 
-class Dropout(torch.nn.Dropout):
+class _NotScriptable:
+    """torch.jit.script would fail on our forward (Python around our ops) with a message about
+    its syntax; it calls this hook first, before it compiles or changes anything."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"torch.jit.script cannot compile modekernels.{type(self).__name__}: use torch.compile, "
+            "torch.export or torch.jit.trace, or modekernels.revert(model) to script torch's own "
+            "layers")
+
+
+class Dropout(_NotScriptable, torch.nn.Dropout):
     def forward(self, input):
         return F.dropout(input, self.p, self.training, self.inplace)
 
 
-class Dropout1d(torch.nn.Dropout1d):
+class Dropout1d(_NotScriptable, torch.nn.Dropout1d):
     def forward(self, input):
         return F.dropout1d(input, self.p, self.training, self.inplace)
 
 
-class Dropout2d(torch.nn.Dropout2d):
+class Dropout2d(_NotScriptable, torch.nn.Dropout2d):
     def forward(self, input):
         return F.dropout2d(input, self.p, self.training, self.inplace)
 
 
-class Dropout3d(torch.nn.Dropout3d):
+class Dropout3d(_NotScriptable, torch.nn.Dropout3d):
     def forward(self, input):
         return F.dropout3d(input, self.p, self.training, self.inplace)
 
 
-class DropoutAdd(torch.nn.modules.dropout._DropoutNd):
+class DropoutAdd(_NotScriptable, torch.nn.modules.dropout._DropoutNd):
     """residual + Dropout(p)(input) in one pass: forward(input, residual). `inplace` is unused."""
 
     def forward(self, input, residual):
         return F.dropout_add(input, residual, self.p, self.training)
 
 
-class BiasDropoutAdd(torch.nn.modules.dropout._DropoutNd):
+class BiasDropoutAdd(_NotScriptable, torch.nn.modules.dropout._DropoutNd):
     """residual + Dropout(p)(input + bias), the transformer residual path, in one pass.
 
     forward(input, bias, residual); bias is over the last dimension. `inplace` is unused.
@@ -45,7 +56,7 @@ class BiasDropoutAdd(torch.nn.modules.dropout._DropoutNd):
         return F.bias_dropout_add(input, bias, residual, self.p, self.training)
 
 
-class _BatchNormForward:
+class _BatchNormForward(_NotScriptable):
     """forward() of torch's _BatchNorm on our kernels; everything else is torch's own.
 
     Differences from torch's forward, none visible in results: num_batches_tracked is incremented

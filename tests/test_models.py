@@ -420,6 +420,24 @@ def test_reverted_model_pickles_without_modekernels():
     assert converted_names(model) == []
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_jit_script_names_our_layer_and_scripts_the_reverted_model():
+    model = modekernels.convert(torchvision.models.resnet18(weights=None), fuse=True).eval()
+    before = dict(model.named_modules())
+    with pytest.raises(RuntimeError, match=r"^torch.jit.script cannot compile "
+                       r"modekernels.BatchNorm2d: use torch.compile, .*modekernels.revert"):
+        torch.jit.script(model)
+    assert dict(model.named_modules()) == before
+
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    scripted = torch.jit.script(modekernels.revert(model))
+    torch.testing.assert_close(scripted(x), expected)
+    for layer in (modekernels.Dropout2d(), modekernels.DropoutAdd(), modekernels.BatchNormReLU1d(3)):
+        with pytest.raises(RuntimeError, match=f"modekernels.{type(layer).__name__}:"):
+            torch.jit.script(layer)
+
+
 # ------------------------------------------------------------------------------------ modes
 
 class Net(nn.Module):
