@@ -600,6 +600,20 @@ def test_torch_compile_fullgraph_takes_the_warned_input_ranks(cls):
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), eager)
 
 
+def test_torch_compile_with_an_explicit_generator_breaks_the_graph_like_torch_bernoulli():
+    torch._dynamo.reset()
+    g = torch.Generator()
+    x = torch.randn(64)
+    for fn in (lambda t: torch.bernoulli(t.sigmoid(), generator=g) * 2,
+               lambda t: MF.dropout(t, 0.5, True, generator=g) * 2):
+        with pytest.raises(torch._dynamo.exc.Unsupported):
+            torch.compile(fn, fullgraph=True)(x)
+        g.manual_seed(3)
+        eager = fn(x)
+        g.manual_seed(3)
+        torch.testing.assert_close(torch.compile(fn)(x), eager)
+
+
 def test_saved_state_is_16_bytes():
     x = torch.randn(8, 256, 56, 56, requires_grad=True)
     saved = []
