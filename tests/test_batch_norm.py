@@ -1,4 +1,5 @@
 import copy
+import io
 import re
 
 import numpy as np
@@ -712,18 +713,23 @@ def test_torch_compile_fullgraph_conv_bn_both_modes(device):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_torch_export_and_jit_trace_match_eager(training):
-    # The exported program updates the running statistics as eager does, and dropout draws the
-    # same mask from the same seed.
+    # The exported program, also saved and loaded (torch.export.save/load, the .pt2 file), updates
+    # the running statistics as eager does, and dropout draws the same mask from the same seed.
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), modekernels.BatchNormReLU2d(8),
                                 modekernels.Dropout(0.3), torch.nn.Flatten(2),
                                 modekernels.BatchNorm1d(8)).train(training)
     x = torch.randn(4, 3, 6, 6)
-    exported = torch.export.export(copy.deepcopy(model), (x,)).module()
+    program = torch.export.export(copy.deepcopy(model), (x,))
+    saved = io.BytesIO()
+    torch.export.save(program, saved)
+    saved.seek(0)
+    loaded = torch.export.load(saved).module()
     results = []
-    for m in (model, exported):
+    for m in (model, program.module(), loaded):
         torch.manual_seed(1)
         results.append((m(x), dict(m.named_buffers())))
     torch.testing.assert_close(results[1], results[0])
+    torch.testing.assert_close(results[2], results[0])
     if not training:
         torch.testing.assert_close(torch.jit.trace(model, x)(x), model(x))
 
