@@ -87,7 +87,8 @@ def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=Fal
     With `fuse`, a BatchNorm directly followed by a ReLU inside an nn.Sequential becomes one
     BatchNormReLU layer (same state) and the ReLU a `FusedReLU` placeholder (an identity with no
     state, so state_dicts do not change); `revert` puts the ReLU back. A BatchNorm used in more
-    than one place is left unfused. Nothing else is fused.
+    than one place, or either layer with hooks of its own (forward, forward-pre, backward), is
+    left unfused. Nothing else is fused.
 
     With `sync`, every BatchNorm1d/2d/3d, torch's or modekernels' (unfused), and torch's
     SyncBatchNorm becomes a modekernels.SyncBatchNorm, in place like every other layer: the
@@ -152,9 +153,17 @@ def _fuse_batchnorm_relu(model):
             continue
         for i in range(len(seq) - 1):
             bn, act = seq[i], seq[i + 1]
-            if type(bn) in _FUSED_RELU and type(act) is torch.nn.ReLU and uses[id(bn)] == 1:
+            if (type(bn) in _FUSED_RELU and type(act) is torch.nn.ReLU and uses[id(bn)] == 1
+                    and not _hooked(bn) and not _hooked(act)):
                 bn.__class__ = _FUSED_RELU[type(bn)]
                 seq[i + 1] = FusedReLU(act.inplace)
+
+
+def _hooked(module):
+    """Whether hooks watch the module's own inputs, outputs or gradients, which fusing changes
+    (the BatchNorm's output would be the ReLU's) or drops (the ReLU's call)."""
+    return any(getattr(module, hooks) for hooks in (
+        "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"))
 
 
 def _unfuse_relu(model):

@@ -599,3 +599,26 @@ def test_convert_fuse_folds_bn_relu_in_sequential_and_revert_restores_it():
     assert type(model[1]) is torch.nn.BatchNorm2d
     assert type(model[2]) is torch.nn.ReLU and model[2].inplace
     torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("hooked", ["bn", "relu"])
+@pytest.mark.parametrize("hook", ["forward_pre", "forward", "full_backward", "full_backward_pre"])
+def test_convert_fuse_leaves_hooked_layers_unfused_so_hooks_see_what_they_saw(hooked, hook):
+    # A hook on the BatchNorm would see the ReLU's output once fused, one on the ReLU would
+    # never run again.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    seen = []
+    layer = model[1] if hooked == "bn" else model[2]
+    getattr(layer, f"register_{hook}_hook")(lambda module, *args: seen.append(args[-1]))
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+
+    def run():
+        seen.clear()
+        model(x).sum().backward()
+        return list(seen)
+
+    expected = run()
+    modekernels.convert(model, fuse=True)
+    assert [type(m) for m in model] == [torch.nn.Conv2d, modekernels.BatchNorm2d, torch.nn.ReLU]
+    torch.testing.assert_close(run(), expected)
