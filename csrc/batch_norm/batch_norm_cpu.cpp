@@ -33,8 +33,8 @@
 // 8x256x56x56) the AVX2 build took the bfloat16 module from 0.49-0.97x of torch's speed to
 // 0.89-1.21x, float16 from 0.15-0.29x to 0.81-1.22x, float32 within noise; against it (with
 // its 16-byte reduction lanes), the AVX-512 build runs float16 and bfloat16 eval 1.1-1.5x faster
-// and the fused ops' training 1.1-1.25x (README, "The AVX-512 build"). The baseline build
-// registers the ops.
+// and the fused ops' training 1.1-1.25x (benchmarks/TUNING.md, "The AVX-512 build"). The
+// baseline build registers the ops.
 #include "batch_norm/batch_norm.h"
 #include "batch_norm/batch_norm_math.h"
 #include "common/convert.h"
@@ -502,8 +502,8 @@ inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_
 // they fit, instead of loading (and, for sums, storing) them per element. In a model of the
 // elementwise loop (benchmarks/loop_models, float32, 2 threads) that took 0.65-0.75x the time of
 // reading three coefficients per element with the tensor in cache, and from memory about as long
-// as the channels-first loop, whose coefficients are in registers anyway (modules: README, "Known
-// gaps"). The forward's elementwise passes (three coefficients) also take 256 channels, whose
+// as the channels-first loop, whose coefficients are in registers anyway (modules:
+// benchmarks/TUNING.md, "Known gaps"). The forward's elementwise passes (three coefficients) also take 256 channels, whose
 // coefficients GCC spills to the stack, still faster than reading them from the coefficient
 // rows: BatchNorm2d eval on 8x256x56x56 channels_last from 0.71-0.78x of torch's speed to
 // 0.95-1.15x in float32, 0.84-0.98x to 1.06-1.18x in float16 (alternating processes, 3 runs);
