@@ -503,10 +503,11 @@ inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_
 // elementwise loop (benchmarks/loop_models, float32, 2 threads) that took 0.65-0.75x the time of
 // reading three coefficients per element with the tensor in cache, and from memory about as long
 // as the channels-first loop, whose coefficients are in registers anyway (modules:
-// benchmarks/TUNING.md, "Known gaps"). The forward's elementwise passes (three coefficients) also take 256 channels, whose
-// coefficients GCC spills to the stack, still faster than reading them from the coefficient
-// rows: BatchNorm2d eval on 8x256x56x56 channels_last from 0.71-0.78x of torch's speed to
-// 0.95-1.15x in float32, 0.84-0.98x to 1.06-1.18x in float16 (alternating processes, 3 runs);
+// benchmarks/TUNING.md, "Known gaps"). The forward's elementwise passes (three coefficients)
+// also take 256 channels, whose coefficients GCC spills to the stack, still faster than reading
+// them from the coefficient rows: BatchNorm2d eval on 8x256x56x56 channels_last from
+// 0.71-0.78x of torch's speed to 0.95-1.15x in float32, 0.84-0.98x to 1.06-1.18x in float16
+// (alternating processes, 3 runs);
 // with the backward's (up to six) and the reductions', 256 made BatchNormReLU2d's training 15%
 // slower. Calls fn(std::integral_constant<int64_t, C>{}) and returns true for those
 // C (and 256 where wide), false for the others.
