@@ -1,5 +1,6 @@
 """The functional API: the same signatures and semantics as torch.nn.functional."""
 import functools
+import numbers
 import warnings
 
 import torch
@@ -74,6 +75,19 @@ def _check_bool(op, name, position, value):
     if value is not True and value is not False:
         raise TypeError(f"{op}(): argument '{name}' (position {position}) must be bool, not "
                         f"{_typename(value)}")
+
+
+def _check_float(op, name, position, value):
+    """torch's argument parser takes a real number, or a 0-d tensor that does not require grad,
+    where a float is due, and raises this TypeError for anything else (the op's schema would
+    raise a RuntimeError, for momentum only after the batch statistics were computed)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not value.requires_grad:
+            return
+    elif isinstance(value, numbers.Real):
+        return
+    typename = "Tensor" if isinstance(value, torch.Tensor) else _typename(value)
+    raise TypeError(f"{op}(): argument '{name}' (position {position}) must be float, not {typename}")
 
 
 def _typename(value):
@@ -209,7 +223,7 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
 
 def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, training, momentum,
                 eps, num_batches_tracked):
-    _check_bool("batch_norm", "training", 6, training)
+    _check_flags(training, momentum, eps)
     _check_running_stats(running_mean, running_var, training)
     if not training:
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,
@@ -218,6 +232,15 @@ def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, 
     count = input.numel() // input.shape[1] if input.shape[1] else 0
     _update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
     return output
+
+
+def _check_flags(training, momentum, eps):
+    """The types torch's argument parser enforces on batch_norm's flag and numbers (momentum may
+    also be None here: the cumulative average)."""
+    _check_bool("batch_norm", "training", 6, training)
+    if momentum is not None:
+        _check_float("batch_norm", "momentum", 7, momentum)
+    _check_float("batch_norm", "eps", 8, eps)
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked):

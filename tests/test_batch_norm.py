@@ -1,4 +1,5 @@
 import copy
+import functools
 import io
 import re
 
@@ -318,6 +319,29 @@ def test_training_that_is_not_a_bool_is_torch_type_error_and_changes_nothing(tra
         with pytest.raises(TypeError, match=re.escape(str(theirs.value))):
             fn(x, *stats, training=training)
     assert torch.equal(stats[0], torch.zeros(3)) and torch.equal(stats[1], torch.ones(3))
+
+
+@pytest.mark.parametrize("momentum", ["0.1", [0.1], torch.tensor([0.1]),
+                                      torch.tensor(0.1, requires_grad=True)], ids=repr)
+def test_momentum_or_eps_that_is_not_a_float_is_torch_type_error_and_changes_nothing(momentum):
+    # Refused before any statistics are computed, by BatchNorm, the fused op and SyncBatchNorm's
+    # path (whose group is not reached).
+    x = torch.randn(4, 3)
+    stats, counter = [torch.zeros(3), torch.ones(3)], torch.tensor(0)
+    with pytest.raises(TypeError) as theirs:
+        torch.nn.functional.batch_norm(x, *stats, training=True, momentum=momentum)
+    sync = functools.partial(modekernels.distributed._sync_batch_norm, group=None)
+    for fn in (MF.batch_norm, lambda *a, **k: MF.batch_norm_add_relu(x, x, *a[1:], **k),
+               lambda *a, **k: sync(*a, None, None, True, k["momentum"], k.get("eps", 1e-5),
+                                    num_batches_tracked=counter)):
+        with pytest.raises(TypeError, match=re.escape(str(theirs.value))):
+            fn(x, *stats, training=True, momentum=momentum, num_batches_tracked=counter)
+        # torch's functional compares eps with 0 in Python before its parser sees it
+        with pytest.raises(TypeError, match=r"^batch_norm\(\): argument 'eps' \(position 8\) must "
+                                            r"be float, not (str|list|Tensor)$"):
+            fn(x, *stats, training=True, momentum=0.1, eps=momentum, num_batches_tracked=counter)
+    assert torch.equal(stats[0], torch.zeros(3)) and torch.equal(stats[1], torch.ones(3))
+    assert counter.item() == 0
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
