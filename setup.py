@@ -101,11 +101,13 @@ class Develop(develop):
     """`setup.py develop` as an editable pip install that reuses the installed torch.
 
     setuptools >= 80 turns `develop` into `pip install -e .` with build isolation, which has no torch.
+    The other dependencies (numpy, tqdm) are installed as `pip install -e .` installs them; the
+    torch already there satisfies its requirement and stays.
     """
 
     def run(self):
         subprocess.check_call([sys.executable, "-m", "pip", "install", "--no-build-isolation",
-                               "--no-deps", "-e", ROOT])
+                               "-e", ROOT])
 
 
 setup(
