@@ -82,16 +82,18 @@ def _check_float(op, name, position, value):
     where a float is due, and raises this TypeError for anything else (the op's schema would
     raise a RuntimeError, for momentum only after the batch statistics were computed)."""
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and not value.requires_grad:
-            return
-    elif isinstance(value, numbers.Real):
-        return
-    typename = "Tensor" if isinstance(value, torch.Tensor) else _typename(value)
-    raise TypeError(f"{op}(): argument '{name}' (position {position}) must be float, not {typename}")
+        ok = value.dim() == 0 and not value.requires_grad
+    else:
+        ok = isinstance(value, numbers.Real)
+    if not ok:
+        raise TypeError(f"{op}(): argument '{name}' (position {position}) must be float, not "
+                        f"{_typename(value)}")
 
 
 def _typename(value):
-    """A type's name as torch's argument parser writes it: `int`, `numpy.bool`."""
+    """A type's name as torch's argument parser writes it: `int`, `numpy.bool`, `Tensor`."""
+    if isinstance(value, torch.Tensor):
+        return "Tensor"
     t = type(value)
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
