@@ -48,10 +48,12 @@
 
 namespace modekernels {
 
+// torch's kernels are AVX2 or AVX-512 ones where at::get_cpu_capability() says "AVX2" or
+// "AVX512"; its baseline reads "DEFAULT", or "NO AVX" before torch 2.9.
 inline bool cpu_avx2() {
 #ifdef MK_CPU_AVX2
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-                           at::get_cpu_capability() != "DEFAULT";
+                           (at::get_cpu_capability() == "AVX2" || at::get_cpu_capability() == "AVX512");
   return avx2;
 #else
   return false;
