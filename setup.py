@@ -20,6 +20,14 @@ except ImportError as exc:  # an isolated build environment has no torch
         "isolation: pip install -e . --no-build-isolation  (or: python setup.py develop)"
     ) from exc
 
+# The oldest torch the test suite passes with (README.md, "Build"), as pyproject.toml requires. An
+# older one is refused here, before pip resolves dependencies: pip would otherwise replace it with
+# a new torch after the extension was compiled against the old one.
+MIN_TORCH = "2.8"
+if torch.__version__ < MIN_TORCH:
+    raise SystemExit(f"modekernels needs torch {MIN_TORCH} or later; this environment has torch "
+                     f"{torch.__version__}")
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
