@@ -99,9 +99,16 @@ class BuildExt(cpp_extension.BuildExtension):
             "cuda": torch.version.cuda if CUDA else None,
             "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if CUDA else None,
         }
-        with open(os.path.join(ROOT, "modekernels", "_build_info.py"), "w") as f:
-            f.write('"""Written by setup.py at build time."""\n')
-            f.write(f"BUILT_WITH = {info!r}\n")
+        # In the source tree for in-place and editable builds; in build_lib too for a wheel, whose
+        # build_py copied the package before this command ran.
+        packages = [os.path.join(ROOT, "modekernels")]
+        if not self.inplace:
+            packages.append(os.path.join(self.build_lib, "modekernels"))
+        for package in packages:
+            os.makedirs(package, exist_ok=True)
+            with open(os.path.join(package, "_build_info.py"), "w") as f:
+                f.write('"""Written by setup.py at build time."""\n')
+                f.write(f"BUILT_WITH = {info!r}\n")
         super().run()
 
 

@@ -1,8 +1,10 @@
-"""setup.py's refusal of a torch older than the one the suite passes with."""
+"""The build: setup.py's refusal of a torch older than the one the suite passes with, and a source
+distribution that builds and tests on its own."""
 import os
 import re
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -39,3 +41,26 @@ def test_setup_refuses_an_older_torch(version):
 def test_setup_takes_the_oldest_torch_and_later(version):
     done = run_setup(version)
     assert done.returncode == 0 and "needs torch" not in done.stderr, done.stderr
+
+
+def tree_files(folder, suffixes):
+    """Paths, relative to ROOT, of the files under folder ending in one of suffixes."""
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        found |= {os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames if f.endswith(suffixes)}
+    return found
+
+
+def test_sdist_carries_what_the_build_and_the_tests_read(tmp_path):
+    done = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+                           "sdist", "--dist-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        shipped = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = (tree_files("csrc", (".cpp", ".cu", ".h", ".cuh")) | tree_files("tests", (".py",))
+              | {"setup.py", "pyproject.toml", "README.md"})
+    missing = sorted(wanted - shipped)
+    assert not missing, f"not in the sdist (MANIFEST.in): {missing}"
+    assert "modekernels/_build_info.py" not in shipped  # each build writes its own

@@ -109,13 +109,15 @@ def narrower_outputs(tmp_path, cases, capability):
     ATEN_CPU_CAPABILITY), and so modekernels its build of the same width."""
     src, dst = tmp_path / "inputs.pt", tmp_path / f"outputs-{capability}.pt"
     torch.save(cases, src)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    # The modekernels this process imported (in place, or installed from a wheel), then the tests.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(modekernels.__file__)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, PYTHONPATH=os.pathsep.join(
+        filter(None, [package_parent, ROOT, os.environ.get("PYTHONPATH")])))
     code = ("import sys, torch, modekernels._C; from tests.test_cpu_capability import outputs; "
             "assert modekernels._C.cpu_capability == sys.argv[3], modekernels._C.cpu_capability; "
             "torch.save(outputs(torch.load(sys.argv[1])), sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(src), str(dst), BUILDS[capability]], env=env, check=True,
-                   cwd=ROOT)
+                   cwd=tmp_path)
     return torch.load(dst)
 
 
