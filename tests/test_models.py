@@ -6,6 +6,7 @@ import pathlib
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -615,6 +616,65 @@ def test_frozen_batchnorm_under_compile():
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(model.backbone[1].get_buffer(name), stats[f"backbone.1.{name}"])
     assert model.backbone[1].weight.grad.abs().sum() > 0
+
+
+# Every layer, with the inputs its forward takes for an (N, 4, H, W) shape.
+DYNAMIC_LAYERS = {
+    "Dropout": (lambda: modekernels.Dropout(0.3), lambda s: (torch.randn(s),)),
+    "Dropout2d": (lambda: modekernels.Dropout2d(0.3), lambda s: (torch.randn(s),)),
+    "DropoutAdd": (lambda: modekernels.DropoutAdd(0.3), lambda s: (torch.randn(s), torch.randn(s))),
+    "BiasDropoutAdd": (lambda: modekernels.BiasDropoutAdd(0.3),
+                       lambda s: (torch.randn(s), torch.randn(s[-1]), torch.randn(s))),
+    "BatchNorm2d": (lambda: modekernels.BatchNorm2d(4), lambda s: (torch.randn(s),)),
+    "BatchNormReLU2d": (lambda: modekernels.BatchNormReLU2d(4), lambda s: (torch.randn(s),)),
+    "BatchNormAddReLU2d": (lambda: modekernels.BatchNormAddReLU2d(4),
+                           lambda s: (torch.randn(s), torch.randn(s))),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layer", list(DYNAMIC_LAYERS))
+def test_dynamic_shapes_compile_once(layer, training):
+    # torch.compile(dynamic=True) keeps sizes symbolic through our ops, their fake kernels and
+    # their autograd, so new batch and spatial sizes reuse the graph (all sizes distinct and
+    # above 1, which torch specializes), and it computes what eager does.
+    make, inputs = DYNAMIC_LAYERS[layer]
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    eager, compiled = make().train(training), make().train(training)
+    fn = torch.compile(compiled, backend=counter, dynamic=True, fullgraph=True)
+    compiles = []
+    for shape in [(2, 4, 3, 5), (3, 4, 6, 7), (7, 4, 9, 2)]:
+        args = [a.requires_grad_() for a in inputs(shape)]
+        results = []
+        for module in (eager, fn):
+            torch.manual_seed(0)
+            out = module(*args)
+            results.append((out, *torch.autograd.grad(out.square().sum(), args)))
+        torch.testing.assert_close(results[1], results[0], **TOL[torch.float32])
+        compiles.append(counter.frame_count)
+    assert compiles[0] > 0 and compiles[-1] == compiles[0]  # the first shape's graph served all
+    torch.testing.assert_close(compiled.state_dict(), eager.state_dict())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layer", list(DYNAMIC_LAYERS))
+def test_export_with_dynamic_sizes(layer, training):
+    # torch.export with the batch and spatial sizes dynamic: no size is specialized (export
+    # would raise), and the program computes at another shape what eager does.
+    make, inputs = DYNAMIC_LAYERS[layer]
+    module = make().train(training)
+    dims = {0: torch.export.Dim("n", min=2), 2: torch.export.Dim("h", min=2),
+            3: torch.export.Dim("w", min=2)}
+    args = inputs((2, 4, 3, 5))
+    dynamic = [dims if a.dim() == 4 else {0: dims[3]} for a in args]
+    program = torch.export.export(module, tuple(args), dynamic_shapes=dynamic).module()
+    args = inputs((6, 4, 8, 7))
+    results = []
+    for fn in (program, copy.deepcopy(module)):
+        torch.manual_seed(0)
+        results.append(fn(*args))
+    torch.testing.assert_close(results[0], results[1], **TOL[torch.float32])
 
 
 # ---------------------------------------------------------------------------------- example

@@ -42,13 +42,14 @@ Tensor call_backward(const Tensor& grad, const Tensor& state, double p, bool fea
 
 // What a mask's backward needs: the rng_state, p, and the strides of the tensor the mask was laid
 // over (an elementwise mask follows that tensor's memory order; a channel-wise one belongs to the
-// (n, c) indices).
+// (n, c) indices). Sizes and strides are read as SymInts here and below, so that torch.compile
+// with dynamic shapes keeps them symbolic instead of specializing the graph to the first input's.
 void save_mask(AutogradContext* ctx, const Tensor& state, double p, const Tensor& out, bool feature) {
   ctx->set_materialize_grads(false);
   ctx->save_for_backward({state});
   ctx->saved_data["p"] = p;
   ctx->saved_data["feature"] = feature;
-  ctx->saved_data["stride"] = out.strides();
+  ctx->saved_data["stride"] = out.sym_strides();
 }
 
 // grad through the saved mask. p == 0 kept every element with factor 1 (the fused ops' eval sums).
@@ -59,10 +60,10 @@ Tensor apply_saved_mask(AutogradContext* ctx, const Tensor& grad) {
   if (p == 0) return grad;
   const bool feature = ctx->saved_data["feature"].toBool();
   const Tensor state = ctx->get_saved_variables()[0];
-  const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
-  if (feature || grad.strides() == stride) return call_backward(grad, state, p, feature);
-  return call_backward(at::empty_strided(grad.sizes(), stride, grad.options()).copy_(grad), state,
-                       p, feature);
+  const std::vector<c10::SymInt> stride = ctx->saved_data["stride"].toSymIntVector();
+  if (feature || grad.sym_strides().equals(stride)) return call_backward(grad, state, p, feature);
+  return call_backward(at::empty_strided_symint(grad.sym_sizes(), stride, grad.options()).copy_(grad),
+                       state, p, feature);
 }
 
 // On the Compose path (autograd.h) the mask is applied by torch operations, in the opmath
@@ -73,7 +74,7 @@ Tensor apply_saved_mask(AutogradContext* ctx, const Tensor& grad) {
 Tensor ones_for(const Tensor& t, bool feature, bool contiguous = false) {
   Tensor like = t;
   for (int64_t d = 2; feature && d < t.dim(); ++d) {
-    like = like.narrow(d, 0, std::min<int64_t>(1, t.size(d)));
+    like = like.narrow_symint(d, 0, t.sym_size(d).min(1));
   }
   const auto format = contiguous ? at::MemoryFormat::Contiguous : at::MemoryFormat::Preserve;
   return at::ones_like(like, t.options().dtype(at::toOpMathType(t.scalar_type())), format);
@@ -117,7 +118,7 @@ struct Masked : torch::autograd::Function<Masked> {
     if (!grad.defined()) return result;
     result[0] = apply_saved_mask(ctx, grad);
     if (needs_grad(ctx, ctx->saved_data["bias_edge"].toInt())) {
-      result[1] = result[0].reshape({-1, result[0].size(-1)}).sum(0);
+      result[1] = result[0].reshape_symint({-1, result[0].sym_size(-1)}).sum(0);
     }
     if (ctx->saved_data["residual"].toBool()) result[2] = grad;
     return result;
