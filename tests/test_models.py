@@ -649,7 +649,7 @@ def test_frozen_batchnorm_under_compile():
     assert model.backbone[1].weight.grad.abs().sum() > 0
 
 
-# Every layer, with the inputs its forward takes for an (N, 4, H, W) shape.
+# A layer of each kind, with the inputs its forward takes for an (N, 4, H, W) shape.
 DYNAMIC_LAYERS = {
     "Dropout": (lambda: modekernels.Dropout(0.3), lambda s: (torch.randn(s),)),
     "Dropout2d": (lambda: modekernels.Dropout2d(0.3), lambda s: (torch.randn(s),)),
