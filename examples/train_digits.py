@@ -44,13 +44,13 @@ def load_data(seed):
     return x_train, y_train, x_test, y_test
 
 
-def make_cnn():
+def make_cnn(dropout=0.3):
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
         nn.MaxPool2d(2),  # 8x8 -> 4x4
         nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.BatchNorm1d(128), nn.ReLU(),
-        nn.Dropout(0.3), nn.Linear(128, 10))
+        nn.Dropout(dropout), nn.Linear(128, 10))
 
 
 def train_epoch(model, optimizer, x, y, generator):

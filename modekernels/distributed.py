@@ -21,10 +21,13 @@ from . import _ops, functional as F, nn as _nn
 _FUSED = (_nn._BatchNormReLUForward, _nn._BatchNormAddReLUForward)
 
 
-class SyncBatchNorm(_nn._BatchNormForward, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_nn._BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
     """torch.nn.SyncBatchNorm on modekernels' kernels, on CPU (gloo) and CUDA alike.
 
-    Constructor, parameters, buffers, state_dict and repr are torch's. In training mode, with
+    Constructor, parameters, buffers, state_dict, repr and input checks are torch.nn.SyncBatchNorm's,
+    but it is not a subclass of it, unlike our other layers of theirs: DistributedDataParallel
+    refuses every torch.nn.SyncBatchNorm in a CPU module ("SyncBatchNorm layers only work with GPU
+    modules"), and the CPU is where this layer is needed. In training mode, with
     torch.distributed initialized and more than one process in `process_group` (default: the
     whole world), the batch statistics are those of the inputs of all its processes together:
     every process must call forward (and backward) the same number of times, also with an empty
@@ -36,6 +39,16 @@ class SyncBatchNorm(_nn._BatchNormForward, torch.nn.SyncBatchNorm):
     Otherwise (eval mode, a single process, torch.distributed not initialized) it computes
     exactly what modekernels' BatchNorm layers do, without communicating.
     """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, **kwargs):
+        # kwargs: the keyword-only arguments of newer torch's (`bias`).
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **kwargs)
+        self.process_group = process_group
+
+    _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input):
         if not isinstance(input, torch.fx.Proxy):  # FX symbolic tracing knows no shapes
@@ -69,9 +82,9 @@ class SyncBatchNorm(_nn._BatchNormForward, torch.nn.SyncBatchNorm):
                           "(modekernels.revert) first to synchronize it")
             return module
         # torch's method builds torch's class and recurses through cls.convert_sync_batchnorm.
-        converted = super().convert_sync_batchnorm(module, process_group)
+        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm.__func__(cls, module, process_group)
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            converted.__class__ = cls  # a fresh torch.nn.SyncBatchNorm; we override forward only
+            converted.__class__ = cls  # a fresh torch.nn.SyncBatchNorm: the same attributes
         return converted
 
 

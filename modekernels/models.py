@@ -127,7 +127,7 @@ def _set_sync_group(model, process_group):
     """Gives the layers convert(sync=True) made SyncBatchNorm their group; warns of the rest."""
     unsynchronized = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.SyncBatchNorm):
+        if isinstance(module, (torch.nn.SyncBatchNorm, _distributed.SyncBatchNorm)):
             if not hasattr(module, "process_group"):  # a plain BatchNorm until now
                 module.process_group = process_group
         elif isinstance(module, _BatchNorm):

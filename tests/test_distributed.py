@@ -51,7 +51,8 @@ class Case:
     dtype: torch.dtype = torch.float64
     channels_last: bool = False
     input_grad: bool = True
-    via: str = "convert_sync_batchnorm"  # or "convert": convert(model, sync=True)
+    via: str = "convert_sync_batchnorm"  # or "convert": convert(model, sync=True); "ddp": that
+    # in DistributedDataParallel
     alone: bool = False  # each rank in a process group of its own
     out_shape: tuple = None  # one sample's output, if not `shape`
 
@@ -75,6 +76,8 @@ CASES = {
     "uneven_4d_bfloat16": Case(BN2D, (4, 5, 6), UNEVEN, torch.bfloat16),
     "input_without_grad": Case(BN2D, (4, 5, 6), UNEVEN, input_grad=False),
     "model_convert_sync": Case(small_model, (3, 5, 5), EMPTY_RANK, via="convert", out_shape=(6,)),
+    # On the CPU, DistributedDataParallel refuses torch.nn.SyncBatchNorm, which ours is not.
+    "model_ddp": Case(small_model, (3, 5, 5), UNEVEN, via="ddp", out_shape=(6,)),
     "group_of_one": Case(BN2D, (4, 5, 6), EVEN, alone=True),
 }
 SYNCED = [name for name, case in CASES.items() if not case.alone]
@@ -107,6 +110,7 @@ def train(module, case, world, members):
         (out * g).sum().backward()
         record["output"].append(out.detach())
         record["grad_input"].append(x.grad)
+    module = getattr(module, "module", module)  # inside DistributedDataParallel: averaged grads
     record["grads"] = {name: p.grad.clone() for name, p in module.named_parameters()}
     record["buffers"] = {name: b.clone() for name, b in module.named_buffers()}
     return record
@@ -141,6 +145,8 @@ def synchronized(case, group):
     module = case.build().to(case.dtype)
     if case.via == "convert":
         return modekernels.convert(module, sync=True, process_group=group)
+    if case.via == "ddp":
+        return nn.parallel.DistributedDataParallel(modekernels.convert(module, sync=True))
     return modekernels.SyncBatchNorm.convert_sync_batchnorm(module, group)
 
 

@@ -3,6 +3,8 @@ import copy
 import importlib.util
 import io
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -735,3 +737,15 @@ def test_example_failures_are_reported(train_digits):
     problems = train_digits.failures({"a": history(0.94), "b": history(0.99, False)})
     assert len(problems) == 3
     assert "a: test accuracy 94.00%" in problems[0] and "5.00 points" in problems[1]
+
+
+def test_ddp_example_trains_as_one_process_would():
+    # torchrun, two gloo processes, DistributedDataParallel over convert(model, sync=True): the
+    # example compares against one process on the whole mini-batches and fails on a difference.
+    path = pathlib.Path(__file__).parents[1] / "examples" / "ddp_digits.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(path), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "epoch 2: 2 processes against one, relative difference" in done.stdout
+    assert "test accuracy after 2 epochs on 2 processes" in done.stdout
