@@ -78,8 +78,10 @@ def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=Fal
 
     Only the exact torch classes are converted, unless `subclasses` is true. A user subclass
     then gets a class deriving from both itself and modekernels' layer: its own methods still
-    win, and where it calls `super().forward` it reaches modekernels' kernels. Layers that are
-    modekernels' already are left alone.
+    win, and where it calls `super().forward` it reaches modekernels' kernels. Subclasses of
+    torch's SyncBatchNorm are the exception and stay as they are (modekernels.SyncBatchNorm is
+    no subclass of torch's, so torch's forward would win). Layers that are modekernels' already
+    are left alone.
 
     In training mode, Dropout draws its masks from modekernels' random stream, not torch's, so
     the masks (not their distribution) differ from the original model's.
@@ -111,7 +113,9 @@ def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=Fal
             return targets[cls]
         if issubclass(cls, _OUR_CLASSES):
             return None
-        if subclasses and issubclass(cls, torch_classes):
+        # Not a subclass of torch's SyncBatchNorm: ours is no subclass of it (distributed.py), so
+        # torch's forward would come first in the joint class.
+        if subclasses and issubclass(cls, torch_classes) and not issubclass(cls, torch.nn.SyncBatchNorm):
             return _converted_subclass(cls, next(targets[c] for c in cls.__mro__ if c in targets))
         return None
 

@@ -414,6 +414,20 @@ def test_convert_sync_subclasses_pickle_and_revert():
     assert type(model[0]) is ShiftedBatchNorm
 
 
+class ScaledSyncBatchNorm(nn.SyncBatchNorm):
+    def forward(self, input):
+        return super().forward(input) * 2
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_convert_leaves_subclasses_of_torchs_syncbatchnorm_alone(sync):
+    # Joined with ours, which is no subclass of torch's SyncBatchNorm (DistributedDataParallel
+    # refuses those on the CPU), the subclass would reach torch's forward first.
+    model = nn.Sequential(ScaledSyncBatchNorm(3), nn.SyncBatchNorm(3))
+    modekernels.convert(model, sync=sync, subclasses=True)
+    assert type(model[0]) is ScaledSyncBatchNorm and type(model[1]) is modekernels.SyncBatchNorm
+
+
 def test_convert_sync_warns_of_subclasses_left_alone():
     model = nn.Sequential(ShiftedBatchNorm(3), nn.BatchNorm2d(3))
     with pytest.warns(UserWarning, match=r"unsynchronized .*: 0$"):
