@@ -24,17 +24,18 @@ _FUSED = (_nn._BatchNormReLUForward, _nn._BatchNormAddReLUForward)
 class SyncBatchNorm(_nn._BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
     """torch.nn.SyncBatchNorm on modekernels' kernels, on CPU (gloo) and CUDA alike.
 
-    Constructor, parameters, buffers, state_dict, repr and input checks are torch.nn.SyncBatchNorm's,
-    but it is not a subclass of it, unlike our other layers of theirs: DistributedDataParallel
-    refuses every torch.nn.SyncBatchNorm in a CPU module ("SyncBatchNorm layers only work with GPU
-    modules"), and the CPU is where this layer is needed. In training mode, with
-    torch.distributed initialized and more than one process in `process_group` (default: the
-    whole world), the batch statistics are those of the inputs of all its processes together:
-    every process must call forward (and backward) the same number of times, also with an empty
-    batch (N = 0), which adds nothing but still joins the collectives. The running statistics
-    are updated with the global mean and the unbiased variance over the global count, identically
-    on every process. Weight and bias gradients are this process's share, as in torch: summed
-    over processes (DistributedDataParallel averages them), they are the whole batch's.
+    Constructor, parameters, buffers, state_dict, repr and input checks are those of
+    torch.nn.SyncBatchNorm, but unlike our other layers it is not a subclass of torch's:
+    DistributedDataParallel refuses every torch.nn.SyncBatchNorm in a CPU module ("SyncBatchNorm
+    layers only work with GPU modules"), and the CPU is where this layer is needed. In training
+    mode, with torch.distributed initialized and more than one process in `process_group`
+    (default: the whole world), the batch statistics are those of the inputs of all its processes
+    together: every process must call forward (and backward) the same number of times, also with
+    an empty batch (N = 0), which adds nothing but still joins the collectives. The running
+    statistics are updated with the global mean and the unbiased variance over the global count,
+    identically on every process. Weight and bias gradients are this process's share, as in
+    torch: summed over processes (DistributedDataParallel averages them), they are the whole
+    batch's.
 
     Otherwise (eval mode, a single process, torch.distributed not initialized) it computes
     exactly what modekernels' BatchNorm layers do, without communicating.
@@ -82,7 +83,8 @@ class SyncBatchNorm(_nn._BatchNormForward, torch.nn.modules.batchnorm._BatchNorm
                           "(modekernels.revert) first to synchronize it")
             return module
         # torch's method builds torch's class and recurses through cls.convert_sync_batchnorm.
-        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm.__func__(cls, module, process_group)
+        torch_method = torch.nn.SyncBatchNorm.convert_sync_batchnorm.__func__
+        converted = torch_method(cls, module, process_group)
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             converted.__class__ = cls  # a fresh torch.nn.SyncBatchNorm: the same attributes
         return converted

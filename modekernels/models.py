@@ -113,9 +113,10 @@ def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=Fal
             return targets[cls]
         if issubclass(cls, _OUR_CLASSES):
             return None
-        # Not a subclass of torch's SyncBatchNorm: ours is no subclass of it (distributed.py), so
-        # torch's forward would come first in the joint class.
-        if subclasses and issubclass(cls, torch_classes) and not issubclass(cls, torch.nn.SyncBatchNorm):
+        # Subclasses of torch's SyncBatchNorm stay: ours is no subclass of it (distributed.py), so
+        # the joint class would reach torch's forward first.
+        if (subclasses and issubclass(cls, torch_classes)
+                and not issubclass(cls, torch.nn.SyncBatchNorm)):
             return _converted_subclass(cls, next(targets[c] for c in cls.__mro__ if c in targets))
         return None
 

@@ -48,13 +48,15 @@ def tree_files(folder, suffixes):
     found = set()
     for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
         dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-        found |= {os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames if f.endswith(suffixes)}
+        found |= {os.path.relpath(os.path.join(dirpath, f), ROOT)
+                  for f in filenames if f.endswith(suffixes)}
     return found
 
 
 def test_sdist_carries_what_the_build_and_the_tests_read(tmp_path):
-    done = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
-                           "sdist", "--dist-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    command = [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
+               "--dist-dir", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as tar:

@@ -51,8 +51,7 @@ class Case:
     dtype: torch.dtype = torch.float64
     channels_last: bool = False
     input_grad: bool = True
-    via: str = "convert_sync_batchnorm"  # or "convert": convert(model, sync=True); "ddp": that
-    # in DistributedDataParallel
+    via: str = "convert_sync_batchnorm"  # "convert": convert(model, sync=True); "ddp": in DDP too
     alone: bool = False  # each rank in a process group of its own
     out_shape: tuple = None  # one sample's output, if not `shape`
 
