@@ -257,12 +257,14 @@ def _update_running(running_mean, running_var, mean, var, count, momentum, num_b
 
 
 def _check_running_stats(running_mean, running_var, training):
-    """torch's errors for running statistics given as None where they are needed."""
-    if training:
-        if (running_mean is None) != (running_var is None):
-            raise ValueError("running_mean and running_var must either both be None or neither "
-                             "be None")
-        return
+    """torch's errors for running statistics given as None where they are needed, or requiring
+    grad where grad mode is on (torch's autograd refuses those in both modes; below it, ours
+    would update them in training and give them no gradient in eval)."""
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
-        if stat is None:
+        if stat is None and not training:
             raise RuntimeError(f"{name} must be defined in evaluation mode")
+        if stat is not None and stat.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"The function 'batch_norm' is not differentiable with respect to "
+                               f"argument '{name}'. This input cannot have requires_grad True.")

@@ -359,6 +359,32 @@ def test_missing_running_statistics_are_torch_errors(training, given):
         MF.batch_norm(x, *stats, training=training)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_running_statistics_requiring_grad_are_torch_errors_and_change_nothing(training, name):
+    # torch's autograd refuses them in both modes; under no_grad both take them.
+    x = torch.randn(4, 3)
+    layers = []
+    for cls in (torch.nn.BatchNorm1d, modekernels.BatchNorm1d):
+        m = cls(3).train(training)
+        getattr(m, name).requires_grad_()
+        layers.append(m)
+    theirs, ours = layers
+    with pytest.raises(RuntimeError, match=f"not differentiable with respect to argument '{name}'"):
+        theirs(x)
+    before = state_of(ours)
+    with pytest.raises(RuntimeError, match=re.escape(f"The function 'batch_norm' is not differentiable "
+                                                     f"with respect to argument '{name}'. This input "
+                                                     f"cannot have requires_grad True.")):
+        ours(x)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    theirs.num_batches_tracked.zero_()  # torch counts the call before its autograd refuses it
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(state_of(ours), state_of(theirs))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("fused", ["plain", "add-relu"])
