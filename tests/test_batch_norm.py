@@ -138,6 +138,24 @@ def test_statistics_stay_accurate_with_a_large_mean(device, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "2d"])
+def test_statistics_stay_accurate_over_long_rows_and_few_channels(device, layout):
+    # 2^21 float32 values a channel, in rows of 2^20 (channels-first) or two channels a row: float
+    # sums that long would be 1e-4 off; the reference is float64 on the same values.
+    shape = (2**21, 2) if layout == "2d" else (2, 2, 1024, 1024)
+    x = torch.randn(shape, device=device) * 3 + 1
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    cls = (modekernels.BatchNorm1d, torch.nn.BatchNorm1d) if layout == "2d" else (
+        modekernels.BatchNorm2d, torch.nn.BatchNorm2d)
+    ours, reference = cls[0](2, momentum=1.0).to(device), cls[1](2, momentum=1.0).to(device).double()
+    ours(x)
+    reference(x.double())
+    torch.testing.assert_close(ours.running_var, reference.running_var.float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours.running_mean, reference.running_mean.float(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_zero_size_batch_behaves_like_torch(device):
     theirs, ours = twin_modules("2d", "default", device)
     x = torch.randn(0, 6, 7, 9, device=device, requires_grad=True)
