@@ -130,6 +130,8 @@ def _train_p(op, input, p, training):
 def _feature_dropout(input, p, training, inplace, generator):
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    if p == 1.0 and input.dim() < 2:  # torch multiplies by zero before it checks the dimensions
+        return input.mul_(0.0) if inplace else input * 0.0
     if inplace:
         return _ops.feature_dropout_(input, p, generator)
     return _ops.feature_dropout(input, p, generator)[0]

@@ -246,6 +246,22 @@ def test_feature_dropout_of_fewer_than_2_dims_is_torch_error(device, shape):
         modekernels.Dropout2d(0.5)(x)
 
 
+@pytest.mark.parametrize("name", ["dropout2d", "dropout3d"])
+@pytest.mark.parametrize("shape", [(), (5,)], ids=["0d", "1d"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_feature_dropout_of_fewer_than_2_dims_with_p_1_multiplies_by_zero_as_torch(name, shape, inplace):
+    # torch's p = 1 shortcut comes before its dimension check: no error, NaN stays NaN.
+    x = torch.tensor([float("nan"), 2.0, -3.0, 0.5, 1.0])[: (shape[0] if shape else 1)].reshape(shape)
+    results = []
+    for fn in (getattr(torch.nn.functional, name), getattr(MF, name)):
+        given = x.clone()
+        with pytest.warns(UserWarning, match=f"{name}: Received a {len(shape)}-D input"):
+            out = fn(given, 1.0, True, inplace)
+        assert (out is given) == inplace
+        results.append(out)
+    torch.testing.assert_close(results[1], results[0], equal_nan=True)
+
+
 @cuda
 def test_generator_on_the_wrong_device_is_an_error():
     x = torch.randn(8)
