@@ -475,9 +475,9 @@ void for_row_batches(const Layout& l, int64_t r0, int64_t r1, const Fn& fn) {
   for (; r < r1; ++r) fn(r, std::integral_constant<int64_t, 1>{});
 }
 
-// The elementwise passes, and the channels-last reductions where they stage float16, go over
-// memory in spans of at most kSpan<scalar_t> elements: 512, or kStagedSpan where staged
-// (common/staged.h), whose full spans then run with a compile-time size (FullSpan).
+// The elementwise passes go over memory in spans of at most kSpan<scalar_t> elements: 512, or
+// kStagedSpan where staged (common/staged.h), whose full spans then run with a compile-time size
+// (FullSpan).
 template <typename scalar_t>
 constexpr int64_t kSpan = staged_span<scalar_t> ? kStagedSpan : 512;
 
@@ -486,32 +486,49 @@ T* shifted(T* p, int64_t i) {
   return p ? p + i : nullptr;
 }
 
+// Whether the channels-last reductions read scalar_t a SIMD part at a time (row_columns): float16
+// outside the baseline build. GCC converts float16 one value at a time in a plain loop; staged
+// through float copies (common/staged.h) instead, the reductions took 1.3-1.9x bfloat16's time.
+template <typename scalar_t>
+constexpr bool reads_parts = MK_CPU_ISA_LEVEL >= 1 && std::is_same_v<scalar_t, c10::Half>;
+
+// A part (Lanes<T>) stored at p.
+template <typename T, typename Part>
+inline void store_part(T* p, const Part& v) {
+  static_assert(sizeof(Part) == Lanes<T>::kWidth * sizeof(T), "a part of T");
+  std::memcpy(p, &v, sizeof(v));
+}
+
 // Calls cols(c0, n, stride, v...) for the channels of R channels-last rows from row r on (R as
 // for_row_batches gives it), v being the operands' views, in the order given: channel c0 + k of
-// row r + j is v[j * stride + k], k < n, each read with widen. A view is the operand's own memory
-// from row r on (c0 = 0, n = C, stride = C) or, for float16 staged by F16C, a float copy of kSpan
-// channels of each of the R rows at a time (stride = kStagedSpan). Null operands stay null.
-template <typename R, typename Cols, typename scalar_t, typename... More>
-inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const scalar_t* first, More... more) {
-  if constexpr (staged_reads<scalar_t>) {
+// row r + j is v[j * stride + k], k < n, each read with widen. A view is the operand's memory from
+// row r and channel c0 on (stride = C). Where reads_parts, the channels go Lanes<float>::kWidth at
+// a time through parts(c, v...) first (v from channel c on; load_lanes<float>(v + j * C, 0) is row
+// r + j's part, converted in registers), and the channels left over reach cols as float copies
+// (stride = Lanes<float>::kWidth; converted one at a time, 40 channels took 1.5-2x the time of
+// the float copies of 32 and 8). Null operands stay null.
+template <typename R, typename Cols, typename Parts, typename scalar_t, typename... More>
+inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const Parts& parts,
+                        const scalar_t* first, More... more) {
+  if constexpr (reads_parts<scalar_t>) {
+    constexpr int64_t W = Lanes<float>::kWidth;
+    int64_t c0 = 0;
+    for (; c0 + W <= C; c0 += W) parts(c0, shifted(first, r * C + c0), shifted(more, r * C + c0)...);
+    if (c0 == C) return;
     constexpr size_t kViews = 1 + sizeof...(More);
     const std::array<const scalar_t*, kViews> from{first, more...};
-    for_spans<scalar_t>(0, C, kSpan<scalar_t>, [&](int64_t c0, auto n) MK_SPAN_BODY {
-      alignas(64) float buf[kViews][R::value * kStagedSpan];
-      std::array<const float*, kViews> v{};
-      for (size_t k = 0; k < kViews; ++k) {
-        if (from[k]) {
-          for (int64_t j = 0; j < R::value; ++j) {
-            widen_block(from[k] + (r + j) * C + c0, buf[k] + j * kStagedSpan, n);
-          }
-          v[k] = buf[k];
-        }
+    alignas(64) float buf[kViews][R::value * W];
+    std::array<const float*, kViews> v{};
+    for (size_t k = 0; k < kViews; ++k) {
+      if (from[k]) {
+        for (int64_t j = 0; j < R::value; ++j) widen_block(from[k] + (r + j) * C + c0, buf[k] + j * W, C - c0);
+        v[k] = buf[k];
       }
-      // Not std::apply, which is compiled for the baseline ISA and so cannot inline this body.
-      [&]<size_t... K>(std::index_sequence<K...>) MK_SPAN_BODY {
-        cols(c0, n, kStagedSpan, v[K]...);
-      }(std::make_index_sequence<kViews>{});
-    });
+    }
+    // Not std::apply, which is compiled for the baseline ISA and so cannot inline this body.
+    [&]<size_t... K>(std::index_sequence<K...>) MK_SPAN_BODY {
+      cols(c0, C - c0, W, v[K]...);
+    }(std::make_index_sequence<kViews>{});
   } else {
     cols(int64_t{0}, C, C, shifted(first, r * C), shifted(more, r * C)...);
   }
@@ -586,7 +603,7 @@ void rows_last_sums(const Layout& l, const AddRows& add_rows, const AddElement& 
         const auto registered = [&](auto kC) {
           registered_block<decltype(kC)::value>(r0, r1, a.data(), b.data(), add_element);
         };
-        if (staged_reads<scalar_t> || !with_registered_channels(C, registered)) {
+        if (reads_parts<scalar_t> || !with_registered_channels(C, registered)) {
           for_row_batches<scalar_t>(l, r0, r1, [&](int64_t r, auto R) { add_rows(r, R, a.data(), b.data()); });
         }
         for (int64_t c = 0; c < C; ++c) {
@@ -635,7 +652,7 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
     };
     std::vector<double> s1, s2;
     rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
-      row_columns(r, R, C, [&](int64_t c0, int64_t n, int64_t stride, const auto* xv) MK_SPAN_BODY {
+      const auto cols = [&](int64_t c0, int64_t n, int64_t stride, const auto* xv) MK_SPAN_BODY {
         _Pragma("GCC ivdep")  // column c of R rows: no dependence between iterations
         for (int64_t k = 0; k < n; ++k) {
           const int64_t c = c0 + k;
@@ -644,7 +661,21 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
           a[c] += sum;
           b[c] += sq;
         }
-      }, x);
+      };
+      // cols for the channels of one part (reads_parts), lane by lane the same operations.
+      const auto parts = [&](int64_t c, const auto* xv) MK_SPAN_BODY {
+        using Part = typename Lanes<opmath_t>::Part;
+        const Part sh = load_lanes<opmath_t>(shift.data() + c, 0);
+        Part sum{}, sq{};
+        unrolled(R, [&](int64_t j) {
+          const Part d = load_lanes<opmath_t>(xv + j * C, 0) - sh;
+          sum += d;
+          sq += d * d;
+        });
+        store_part(a + c, load_lanes<opmath_t>(a + c, 0) + sum);
+        store_part(b + c, load_lanes<opmath_t>(b + c, 0) + sq);
+      };
+      row_columns(r, R, C, cols, parts, x);
     }, [&](int64_t i, int64_t c, opmath_t& s, opmath_t& q) { add(widen<opmath_t>(x[i]), c, s, q); }, s1, s2);
     for (int64_t c = 0; c < C; ++c) {
       total[c] = shifted_moments(static_cast<double>(l.N * l.S), static_cast<double>(shift[c]), s1[c], s2[c]);
@@ -725,7 +756,24 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
             b[c] += dot;
           }
         };
-        row_columns(r, R, C, cols, dy, x, K == kSavedGate ? gate.g : nullptr);
+        // cols for the channels of one part (reads_parts), lane by lane the same operations.
+        const auto parts = [&](int64_t c, const auto* dyv, const auto* xv, const auto* gv) MK_SPAN_BODY {
+          using Part = typename Lanes<opmath_t>::Part;
+          const auto at = [&](const opmath_t* v) { return v ? load_lanes<opmath_t>(v + c, 0) : Part{}; };
+          const Part m = at(mean), pm = at(gm), pb = at(gb), pd = at(gd);
+          Part sum{}, dot{};
+          unrolled(R, [&](int64_t j) {
+            Part g = load_lanes<opmath_t>(dyv + j * C, 0);
+            const Part v = load_lanes<opmath_t>(xv + j * C, 0);
+            if constexpr (K == kSavedGate) g = load_lanes<opmath_t>(gv + j * C, 0) > opmath_t(0) ? g : Part{};
+            if constexpr (K == kRecomputedGate) g = pd + (v - pm) * pb > above ? g : Part{};
+            sum += g;
+            dot += g * (v - m);
+          });
+          store_part(a + c, load_lanes<opmath_t>(a + c, 0) + sum);
+          store_part(b + c, load_lanes<opmath_t>(b + c, 0) + dot);
+        };
+        row_columns(r, R, C, cols, parts, dy, x, K == kSavedGate ? gate.g : nullptr);
       }, [&](int64_t i, int64_t c, opmath_t& sum, opmath_t& dot) {
         add(widen<opmath_t>(dy[i]), widen<opmath_t>(x[i]), gate_value(gate.g, i), c, sum, dot);
       }, sdy, sdx);

@@ -14,8 +14,9 @@
 // for NaNs and subnormals, three instructions per sixteen). A full span runs with its size as a
 // compile-time constant (FullSpan): the compiler then keeps the copies in registers and turns the
 // three loops into one (loads and conversions, arithmetic, conversions and stores). BatchNorm's
-// elementwise passes stage both dtypes; its channels-last reductions, which only read, stage
-// float16 alone (staged_reads), since bfloat16's widening vectorizes in place.
+// elementwise passes stage both dtypes; its channels-last reductions, which only read, convert
+// float16 in registers instead (batch_norm_cpu.cpp, reads_parts), and bfloat16's widening
+// vectorizes in place.
 // BlockIn and BlockOut wrap this for a loop written once for every dtype (dropout): staged where
 // staged_span, otherwise reading and writing memory through widen and narrow as a plain loop
 // would. Both give widen's and narrow's bits: F16C and AVX512-BF16 round to nearest even, as
@@ -198,11 +199,6 @@ MK_ISA_INLINE void narrow_block(const float* src, c10::BFloat16* dst, int64_t n)
 template <typename scalar_t>
 inline constexpr bool staged_span =
     MK_CPU_ISA_LEVEL >= 1 && (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>);
-
-// Whether a loop that only reads scalar_t stages it: float16 only. (Staged, the channels-last
-// reductions over bfloat16 measured 0.88-0.95x of their speed unstaged.)
-template <typename scalar_t>
-inline constexpr bool staged_reads = MK_CPU_ISA_LEVEL >= 1 && std::is_same_v<scalar_t, c10::Half>;
 
 // The values a staged loop converts at a time: four float vectors per operand with AVX2, two with
 // AVX-512.
