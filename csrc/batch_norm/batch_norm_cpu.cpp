@@ -3,10 +3,10 @@
 // moments: the work is cut into tasks that at::parallel_for shares out. Channels-first memory
 //   (N, C, S): a task is one channel over a range of the batch, so few channels still fill every
 //   thread; the task sums (x - K) and (x - K)^2 over its rows (K the task's first element) in
-//   opmath lanes, adds them into double every few thousand elements (RowSums), then takes its
+//   opmath lanes, adds them into double every 4096 elements at most (RowSums), then takes its
 //   moments once. It reads four rows at a time (four streams of memory in flight) and prefetches
 //   the next four, since rows lie C * S elements apart.
-//   Channels-last memory (N*S, C): a task is a range of rows; blocks of rows (>= 64 rows) get
+//   Channels-last memory (N*S, C): a task is a range of rows; blocks of rows (64 to 1024) get
 //   per-channel sums of (x - K) and (x - K)^2 in one sweep, K being the channel's first element,
 //   so the squares never lose precision to a large mean; block sums add up in double per task,
 //   task sums per channel at the end. Rows of 4 KB or more are swept four at a time; with 32, 64
@@ -26,8 +26,8 @@
 // This file is compiled three times (common/cpu_capability.h): as itself for the baseline ISA, and
 // from batch_norm_cpu_avx2.cpp and batch_norm_cpu_avx512.cpp for AVX2 and AVX-512, each build's
 // kernels in a namespace of their own (baseline, avx2, avx512). The AVX2 build's loops are 8 float
-// lanes wide, the AVX-512 build's 16; both convert float16 with F16C (the channels-first
-// reductions' loads, the channels-last reductions' rows staged as floats) and stage the
+// lanes wide, the AVX-512 build's 16; both convert float16 with F16C in registers in the
+// reductions (a SIMD part of a row, or of 16 or 8 channels, at a time) and stage the
 // elementwise passes' spans of 32 as floats for float16 (F16C) and bfloat16 (integer rounding in
 // 256-bit registers, or AVX512-BF16): common/staged.h. On the development machine (AMD EPYC,
 // 8x256x56x56) the AVX2 build took the bfloat16 module from 0.49-0.97x of torch's speed to
@@ -505,8 +505,8 @@ inline void store_part(T* p, const Part& v) {
 // row r and channel c0 on (stride = C). Where reads_parts, the channels go Lanes<float>::kWidth at
 // a time through parts(c, v...) first (v from channel c on; load_lanes<float>(v + j * C, 0) is row
 // r + j's part, converted in registers), and the channels left over reach cols as float copies
-// (stride = Lanes<float>::kWidth; converted one at a time, 40 channels took 1.5-2x the time of
-// the float copies of 32 and 8). Null operands stay null.
+// (stride = Lanes<float>::kWidth; read from memory with widen instead, the 8 left over of 40
+// channels made the statistics 2x slower). Null operands stay null.
 template <typename R, typename Cols, typename Parts, typename scalar_t, typename... More>
 inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const Parts& parts,
                         const scalar_t* first, More... more) {
@@ -521,7 +521,9 @@ inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const Parts& 
     std::array<const float*, kViews> v{};
     for (size_t k = 0; k < kViews; ++k) {
       if (from[k]) {
-        for (int64_t j = 0; j < R::value; ++j) widen_block(from[k] + (r + j) * C + c0, buf[k] + j * W, C - c0);
+        for (int64_t j = 0; j < R::value; ++j) {
+          widen_block(from[k] + (r + j) * C + c0, buf[k] + j * W, C - c0);
+        }
         v[k] = buf[k];
       }
     }
