@@ -499,21 +499,30 @@ inline void store_part(T* p, const Part& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// Calls cols(c0, n, stride, v...) for the channels of R channels-last rows from row r on (R as
-// for_row_batches gives it), v being the operands' views, in the order given: channel c0 + k of
-// row r + j is v[j * stride + k], k < n, each read with widen. A view is the operand's memory from
-// row r and channel c0 on (stride = C). Where reads_parts, the channels go Lanes<float>::kWidth at
-// a time through parts(c, v...) first (v from channel c on; load_lanes<float>(v + j * C, 0) is row
-// r + j's part, converted in registers), and the channels left over reach cols as float copies
-// (stride = Lanes<float>::kWidth; read from memory with widen instead, the 8 left over of 40
-// channels made the statistics 2x slower). Null operands stay null.
-template <typename R, typename Cols, typename Parts, typename scalar_t, typename... More>
-inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const Parts& parts,
-                        const scalar_t* first, More... more) {
+// Adds R channels-last rows from row r on (R as for_row_batches gives it) into the sums a[c] and
+// b[c] of their C channels: cols(c0, n, stride, v...) adds channels c0 <= c < c0 + n, v being
+// the operands' views, in the order given: channel c0 + k of row r + j is v[j * stride + k], each
+// read with widen. A view is the operand's memory from row r and channel c0 on (stride = C).
+// Where reads_parts, the channels go Lanes<float>::kWidth at a time through add_part(r + j, c, s,
+// t) first, which adds row r + j's part of channels c on (load_lanes, converted in registers)
+// into the parts s and t, rows in order from zero, then into a and b: per channel, cols'
+// operations. The channels left over reach cols as float copies (stride = Lanes<float>::kWidth;
+// read from memory with widen instead, the 8 left over of 40 channels made the statistics 2x
+// slower). Null operands stay null.
+template <typename R, typename Cols, typename AddPart, typename opmath_t, typename scalar_t,
+          typename... More>
+inline void row_columns(int64_t r, R, int64_t C, const Cols& cols, const AddPart& add_part,
+                        opmath_t* a, opmath_t* b, const scalar_t* first, More... more) {
   if constexpr (reads_parts<scalar_t>) {
-    constexpr int64_t W = Lanes<float>::kWidth;
+    using Part = typename Lanes<opmath_t>::Part;
+    constexpr int64_t W = Lanes<opmath_t>::kWidth;
     int64_t c0 = 0;
-    for (; c0 + W <= C; c0 += W) parts(c0, shifted(first, r * C + c0), shifted(more, r * C + c0)...);
+    for (; c0 + W <= C; c0 += W) {
+      Part s{}, t{};
+      unrolled(R{}, [&](int64_t j) { add_part(r + j, c0, s, t); });
+      store_part(a + c0, load_lanes<opmath_t>(a + c0, 0) + s);
+      store_part(b + c0, load_lanes<opmath_t>(b + c0, 0) + t);
+    }
     if (c0 == C) return;
     constexpr size_t kViews = 1 + sizeof...(More);
     const std::array<const scalar_t*, kViews> from{first, more...};
@@ -578,16 +587,35 @@ void registered_block(int64_t r0, int64_t r1, opmath_t* a, opmath_t* b, const Ad
   }
 }
 
+// registered_block for reads_parts: the K channels' sums as K / W parts (W = Lanes<opmath_t>::kWidth)
+// that add_part(r, c, s, q) adds row r's part of channels c on into. The same sums, in the same
+// order, as the per-element block.
+template <int64_t K, typename opmath_t, typename AddPart>
+void registered_parts_block(int64_t r0, int64_t r1, opmath_t* a, opmath_t* b, const AddPart& add_part) {
+  using L = Lanes<opmath_t>;
+  static_assert(K % L::kWidth == 0, "whole parts");
+  constexpr int64_t kParts = K / L::kWidth;
+  typename L::Part s[kParts] = {}, q[kParts] = {};
+  for (int64_t r = r0; r < r1; ++r) {
+    unrolled(std::integral_constant<int64_t, kParts>{}, [&](int64_t p) { add_part(r, p * L::kWidth, s[p], q[p]); });
+  }
+  for (int64_t p = 0; p < kParts; ++p) {
+    store_part(a + p * L::kWidth, load_lanes<opmath_t>(a + p * L::kWidth, 0) + s[p]);
+    store_part(b + p * L::kWidth, load_lanes<opmath_t>(b + p * L::kWidth, 0) + q[p]);
+  }
+}
+
 // Two sums per channel over the N * S rows of channels-last memory, into s1 and s2 (C each). A task
 // is a range of rows, one per thread; it adds blocks of rows (>= kMinBlockRows) into opmath sums
 // a[c] and b[c] with add_rows(r, R, a, b), which adds rows r to r + R - 1 (R as for_row_batches
 // gives it), and adds the blocks' sums in double. Tasks' sums add up per channel, in order, at the
 // end. (Four tasks per thread, each with its C partial sums to clear and merge, measured 1.1-1.5x
-// slower with 512 to 4096 channels.) With 32, 64 or 128 channels, and unless float16 is staged,
-// a block goes through registered_block with add_element(i, c, s, q) instead.
-template <typename scalar_t, typename opmath_t, typename AddRows, typename AddElement>
+// slower with 512 to 4096 channels.) With 32, 64 or 128 channels a block goes through
+// registered_block with add_element(i, c, s, q) instead, or where reads_parts through
+// registered_parts_block with add_part (row_columns).
+template <typename scalar_t, typename opmath_t, typename AddRows, typename AddElement, typename AddPart>
 void rows_last_sums(const Layout& l, const AddRows& add_rows, const AddElement& add_element,
-                    std::vector<double>& s1, std::vector<double>& s2) {
+                    const AddPart& add_part, std::vector<double>& s1, std::vector<double>& s2) {
   const int64_t C = l.C;
   const int64_t rows = l.N * l.S;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
@@ -603,9 +631,13 @@ void rows_last_sums(const Layout& l, const AddRows& add_rows, const AddElement& 
         std::fill(b.begin(), b.end(), opmath_t(0));
         const int64_t r1 = std::min(end, r0 + block_rows);
         const auto registered = [&](auto kC) {
-          registered_block<decltype(kC)::value>(r0, r1, a.data(), b.data(), add_element);
+          if constexpr (reads_parts<scalar_t>) {
+            registered_parts_block<decltype(kC)::value>(r0, r1, a.data(), b.data(), add_part);
+          } else {
+            registered_block<decltype(kC)::value>(r0, r1, a.data(), b.data(), add_element);
+          }
         };
-        if (reads_parts<scalar_t> || !with_registered_channels(C, registered)) {
+        if (!with_registered_channels(C, registered)) {
           for_row_batches<scalar_t>(l, r0, r1, [&](int64_t r, auto R) { add_rows(r, R, a.data(), b.data()); });
         }
         for (int64_t c = 0; c < C; ++c) {
@@ -652,6 +684,12 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
       s += d;
       q += d * d;
     };
+    // add for a part of row r, channels c on (reads_parts).
+    const auto add_part = [&](int64_t r, int64_t c, auto& s, auto& q) MK_SPAN_BODY {
+      const auto d = load_lanes<opmath_t>(x + r * C + c, 0) - load_lanes<opmath_t>(shift.data() + c, 0);
+      s += d;
+      q += d * d;
+    };
     std::vector<double> s1, s2;
     rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
       const auto cols = [&](int64_t c0, int64_t n, int64_t stride, const auto* xv) MK_SPAN_BODY {
@@ -664,21 +702,8 @@ void moments_kernel(const at::Tensor& x_t, const Layout& l, const at::Tensor& me
           b[c] += sq;
         }
       };
-      // cols for the channels of one part (reads_parts), lane by lane the same operations.
-      const auto parts = [&](int64_t c, const auto* xv) MK_SPAN_BODY {
-        using Part = typename Lanes<opmath_t>::Part;
-        const Part sh = load_lanes<opmath_t>(shift.data() + c, 0);
-        Part sum{}, sq{};
-        unrolled(R, [&](int64_t j) {
-          const Part d = load_lanes<opmath_t>(xv + j * C, 0) - sh;
-          sum += d;
-          sq += d * d;
-        });
-        store_part(a + c, load_lanes<opmath_t>(a + c, 0) + sum);
-        store_part(b + c, load_lanes<opmath_t>(b + c, 0) + sq);
-      };
-      row_columns(r, R, C, cols, parts, x);
-    }, [&](int64_t i, int64_t c, opmath_t& s, opmath_t& q) { add(widen<opmath_t>(x[i]), c, s, q); }, s1, s2);
+      row_columns(r, R, C, cols, add_part, a, b, x);
+    }, [&](int64_t i, int64_t c, opmath_t& s, opmath_t& q) { add(widen<opmath_t>(x[i]), c, s, q); }, add_part, s1, s2);
     for (int64_t c = 0; c < C; ++c) {
       total[c] = shifted_moments(static_cast<double>(l.N * l.S), static_cast<double>(shift[c]), s1[c], s2[c]);
     }
@@ -743,6 +768,18 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
       const auto gate_value = [](const auto* gv, int64_t i) {
         return K == kSavedGate ? widen<opmath_t>(gv[i]) : opmath_t(0);
       };
+      // add for a part of row r, channels c on (reads_parts), lane by lane.
+      const auto add_part = [&](int64_t r, int64_t c, auto& sum, auto& dot) MK_SPAN_BODY {
+        using Part = std::remove_reference_t<decltype(sum)>;
+        const auto at = [&](const opmath_t* v) { return v ? load_lanes<opmath_t>(v + c, 0) : Part{}; };
+        const int64_t i = r * C + c;
+        Part g = load_lanes<opmath_t>(dy + i, 0);
+        const Part v = load_lanes<opmath_t>(x + i, 0);
+        if constexpr (K == kSavedGate) g = load_lanes<opmath_t>(gate.g + i, 0) > opmath_t(0) ? g : Part{};
+        if constexpr (K == kRecomputedGate) g = at(gd) + (v - at(gm)) * at(gb) > above ? g : Part{};
+        sum += g;
+        dot += g * (v - at(mean));
+      };
       rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
         const auto cols = [&](int64_t c0, int64_t n, int64_t stride, const auto* dyv, const auto* xv,
                               const auto* gv) MK_SPAN_BODY {
@@ -758,27 +795,10 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
             b[c] += dot;
           }
         };
-        // cols for the channels of one part (reads_parts), lane by lane the same operations.
-        const auto parts = [&](int64_t c, const auto* dyv, const auto* xv, const auto* gv) MK_SPAN_BODY {
-          using Part = typename Lanes<opmath_t>::Part;
-          const auto at = [&](const opmath_t* v) { return v ? load_lanes<opmath_t>(v + c, 0) : Part{}; };
-          const Part m = at(mean), pm = at(gm), pb = at(gb), pd = at(gd);
-          Part sum{}, dot{};
-          unrolled(R, [&](int64_t j) {
-            Part g = load_lanes<opmath_t>(dyv + j * C, 0);
-            const Part v = load_lanes<opmath_t>(xv + j * C, 0);
-            if constexpr (K == kSavedGate) g = load_lanes<opmath_t>(gv + j * C, 0) > opmath_t(0) ? g : Part{};
-            if constexpr (K == kRecomputedGate) g = pd + (v - pm) * pb > above ? g : Part{};
-            sum += g;
-            dot += g * (v - m);
-          });
-          store_part(a + c, load_lanes<opmath_t>(a + c, 0) + sum);
-          store_part(b + c, load_lanes<opmath_t>(b + c, 0) + dot);
-        };
-        row_columns(r, R, C, cols, parts, dy, x, K == kSavedGate ? gate.g : nullptr);
+        row_columns(r, R, C, cols, add_part, a, b, dy, x, K == kSavedGate ? gate.g : nullptr);
       }, [&](int64_t i, int64_t c, opmath_t& sum, opmath_t& dot) {
         add(widen<opmath_t>(dy[i]), widen<opmath_t>(x[i]), gate_value(gate.g, i), c, sum, dot);
-      }, sdy, sdx);
+      }, add_part, sdy, sdx);
     };
     if (!gate.g) {
       sums(std::integral_constant<GateKind, kNoGate>{});
