@@ -149,7 +149,8 @@ def synchronized(case, group):
     return modekernels.SyncBatchNorm.convert_sync_batchnorm(module, group)
 
 
-BAD_INPUTS = {  # name -> (input on `rank` of `world`, exception, part of its message[, layer eps])
+BAD_INPUTS = {  # name -> (input on `rank` of `world`, exception, part of its message[, layer eps[,
+    # a running statistic made to require grad]])
     "1d": (lambda rank, world: torch.randn(4), ValueError,
            "expected at least 2D input (got 1D input)"),
     "no_channels": (lambda rank, world: torch.randn(3, 0), ValueError,
@@ -162,6 +163,9 @@ BAD_INPUTS = {  # name -> (input on `rank` of `world`, exception, part of its me
                        "weight should contain 5 elements not 4"),
     "eps_zero": (lambda rank, world: torch.randn(3, 4), ValueError,
                  "batch_norm eps must be positive during training, but got 0", 0.0),
+    "running_mean_requires_grad": (lambda rank, world: torch.randn(3, 4), RuntimeError,
+                                   "not differentiable with respect to argument 'running_mean'",
+                                   1e-5, "running_mean"),
 }
 
 
@@ -170,13 +174,18 @@ def bad_inputs(rank, world):
     module = modekernels.SyncBatchNorm(4)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     raised = {}
-    for name, (make, _, _, *eps) in BAD_INPUTS.items():
+    for name, (make, _, _, *extra) in BAD_INPUTS.items():
         error = None
-        module.eps = eps[0] if eps else 1e-5
+        module.eps = extra[0] if extra else 1e-5
+        stat = extra[1] if len(extra) > 1 else None
+        if stat:
+            getattr(module, stat).requires_grad_()
         try:
             module(make(rank, world))
         except Exception as exc:  # compared with the expected one in the test
             error = exc
+        if stat:
+            getattr(module, stat).requires_grad_(False)
         after = module.state_dict()
         raised[name] = error, all(torch.equal(after[k], v) for k, v in before.items())
     module.eps = 1e-5
