@@ -227,8 +227,7 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
 
 def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, training, momentum,
                 eps, num_batches_tracked):
-    _check_flags(training, momentum, eps)
-    _check_running_stats(running_mean, running_var, training)
+    _check_arguments(running_mean, running_var, training, momentum, eps)
     if not training:
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,
                                     relu)
@@ -236,6 +235,13 @@ def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, 
     count = input.numel() // input.shape[1] if input.shape[1] else 0
     _update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
     return output
+
+
+def _check_arguments(running_mean, running_var, training, momentum, eps):
+    """The checks of a batch_norm call that come before any kernel, on every path (the
+    synchronized one too): the flags' types, then the running statistics."""
+    _check_flags(training, momentum, eps)
+    _check_running_stats(running_mean, running_var, training)
 
 
 def _check_flags(training, momentum, eps):

@@ -776,7 +776,7 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
       // add for the part of channels c on that starts at element i (reads_parts), lane by lane.
       const auto add_part = [&](int64_t i, int64_t c, auto& sum, auto& dot) MK_SPAN_BODY {
         using Part = std::remove_reference_t<decltype(sum)>;
-        const auto at = [&](const opmath_t* v) { return v ? load_lanes<opmath_t>(v + c, 0) : Part{}; };
+        const auto at = [&](const opmath_t* v) { return load_lanes<opmath_t>(v + c, 0); };
         Part g = load_lanes<opmath_t>(dy + i, 0);
         const Part v = load_lanes<opmath_t>(x + i, 0);
         if constexpr (K == kSavedGate) g = load_lanes<opmath_t>(gate.g + i, 0) > opmath_t(0) ? g : Part{};
