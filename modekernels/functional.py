@@ -41,6 +41,8 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     _check_args("dropout", input, p, training)
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    if p == 1.0 and not input.is_floating_point():
+        return _zeroed(input, inplace)
     if inplace:
         return _ops.dropout_(input, p, generator)
     if input.is_nested:
@@ -127,11 +129,19 @@ def _train_p(op, input, p, training):
     return p if training and input.numel() else 0.0
 
 
+def _zeroed(input, inplace):
+    """torch's p = 1 shortcut: the input times a zero of its own dtype, before any check of its
+    dtype or rank (so integer, bool and complex inputs give zeros of theirs, NaN stays NaN). Our
+    kernels take the floating-point inputs of every rank they support."""
+    zero = input.new_zeros(())
+    return input.mul_(zero) if inplace else input * zero
+
+
 def _feature_dropout(input, p, training, inplace, generator):
     if not training or p == 0.0 or input.numel() == 0:
         return input
-    if p == 1.0 and input.dim() < 2:  # torch multiplies by zero before it checks the dimensions
-        return input.mul_(0.0) if inplace else input * 0.0
+    if p == 1.0 and (input.dim() < 2 or not input.is_floating_point()):
+        return _zeroed(input, inplace)
     if inplace:
         return _ops.feature_dropout_(input, p, generator)
     return _ops.feature_dropout(input, p, generator)[0]

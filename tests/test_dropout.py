@@ -1,6 +1,7 @@
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -231,6 +232,29 @@ def test_unsupported_dtype_is_clear_error_and_mutates_nothing(dtype, inplace):
     with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
         MF.dropout(x, 0.5, inplace=inplace)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64])
+@pytest.mark.parametrize("name,shape", [("dropout", (2, 3)), ("dropout1d", (2, 3, 4)),
+                                        ("dropout2d", (2, 3, 4, 4)), ("dropout2d", (5,)),
+                                        ("dropout3d", (3, 2, 2, 2))])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_p_1_on_unsupported_dtypes_gives_torch_zeros(dtype, name, shape, inplace):
+    # torch's p = 1 shortcut multiplies by a zero of the input's dtype before anything looks at
+    # the dtype; ours takes the same path (any other p raises our TypeError, tested above).
+    x = torch.arange(1, 1 + math.prod(shape)).reshape(shape).to(dtype)
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dropout2d's rank warning, tested elsewhere
+        for fn in (getattr(torch.nn.functional, name), getattr(MF, name)):
+            given = x.clone()
+            out = fn(given, 1.0, True, inplace)
+            assert (out is given) == inplace
+            results.append(out)
+        with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+            getattr(MF, name)(x, 0.5, True, inplace)
+    assert results[1].dtype == results[0].dtype == dtype
+    assert torch.equal(results[1], results[0])
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
