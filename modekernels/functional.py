@@ -22,12 +22,25 @@ def _torch_function(fn):
     return public
 
 
-def _warn(message):
-    """torch's deprecation warnings for some input ranks, pointed at the caller. Not while
-    torch.compile traces, which cannot take warnings.warn in a full graph; torch's functionals
-    sit in its graphs whole and compile with these inputs too."""
+def _warn(message, stacklevel=4):
+    """torch's deprecation warnings for some input ranks, pointed at the caller (the default
+    stacklevel: _warn, the functional, its public wrapper). Not while torch.compile traces, which
+    cannot take warnings.warn in a full graph; torch's functionals sit in its graphs whole and
+    compile with these inputs too."""
     if not torch.compiler.is_compiling():
-        warnings.warn(message, stacklevel=4)  # _warn, the functional, its public wrapper
+        warnings.warn(message, stacklevel=stacklevel)
+
+
+def _warn_rank(name, input, spatial):
+    """torch's deprecation warning for a `name` (dropout2d, dropout3d) input of another rank than
+    its `spatial` dimensions and a channel, with or without a batch."""
+    if input.dim() not in (spatial + 1, spatial + 2):
+        _warn(f"{name}: Received a {input.dim()}-D input to {name}, which is deprecated "
+              "and will result in an error in a future release. To retain the behavior "
+              f"and silence this warning, please use dropout instead. Note that {name} "
+              f"exists to provide channel-wise dropout on inputs with {spatial} spatial dimensions, "
+              "a channel dimension, and an optional batch dimension "
+              f"(i.e. {spatial + 1}D or {spatial + 2}D inputs).", stacklevel=5)
 
 
 @_torch_function
@@ -175,13 +188,7 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
     Like torch, a 3-D input is taken as (N, C, L), with torch's warning.
     """
     _check_args("feature_dropout", input, p, training)
-    if input.dim() not in (3, 4):
-        _warn(
-            f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated "
-            "and will result in an error in a future release. To retain the behavior "
-            "and silence this warning, please use dropout instead. Note that dropout2d "
-            "exists to provide channel-wise dropout on inputs with 2 spatial dimensions, "
-            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).")
+    _warn_rank("dropout2d", input, 2)
     if input.dim() == 3:
         _warn(
             "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
@@ -196,13 +203,7 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
 def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout3d: one mask per channel of (N, C, D, H, W) or (C, D, H, W)."""
     _check_args("feature_dropout", input, p, training)
-    if input.dim() not in (4, 5):
-        _warn(
-            f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated "
-            "and will result in an error in a future release. To retain the behavior "
-            "and silence this warning, please use dropout instead. Note that dropout3d "
-            "exists to provide channel-wise dropout on inputs with 3 spatial dimensions, "
-            "a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).")
+    _warn_rank("dropout3d", input, 3)
     return _unbatched_feature_dropout(input, input.dim() == 5, p, training, inplace, generator)
 
 

@@ -286,6 +286,20 @@ def test_feature_dropout_of_fewer_than_2_dims_with_p_1_multiplies_by_zero_as_tor
     torch.testing.assert_close(results[1], results[0], equal_nan=True)
 
 
+@pytest.mark.parametrize("name,rank", [("dropout2d", 2), ("dropout2d", 3), ("dropout2d", 5),
+                                       ("dropout3d", 3), ("dropout3d", 6)])
+def test_feature_dropout_rank_warnings_are_torchs_and_point_at_the_caller(name, rank):
+    x = torch.randn((2,) * rank)
+    messages = []
+    for fn in (getattr(torch.nn.functional, name), getattr(MF, name)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn(x, 0.5)
+        messages.append([str(w.message) for w in caught])
+        assert caught and all(w.filename == __file__ for w in caught)
+    assert messages[1] == messages[0]
+
+
 @cuda
 def test_generator_on_the_wrong_device_is_an_error():
     x = torch.randn(8)

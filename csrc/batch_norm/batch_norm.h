@@ -67,6 +67,24 @@ struct Operands {
   at::Tensor gated_out;
 };
 
+// The kernels' view of Operands over scalar_t inputs, absent operands null.
+template <typename scalar_t>
+struct AffinePtrs {
+  const scalar_t* p;
+  const scalar_t* q;
+  GateOf<scalar_t> gate;
+  const scalar_t* residual;
+  bool relu;
+  scalar_t* gated_out;  // or null: also write the gated p (the fused residual's gradient)
+};
+
+template <typename scalar_t>
+AffinePtrs<scalar_t> affine_ptrs(const Operands& in) {
+  const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+  return {ptr(in.p), ptr(in.q), gate_view<scalar_t>(in.gate), ptr(in.residual), in.relu,
+          in.gated_out.defined() ? in.gated_out.data_ptr<scalar_t>() : nullptr};
+}
+
 // A backend's kernels. Per-channel tensors are (C,) in the opmath dtype (float for
 // float/half/bfloat16 inputs, double for double); `coeffs` is (4, C), see batch_norm_math.h.
 // p, q, x and dy are dense in `layout`; undefined tensors stand for absent operands.

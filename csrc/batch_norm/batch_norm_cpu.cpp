@@ -829,16 +829,6 @@ void grad_sums_cpu(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, 
 
 // ------------------------------------------------------------------------------- affine
 
-template <typename scalar_t>
-struct AffinePtrs {
-  const scalar_t* p;
-  const scalar_t* q;
-  GateOf<scalar_t> gate;
-  const scalar_t* residual;
-  bool relu;
-  scalar_t* gated_out;  // or null
-};
-
 // Which operands an elementwise pass has, fixed at compile time so that every variant's inner
 // loop stays branch-free and vectorizes: kGate (the fused-ReLU backward: a GateKind), kResidual,
 // kRelu, kGatedOut (the fused-residual backward). A recomputed gate's tensor is the input x, which
@@ -1025,17 +1015,6 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
       }
     });
   }
-}
-
-template <typename scalar_t>
-const scalar_t* ptr(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-}
-
-template <typename scalar_t>
-AffinePtrs<scalar_t> affine_ptrs(const Operands& in) {
-  return {ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), gate_view<scalar_t>(in.gate), ptr<scalar_t>(in.residual),
-          in.relu, in.gated_out.defined() ? in.gated_out.data_ptr<scalar_t>() : nullptr};
 }
 
 void affine_cpu(const Operands& in, const Layout& l, const at::Tensor& coeffs, const at::Tensor& out) {

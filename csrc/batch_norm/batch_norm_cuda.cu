@@ -255,16 +255,6 @@ __device__ __forceinline__ void store(scalar_t* dst, index_t v, const cuda::Vec<
 // dimension, S or C, a multiple of kVec and 16-byte aligned pointers) as 128-bit loads and stores,
 // all in one channel (channels-first) or in kVec consecutive channels (channels-last), so the
 // channel is found once per vector.
-template <typename scalar_t>
-struct AffinePtrs {
-  const scalar_t* p;
-  const scalar_t* q;
-  GateOf<scalar_t> gate;
-  const scalar_t* residual;
-  bool relu;
-  scalar_t* gated_out;  // or null: also write the gated p (the fused residual's gradient)
-};
-
 // kFused: gate, residual, relu and gated_out are looked at (the plain BatchNorm passes skip them).
 template <typename scalar_t, typename index_t, int kVec, bool kHasP, bool kHasQ, bool kFused>
 __global__ void __launch_bounds__(cuda::kThreads)
@@ -358,18 +348,11 @@ void launch_affine(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t n,
   }
 }
 
-template <typename scalar_t>
-const scalar_t* ptr(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-}
-
 void affine_cuda(const Operands& in, const Layout& l, const at::Tensor& coeffs, const at::Tensor& out) {
   c10::cuda::CUDAGuard guard(out.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "modekernels_bn_affine", [&] {
     using T = at::opmath_type<scalar_t>;
-    const AffinePtrs<scalar_t> ptrs{ptr<scalar_t>(in.p), ptr<scalar_t>(in.q), gate_view<scalar_t>(in.gate),
-                                    ptr<scalar_t>(in.residual), in.relu,
-                                    in.gated_out.defined() ? in.gated_out.data_ptr<scalar_t>() : nullptr};
+    const auto ptrs = affine_ptrs<scalar_t>(in);
     const int64_t n = out.numel();
     if (cuda::fits_int32(n)) {
       launch_affine<scalar_t, uint32_t>(ptrs, l, n, coeffs.const_data_ptr<T>(), out.data_ptr<scalar_t>());
