@@ -59,11 +59,12 @@ TORCH_LIBRARY(modekernels, m) {
   m.def("batch_norm_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, float eps, Tensor? residual=None, bool relu=False) -> Tensor");
   // Gradients; outputs not asked for in output_mask are returned empty. For a batch spread over
   // several processes, pass the all-reduced sum_dy, sum_dy_xmu and the global per-channel count.
-  // After a fused ReLU, grad_output is zero where the ReLU's output was not > 0. Pass that output as
-  // relu_output, or (BN+ReLU, no residual) relu=True and the forward's bias: the gate is then
-  // recomputed from input exactly as the forward rounded it. residual_grad (with relu_output) also
-  // returns the gated grad_output, the gradient of a fused residual, written by the same pass that
-  // computes grad_input; otherwise grad_residual is empty.
+  // After a fused ReLU, grad_output is zero where the ReLU's output was <= 0 (a NaN output lets it
+  // through, as torch's ReLU backward). Pass that output as relu_output, or (BN+ReLU, no
+  // residual) relu=True and the forward's bias: the gate is then recomputed from input exactly as
+  // the forward rounded it. residual_grad (with relu_output) also returns the gated grad_output,
+  // the gradient of a fused residual, written by the same pass that computes grad_input; otherwise
+  // grad_residual is empty.
   m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor? weight, float eps, bool training, bool[3] output_mask, Tensor? sum_dy=None, Tensor? sum_dy_xmu=None, SymInt? count=None, Tensor? relu_output=None, bool residual_grad=False, bool relu=False, Tensor? bias=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   // The building blocks of a distributed BatchNorm: local statistics and local gradient sums.
   m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");

@@ -368,10 +368,11 @@ def batch_norm_backward(grad_output, input, mean, var, weight, eps, training, ou
     """(grad_input, grad_weight, grad_bias, grad_residual), None where not asked for.
 
     With sum_dy, sum_dy_xmu and count given (all-reduced over processes), the training-mode
-    gradient is that of the whole distributed batch. After a fused ReLU, grad_output passes only
-    where the ReLU's output was > 0: give that output as relu_output, or relu=True and the
-    forward's bias to have the gate recomputed from input. residual_grad (with relu_output) also
-    returns the gated grad_output (a fused residual's gradient), from the pass of grad_input.
+    gradient is that of the whole distributed batch. After a fused ReLU, grad_output passes
+    unless the ReLU's output was <= 0 (NaN passes, as in torch's ReLU backward): give that output
+    as relu_output, or relu=True and the forward's bias to have the gate recomputed from input.
+    residual_grad (with relu_output) also returns the gated grad_output (a fused residual's
+    gradient), from the pass of grad_input.
 
     Forward-mode AD: the gradients are linear in grad_output, so its tangent goes through the same
     op; tangents of the other tensors are not supported.
@@ -446,10 +447,10 @@ def _bn_backward_grad(ctx, *grads_of_outputs):
         raise NotImplementedError("modekernels batch_norm_backward: no double backward with "
                                   "given (all-reduced) sum_dy and sum_dy_xmu")
     grad_output, input, mean, var, weight, relu_output, bias = ctx.saved_tensors
-    if relu_output is not None:
-        gate = relu_output > 0
+    if relu_output is not None:  # open unless <= 0 (NaN passes), as torch's ReLU backward
+        gate = ~(relu_output <= 0)
     elif ctx.relu:  # the forward's output, rounded as the forward rounded it
-        gate = batch_norm_eval(input, mean, var, weight, bias, ctx.eps, relu=True) > 0
+        gate = ~(batch_norm_eval(input, mean, var, weight, bias, ctx.eps, relu=True) <= 0)
     else:
         gate = None
     create_graph = torch.is_grad_enabled()

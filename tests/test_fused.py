@@ -55,7 +55,7 @@ def test_fused_equals_torch_composition_in_both_modes(device, dtype, layout, var
         # before the ReLU and we round once after it, so an output within rounding of 0 may sit
         # on the other side of the kink; with one gate, the rest must agree to tolerance.
         grad = torch.randn_like(y_o)
-        pre.backward(torch.where(y_o > 0, grad, 0))
+        pre.backward(torch.where(y_o <= 0, 0, grad))
         y_o.backward(grad)
         torch.testing.assert_close(x_o.grad, x_t.grad, **tol)
         if variant == "bn-add-relu":
@@ -211,6 +211,54 @@ def test_relu_keeps_nan_like_torch():
     ours = MF.batch_norm_relu(x, torch.zeros(3), torch.ones(3), training=False)
     theirs = torch.relu(torch.nn.functional.batch_norm(x, torch.zeros(3), torch.ones(3)))
     assert torch.equal(ours.isnan(), theirs.isnan())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape,layout", [((4, 3, 5, 6), "contiguous"), ((4, 3, 5, 6), "channels_last"),
+                                          ((2, 64, 3, 5), "channels_last"), ((2, 3, 40), "contiguous")])
+@pytest.mark.parametrize("case", ["bn-relu-eval", "bn-add-relu-eval", "bn-add-relu-train"])
+def test_relu_backward_lets_the_gradient_through_a_nan_output_like_torch(device, dtype, shape, layout, case):
+    # torch's ReLU backward zeroes the gradient where the output is <= 0 (threshold_backward), so
+    # where the output is NaN the gradient passes. NaNs in eval, or in the residual in training
+    # (in the input they would make the whole channel NaN), at positions in vectors and tails.
+    # Against torch's composition in float64, which rounds no intermediate to dtype.
+    variant, mode = case.rsplit("-", 1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    r = torch.randn(shape, generator=gen)
+    flat = (r if mode == "train" else x).view(-1)
+    flat[torch.randperm(flat.numel(), generator=gen)[:5]] = float("nan")
+    if variant == "bn-add-relu" and mode == "eval":
+        r.view(-1)[torch.randperm(r.numel(), generator=gen)[:5]] = float("nan")
+    dims = {3: "1d", 4: "2d"}[len(shape)]
+    ours_cls = getattr(modekernels, VARIANTS[variant][0].__name__.replace("2d", dims))
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    theirs = getattr(torch.nn, f"BatchNorm{dims}")(shape[1]).to(device, torch.float64)
+    ours = ours_cls(shape[1]).to(device, param_dtype)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5, generator=gen)
+        theirs.bias.uniform_(-0.5, 0.5, generator=gen)
+        theirs.running_mean.uniform_(-0.5, 0.5, generator=gen)
+        theirs.running_var.uniform_(0.5, 1.5, generator=gen)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.train(mode == "train")
+    ours.train(mode == "train")
+    x, r = (make_layout(t.to(device, dtype), layout) if t.dim() == 4 else t.to(device, dtype) for t in (x, r))
+    x_t, r_t = (t.to(torch.float64, copy=True).requires_grad_() for t in (x, r))
+    x_o, r_o = (t.clone().requires_grad_() for t in (x, r))
+    y_t = torch.relu(VARIANTS[variant][1](theirs, x_t, r_t))
+    y_o = ours(x_o, r_o) if variant == "bn-add-relu" else ours(x_o)
+    grad = torch.randn(shape, generator=gen).to(device, dtype)
+    y_t.backward(grad.double())
+    y_o.backward(grad)
+    assert y_o.isnan().any()
+    tol = dict(BN_TOL[dtype], equal_nan=True)
+    torch.testing.assert_close(x_o.grad.double(), x_t.grad, **tol)
+    if variant == "bn-add-relu":
+        torch.testing.assert_close(r_o.grad.double(), r_t.grad, **tol)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(ours, name).grad.double(), getattr(theirs, name).grad, **tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -389,7 +389,7 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
                     opmath_t mean, RowSums<opmath_t>& acc) {
   using L = Lanes<opmath_t>;
   const bool recompute = gate.coeffs != nullptr;  // then gate.g is x itself
-  opmath_t gm = 0, gb = 0, gd = 0, above = 0;  // open where the gate value is > above
+  opmath_t gm = 0, gb = 0, gd = 0, above = 0;  // open unless the gate value is <= above
   if (recompute) {
     gm = gate.coeffs[kM * gate.C + c];
     gb = gate.coeffs[kB * gate.C + c];
@@ -413,7 +413,7 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
         if (gate.g) {
           // The saved output, or as relu_open recomputes it: normalized(), lane by lane.
           const auto open = recompute ? gd + (v - gm) * gb : load_lanes<opmath_t>(gate.g + at, k);
-          g = open > above ? g : typename L::Part{};  // closed for NaN too
+          g = open <= above ? typename L::Part{} : g;  // relu_passes: open for NaN too
         }
         lanes.v1[k] += g;
         lanes.v2[k] += g * (v - mean);
@@ -427,7 +427,7 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
         const opmath_t v = widen<opmath_t>(x[at]);
         if (gate.g) {
           const opmath_t open = recompute ? gd + (v - gm) * gb : widen<opmath_t>(gate.g[at]);
-          g = open > above ? g : opmath_t(0);
+          g = relu_passes(open, above) ? g : opmath_t(0);
         }
         acc.t1 += g;
         acc.t2 += g * (v - mean);
@@ -764,9 +764,9 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
       // dy g and input v of channel c (and its saved gate value s, for kSavedGate) into the sums.
       const auto add = [&](opmath_t g, opmath_t v, [[maybe_unused]] opmath_t s, int64_t c, opmath_t& sum,
                            opmath_t& dot) {
-        // GateView::passes: the saved output > 0, or relu_open of the input.
-        if constexpr (K == kSavedGate) g = s > opmath_t(0) ? g : opmath_t(0);
-        if constexpr (K == kRecomputedGate) g = gd[c] + (v - gm[c]) * gb[c] > above ? g : opmath_t(0);
+        // GateView::passes: relu_passes of the saved output, or relu_open of the input.
+        if constexpr (K == kSavedGate) g = relu_passes(s) ? g : opmath_t(0);
+        if constexpr (K == kRecomputedGate) g = relu_passes(gd[c] + (v - gm[c]) * gb[c], above) ? g : opmath_t(0);
         sum += g;
         dot += g * (v - mean[c]);
       };
@@ -779,8 +779,8 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
         const auto at = [&](const opmath_t* v) { return load_lanes<opmath_t>(v + c, 0); };
         Part g = load_lanes<opmath_t>(dy + i, 0);
         const Part v = load_lanes<opmath_t>(x + i, 0);
-        if constexpr (K == kSavedGate) g = load_lanes<opmath_t>(gate.g + i, 0) > opmath_t(0) ? g : Part{};
-        if constexpr (K == kRecomputedGate) g = at(gd) + (v - at(gm)) * at(gb) > above ? g : Part{};
+        if constexpr (K == kSavedGate) g = load_lanes<opmath_t>(gate.g + i, 0) <= opmath_t(0) ? Part{} : g;
+        if constexpr (K == kRecomputedGate) g = at(gd) + (v - at(gm)) * at(gb) <= above ? Part{} : g;
         sum += g;
         dot += g * (v - at(mean));
       };
@@ -876,7 +876,7 @@ inline void affine_element(AffinePtrs<S> in, int64_t i, opmath_t a, opmath_t b, 
   opmath_t v;
   if constexpr (V::kHasP) {
     bool open = true;
-    if constexpr (V::kGate == kSavedGate) open = widen<opmath_t>(in.gate.g[i]) > opmath_t(0);
+    if constexpr (V::kGate == kSavedGate) open = relu_passes(widen<opmath_t>(in.gate.g[i]));
     if constexpr (V::kGate == kRecomputedGate) {
       open = relu_open<scalar_t>(widen<opmath_t>((V::kGateIsQ ? in.q : in.gate.g)[i]), m, gb, gd);
     }

@@ -36,7 +36,7 @@ MK_HOST_DEVICE T normalized(T q, T m, T b, T d) {
 
 // The largest T that rounds to zero as scalar_t, to nearest even: half the smallest positive
 // subnormal of float16 (2^-24) or bfloat16 (2^-133), 0 where scalar_t is T itself. A value v is
-// > 0 once rounded to scalar_t iff v > zero_rounding_bound (never for NaN).
+// <= 0 once rounded to scalar_t iff v <= zero_rounding_bound (never for NaN).
 template <typename scalar_t, typename T>
 MK_HOST_DEVICE constexpr T zero_rounding_bound() {
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
@@ -48,17 +48,25 @@ MK_HOST_DEVICE constexpr T zero_rounding_bound() {
   }
 }
 
-// Whether the forward's ReLU passed element x with forward coefficients (m, b, d): its output,
-// rounded to scalar_t as the forward stored it, is > 0 (false for NaN, as torch's ReLU backward).
-// One comparison, with no rounding, so that the loops that recompute the gate vectorize.
+// Whether a ReLU's backward lets the gradient through where the ReLU's output is v: unless
+// v <= 0, as torch's (threshold_backward), so a NaN output passes it. `above` is 0, or
+// zero_rounding_bound for an output not yet rounded to its dtype.
+template <typename T>
+MK_HOST_DEVICE bool relu_passes(T v, T above = T(0)) {
+  return !(v <= above);
+}
+
+// Whether the forward's ReLU passed element x with forward coefficients (m, b, d): relu_passes of
+// its output, rounded to scalar_t as the forward stored it. One comparison, with no rounding, so
+// that the loops that recompute the gate vectorize.
 template <typename scalar_t, typename T>
 MK_HOST_DEVICE bool relu_open(T x, T m, T b, T d) {
-  return normalized(x, m, b, d) > zero_rounding_bound<scalar_t, T>();
+  return relu_passes(normalized(x, m, b, d), zero_rounding_bound<scalar_t, T>());
 }
 
 // A fused backward's ReLU gate (batch_norm.h Gate) as the kernels see it: g is null (no gate),
-// the forward output (open where > 0), or, with coeffs (the forward's (4, C) coefficients), the
-// input (open where relu_open).
+// the forward output (open where relu_passes), or, with coeffs (the forward's (4, C)
+// coefficients), the input (open where relu_open).
 template <typename scalar_t, typename T>
 struct GateView {
   const scalar_t* g;
@@ -68,7 +76,7 @@ struct GateView {
   // Whether channel c's gate value v (g's element, in T) lets dy through.
   MK_HOST_DEVICE bool passes(T v, int64_t c) const {
     return coeffs ? relu_open<scalar_t>(v, coeffs[kM * C + c], coeffs[kB * C + c], coeffs[kD * C + c])
-                  : v > T(0);
+                  : relu_passes(v);
   }
   MK_HOST_DEVICE bool open(int64_t i, int64_t c) const {
     return !g || passes(widen<T>(g[i]), c);
