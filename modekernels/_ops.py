@@ -478,6 +478,13 @@ def _bn_backward_grad(ctx, *grads_of_outputs):
                                         create_graph=create_graph)
             for (i, _), g in zip(leaves, grads):
                 result[i] = g
+    # The gate's own derivative is zero, and torch's ReLU backward gives it as zeros for the
+    # ReLU's output (threshold_backward): so the gate's tensor (the saved output, or the input
+    # the gate is recomputed from) gets zeros rather than nothing, and the input stays in the
+    # graph in eval mode, where the gradient does not depend on it otherwise.
+    gated_by = (11, relu_output) if relu_output is not None else (1, input) if ctx.relu else None
+    if pairs and gated_by and ctx.needs_input_grad[gated_by[0]] and result[gated_by[0]] is None:
+        result[gated_by[0]] = torch.zeros_like(gated_by[1])
     return tuple(result)
 
 

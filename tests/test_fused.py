@@ -205,6 +205,26 @@ def test_gradcheck_and_gradgradcheck_float64(training, variant):
     assert torch.autograd.gradgradcheck(f, (x, r, w, b), check_fwd_over_rev=True)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradient_penalty_reaches_the_inputs_as_through_torchs_relu(training, variant):
+    # A penalty on the input's gradient, differentiated for the input (and residual) with
+    # allow_unused=False: torch's ReLU backward gives its output's gradient as zeros, so in eval,
+    # where the gradient does not depend on the input otherwise, the input still gets zeros.
+    x = torch.randn(4, 3, 3, 2, dtype=torch.float64)
+    r = torch.randn_like(x)
+    results = []
+    for ours in (False, True):
+        bn = (VARIANTS[variant][0] if ours else torch.nn.BatchNorm2d)(3).double().train(training)
+        xr, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y = call(bn, xr, rr) if ours else torch.relu(VARIANTS[variant][1](bn, xr, rr))
+        wrt = (xr, rr) if variant == "bn-add-relu" else (xr,)
+        grads = torch.autograd.grad(y, wrt, torch.ones_like(y), create_graph=True)
+        penalty = sum((g ** 2).sum() for g in grads)
+        results.append(torch.autograd.grad(penalty, wrt + (bn.weight,)))
+    torch.testing.assert_close(results[1], results[0])
+
+
 def test_relu_keeps_nan_like_torch():
     x = torch.randn(4, 3, 2, 2)
     x[0, 0, 0, 0] = float("nan")
