@@ -51,7 +51,7 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     (a torch.Generator on input's device) makes the mask reproducible independently of the global
     seed.
     """
-    _check_args("dropout", input, p, training)
+    _check_args("dropout_" if inplace else "dropout", input, p, training)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p == 1.0 and not input.is_floating_point():
@@ -76,12 +76,14 @@ def _jagged_dropout(input, p, generator):
 
 def _check_args(op, input, p, training):
     """torch's checks of a dropout's arguments, in its order: p (NaN included), then the types
-    that torch's argument parser enforces on its `op` (a truthy non-bool `training` is refused)."""
+    that torch's argument parser enforces on its `op` (a p that is a tensor of one element but
+    not 0-d, or that requires grad, and a truthy non-bool `training` are refused)."""
     if not 0.0 <= p <= 1.0:  # NaN included
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not "
                         f"{_typename(input)}")
+    _check_float(op, "p", 2, p)
     _check_bool(op, "train", 3, training)
 
 
@@ -171,7 +173,7 @@ def _unbatched_feature_dropout(input, batched, p, training, inplace, generator):
 @_torch_function
 def dropout1d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout1d: one mask per channel of (N, C, L) or (C, L)."""
-    _check_args("feature_dropout", input, p, training)
+    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training)
     if input.dim() not in (2, 3):
         raise RuntimeError(
             f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
@@ -187,7 +189,7 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
 
     Like torch, a 3-D input is taken as (N, C, L), with torch's warning.
     """
-    _check_args("feature_dropout", input, p, training)
+    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training)
     _warn_rank("dropout2d", input, 2)
     if input.dim() == 3:
         _warn(
@@ -202,7 +204,7 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
 @_torch_function
 def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout3d: one mask per channel of (N, C, D, H, W) or (C, D, H, W)."""
-    _check_args("feature_dropout", input, p, training)
+    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training)
     _warn_rank("dropout3d", input, 3)
     return _unbatched_feature_dropout(input, input.dim() == 5, p, training, inplace, generator)
 

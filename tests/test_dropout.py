@@ -205,16 +205,37 @@ def test_p_nan_is_a_value_error_with_torch_message():
 @pytest.mark.parametrize("ours,theirs", [(MF.dropout, torch.nn.functional.dropout),
                                           (MF.dropout2d, torch.nn.functional.dropout2d)],
                          ids=["elementwise", "channel"])
-def test_training_that_is_not_a_bool_is_torch_type_error(training, ours, theirs):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_training_that_is_not_a_bool_is_torch_type_error(training, ours, theirs, inplace):
     x = torch.randn(2, 4, 6, 5)
     with pytest.raises(TypeError) as expected:
-        theirs(x, 0.5, training)
+        theirs(x, 0.5, training, inplace)
     with pytest.raises(TypeError, match=re.escape(str(expected.value))):
-        ours(x, 0.5, training)
+        ours(x, 0.5, training, inplace)
     for fused in (lambda: MF.dropout_add(x, x, 0.5, training),
                   lambda: MF.bias_dropout_add(x, x[0, 0, 0], x, 0.5, training)):
         with pytest.raises(TypeError, match="argument 'train' \\(position 3\\) must be bool"):
             fused()
+
+
+@pytest.mark.parametrize("p", [torch.tensor([0.5]), torch.tensor(0.5, requires_grad=True)],
+                         ids=["1-d", "requires-grad"])
+@pytest.mark.parametrize("ours,theirs", [(MF.dropout, torch.nn.functional.dropout),
+                                          (MF.dropout2d, torch.nn.functional.dropout2d)],
+                         ids=["elementwise", "channel"])
+def test_p_that_is_not_a_float_is_torch_type_error(p, ours, theirs):
+    # torch's argument parser takes a 0-d tensor that does not require grad as a float, no other.
+    x = torch.randn(2, 4, 6, 5)
+    before = x.clone()
+    with pytest.raises(TypeError) as expected:
+        theirs(x, p, True, True)
+    with pytest.raises(TypeError, match=re.escape(str(expected.value))):
+        ours(x, p, True, True)
+    assert torch.equal(x, before)
+    for fused in (lambda: MF.dropout_add(x, x, p), lambda: MF.bias_dropout_add(x, x[0, 0, 0], x, p)):
+        with pytest.raises(TypeError, match="argument 'p' \\(position 2\\) must be float, not Tensor"):
+            fused()
+    torch.testing.assert_close(ours(x, p.detach().reshape(()), False), x)
 
 
 def test_input_that_is_not_a_tensor_is_torch_type_error():
