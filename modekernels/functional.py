@@ -240,7 +240,10 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
 
 def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, training, momentum,
                 eps, num_batches_tracked):
-    _check_arguments(running_mean, running_var, training, momentum, eps)
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise TypeError(f"batch_norm_add_relu(): argument 'residual' (position 2) must be Tensor, "
+                        f"not {_typename(residual)}")
+    _check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps)
     if not training:
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,
                                     relu)
@@ -250,11 +253,25 @@ def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, 
     return output
 
 
-def _check_arguments(running_mean, running_var, training, momentum, eps):
+def _check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps):
     """The checks of a batch_norm call that come before any kernel, on every path (the
-    synchronized one too): the flags' types, then the running statistics."""
+    synchronized one too): the types torch's argument parser enforces, in its order, then the
+    running statistics."""
+    _check_tensors(input, weight, bias, running_mean, running_var)
     _check_flags(training, momentum, eps)
     _check_running_stats(running_mean, running_var, training)
+
+
+def _check_tensors(input, weight, bias, running_mean, running_var):
+    """torch's TypeError for a tensor argument of batch_norm that is not one (None where
+    optional), at its position in torch's batch_norm op, in every mode (torch's functional
+    trips over such an input in training before its parser sees it)."""
+    for position, (name, value) in enumerate((("input", input), ("weight", weight), ("bias", bias),
+                                              ("running_mean", running_mean),
+                                              ("running_var", running_var)), start=1):
+        if not isinstance(value, torch.Tensor) and (value is not None or name == "input"):
+            raise TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
+                            f"Tensor, not {_typename(value)}")
 
 
 def _check_flags(training, momentum, eps):

@@ -363,6 +363,37 @@ def test_momentum_or_eps_that_is_not_a_float_is_torch_type_error_and_changes_not
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["input", "weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("value", [[1.0, 2.0, 3.0], np.ones(3, dtype=np.float32), 1.0],
+                         ids=["list", "ndarray", "float"])
+def test_tensor_argument_that_is_not_a_tensor_is_torch_type_error_and_changes_nothing(training, name,
+                                                                                      value):
+    # torch's argument parser names it (torch's functional, in training, trips over a non-tensor
+    # input first with an AttributeError; ours gives the parser's error in both modes). The fused
+    # ops and SyncBatchNorm's path (training; its group is not reached) check alike.
+    x = torch.randn(4, 3)
+    args = dict(input=x, running_mean=torch.zeros(3), running_var=torch.ones(3),
+                weight=torch.ones(3), bias=torch.zeros(3))
+    running_mean, running_var = args["running_mean"], args["running_var"]
+    args[name] = value
+    with pytest.raises(TypeError) as theirs:
+        torch.nn.functional.batch_norm(**args, training=False)
+    counter = torch.tensor(0)
+    sync = functools.partial(modekernels.distributed._sync_batch_norm, group=None, momentum=0.1, eps=1e-5)
+    calls = [MF.batch_norm, MF.batch_norm_relu,
+             lambda input, *a, **k: MF.batch_norm_add_relu(input, x, *a, **k)] + ([sync] if training else [])
+    for fn in calls:
+        with pytest.raises(TypeError, match=re.escape(str(theirs.value))):
+            fn(args["input"], args["running_mean"], args["running_var"], args["weight"], args["bias"],
+               training=training, num_batches_tracked=counter)
+    assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
+    assert counter.item() == 0
+    with pytest.raises(TypeError, match=r"^batch_norm_add_relu\(\): argument 'residual' \(position 2\) "
+                                        r"must be Tensor, not list$"):
+        MF.batch_norm_add_relu(x, [1.0], torch.zeros(3), torch.ones(3), training=training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("given", ["mean", "var", "neither"])
 def test_missing_running_statistics_are_torch_errors(training, given):
     x = torch.randn(4, 3)
