@@ -51,7 +51,7 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     (a torch.Generator on input's device) makes the mask reproducible independently of the global
     seed.
     """
-    _check_args("dropout_" if inplace else "dropout", input, p, training)
+    _check_args("dropout_" if inplace else "dropout", input, p, training, generator)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p == 1.0 and not input.is_floating_point():
@@ -74,17 +74,29 @@ def _jagged_dropout(input, p, generator):
                                                   jagged_dim=input._ragged_idx)
 
 
-def _check_args(op, input, p, training):
+def _check_args(op, input, p, training, generator, tensors=()):
     """torch's checks of a dropout's arguments, in its order: p (NaN included), then the types
     that torch's argument parser enforces on its `op` (a p that is a tensor of one element but
-    not 0-d, or that requires grad, and a truthy non-bool `training` are refused)."""
+    not 0-d, or that requires grad, and a truthy non-bool `training` are refused); then ours:
+    `generator` a torch.Generator (as torch's random functions want it). The fused ops name their
+    other `tensors` ((name, value) pairs, which come after input in their signatures), and count
+    them in the positions of p and training."""
     if not 0.0 <= p <= 1.0:  # NaN included
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not "
-                        f"{_typename(input)}")
-    _check_float(op, "p", 2, p)
-    _check_bool(op, "train", 3, training)
+    for position, (name, value) in enumerate((("input", input), *tensors), start=1):
+        _check_tensor(op, name, position, value)
+    _check_float(op, "p", 2 + len(tensors), p)
+    _check_bool(op, "train", 3 + len(tensors), training)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}(): argument 'generator' must be torch.Generator, not "
+                        f"{_typename(generator)}")
+
+
+def _check_tensor(op, name, position, value):
+    """torch's argument parser's TypeError for a tensor argument that is not one."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}(): argument '{name}' (position {position}) must be Tensor, not "
+                        f"{_typename(value)}")
 
 
 def _check_bool(op, name, position, value):
@@ -122,8 +134,8 @@ def dropout_add(input, residual, p=0.5, training=True, generator=None):
     Every mode runs the same op, so shapes and dtypes are checked alike in training and eval
     (no broadcasting or type promotion), and eval leaves the random generator untouched.
     """
-    return _ops.dropout_add(input, residual, _train_p("dropout_add", input, p, training),
-                            generator)[0]
+    p = _train_p("dropout_add", input, p, training, generator, (("residual", residual),))
+    return _ops.dropout_add(input, residual, p, generator)[0]
 
 
 @_torch_function
@@ -133,14 +145,15 @@ def bias_dropout_add(input, bias, residual, p=0.5, training=True, generator=None
     In eval (or with p == 0) this is residual + input + bias, also in one pass and without
     touching the random generator.
     """
-    return _ops.bias_dropout_add(input, bias, residual,
-                                 _train_p("bias_dropout_add", input, p, training), generator)[0]
+    p = _train_p("bias_dropout_add", input, p, training, generator,
+                 (("bias", bias), ("residual", residual)))
+    return _ops.bias_dropout_add(input, bias, residual, p, generator)[0]
 
 
-def _train_p(op, input, p, training):
+def _train_p(op, input, p, training, generator, tensors):
     """The probability the fused ops run with: 0 (the plain sum, no random draw) in eval or for an
     empty input, as torch's dropout draws nothing then either."""
-    _check_args(op, input, p, training)
+    _check_args(op, input, p, training, generator, tensors)
     return p if training and input.numel() else 0.0
 
 
@@ -173,7 +186,7 @@ def _unbatched_feature_dropout(input, batched, p, training, inplace, generator):
 @_torch_function
 def dropout1d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout1d: one mask per channel of (N, C, L) or (C, L)."""
-    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training)
+    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
     if input.dim() not in (2, 3):
         raise RuntimeError(
             f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
@@ -189,7 +202,7 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
 
     Like torch, a 3-D input is taken as (N, C, L), with torch's warning.
     """
-    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training)
+    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
     _warn_rank("dropout2d", input, 2)
     if input.dim() == 3:
         _warn(
@@ -204,7 +217,7 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
 @_torch_function
 def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout3d: one mask per channel of (N, C, D, H, W) or (C, D, H, W)."""
-    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training)
+    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
     _warn_rank("dropout3d", input, 3)
     return _unbatched_feature_dropout(input, input.dim() == 5, p, training, inplace, generator)
 
@@ -240,9 +253,8 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
 
 def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, training, momentum,
                 eps, num_batches_tracked):
-    if residual is not None and not isinstance(residual, torch.Tensor):
-        raise TypeError(f"batch_norm_add_relu(): argument 'residual' (position 2) must be Tensor, "
-                        f"not {_typename(residual)}")
+    if residual is not None:
+        _check_tensor("batch_norm_add_relu", "residual", 2, residual)
     _check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps)
     if not training:
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,
@@ -269,9 +281,8 @@ def _check_tensors(input, weight, bias, running_mean, running_var):
     for position, (name, value) in enumerate((("input", input), ("weight", weight), ("bias", bias),
                                               ("running_mean", running_mean),
                                               ("running_var", running_var)), start=1):
-        if not isinstance(value, torch.Tensor) and (value is not None or name == "input"):
-            raise TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
-                            f"Tensor, not {_typename(value)}")
+        if value is not None or name == "input":
+            _check_tensor("batch_norm", name, position, value)
 
 
 def _check_flags(training, momentum, eps):

@@ -212,10 +212,10 @@ def test_training_that_is_not_a_bool_is_torch_type_error(training, ours, theirs,
         theirs(x, 0.5, training, inplace)
     with pytest.raises(TypeError, match=re.escape(str(expected.value))):
         ours(x, 0.5, training, inplace)
-    for fused in (lambda: MF.dropout_add(x, x, 0.5, training),
-                  lambda: MF.bias_dropout_add(x, x[0, 0, 0], x, 0.5, training)):
-        with pytest.raises(TypeError, match="argument 'train' \\(position 3\\) must be bool"):
-            fused()
+    with pytest.raises(TypeError, match=r"^dropout_add\(\): argument 'train' \(position 4\) must be bool"):
+        MF.dropout_add(x, x, 0.5, training)
+    with pytest.raises(TypeError, match=r"^bias_dropout_add\(\): argument 'train' \(position 5\) must be bool"):
+        MF.bias_dropout_add(x, x[0, 0, 0], x, 0.5, training)
 
 
 @pytest.mark.parametrize("p", [torch.tensor([0.5]), torch.tensor(0.5, requires_grad=True)],
@@ -232,10 +232,32 @@ def test_p_that_is_not_a_float_is_torch_type_error(p, ours, theirs):
     with pytest.raises(TypeError, match=re.escape(str(expected.value))):
         ours(x, p, True, True)
     assert torch.equal(x, before)
-    for fused in (lambda: MF.dropout_add(x, x, p), lambda: MF.bias_dropout_add(x, x[0, 0, 0], x, p)):
-        with pytest.raises(TypeError, match="argument 'p' \\(position 2\\) must be float, not Tensor"):
-            fused()
+    with pytest.raises(TypeError, match=r"^dropout_add\(\): argument 'p' \(position 3\) must be float, not Tensor$"):
+        MF.dropout_add(x, x, p)
+    with pytest.raises(TypeError, match=r"^bias_dropout_add\(\): argument 'p' \(position 4\) must be float, not Tensor$"):
+        MF.bias_dropout_add(x, x[0, 0, 0], x, p)
     torch.testing.assert_close(ours(x, p.detach().reshape(()), False), x)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_tensors_and_generators_of_another_type_are_type_errors(training):
+    # As torch's parser words it, at the argument's position in our signatures; in every mode.
+    x = torch.randn(2, 3, 4)
+    calls = {r"dropout_add\(\): argument 'residual' \(position 2\) must be Tensor, not list":
+             lambda: MF.dropout_add(x, [1.0], 0.5, training),
+             r"bias_dropout_add\(\): argument 'bias' \(position 2\) must be Tensor, not NoneType":
+             lambda: MF.bias_dropout_add(x, None, x, 0.5, training),
+             r"bias_dropout_add\(\): argument 'residual' \(position 3\) must be Tensor, not "
+             r"numpy.ndarray": lambda: MF.bias_dropout_add(x, x[0, 0], np.ones(4), 0.5, training),
+             r"dropout\(\): argument 'generator' must be torch.Generator, not int":
+             lambda: MF.dropout(x, 0.5, training, generator=3),
+             r"feature_dropout_\(\): argument 'generator' must be torch.Generator, not str":
+             lambda: MF.dropout1d(x, 0.5, training, True, generator="seed"),
+             r"dropout_add\(\): argument 'generator' must be torch.Generator, not int":
+             lambda: MF.dropout_add(x, x, 0.5, training, generator=0)}
+    for message, call in calls.items():
+        with pytest.raises(TypeError, match="^" + message + "$"):
+            call()
 
 
 def test_input_that_is_not_a_tensor_is_torch_type_error():
