@@ -139,11 +139,6 @@ def _state_fake(input):
     return input.new_empty((2,), dtype=torch.int64)
 
 
-def _feature_format(input):
-    fmt = torch._prims_common.suggest_memory_format(input)
-    return fmt if input.is_contiguous(memory_format=fmt) else torch.contiguous_format
-
-
 @torch.library.register_fake("modekernels::dropout")
 def _(input, p, generator=None):
     return torch.empty_like(input), _state_fake(input)
@@ -163,7 +158,7 @@ def _(input, residual, p, generator=None):
 @torch.library.register_fake("modekernels::bias_dropout_add")
 def _(input, bias, residual, p, generator=None):
     _check_devices("dropout", input, "input", bias=bias, residual=residual)
-    return torch.empty_like(input, memory_format=torch.contiguous_format), _state_fake(input)
+    return torch.empty_like(input), _state_fake(input)
 
 
 def _check_feature_input(input):
@@ -174,7 +169,7 @@ def _check_feature_input(input):
 @torch.library.register_fake("modekernels::feature_dropout")
 def _(input, p, generator=None):
     _check_feature_input(input)
-    return torch.empty_like(input, memory_format=_feature_format(input)), _state_fake(input)
+    return torch.empty_like(input), _state_fake(input)
 
 
 @torch.library.register_fake("modekernels::feature_dropout_")
@@ -192,7 +187,7 @@ def _(grad_output, rng_state, p):
 @torch.library.register_fake("modekernels::feature_dropout_backward")
 def _(grad_output, rng_state, p):
     _check_devices("dropout", grad_output, "grad_output", rng_state=rng_state)
-    return torch.empty_like(grad_output, memory_format=_feature_format(grad_output))
+    return torch.empty_like(grad_output)
 
 
 def _mask(grad, rng_state, p, stride, feature):

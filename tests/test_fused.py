@@ -603,6 +603,47 @@ def test_channelwise_dimension_errors_and_warnings_like_torch():
         MF.dropout3d(torch.randn(2, 3, 4))
 
 
+LAYOUT_VIEWS = {  # a (4, 6, 5, 7) tensor in other memory layouts
+    "channels-last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "spatial-transposed": lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
+    "permuted": lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),
+    "channel-first-in-memory": lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),
+    "sliced": lambda t: torch.cat([t, t], -1)[..., ::2],
+    "sliced-channels-last": lambda t: torch.cat([t, t], 1).contiguous(memory_format=torch.channels_last)[:, ::2],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", list(LAYOUT_VIEWS))
+def test_dropout_outputs_and_gradients_keep_the_layout_torch_gives(device, layout):
+    # torch's channel-wise dropout multiplies by a broadcast mask, so its output and gradient
+    # take the input's layout (a dense copy of its dimension order where it is not dense);
+    # ours too, with the masks of the contiguous input. bias_dropout_add, whose bias runs along
+    # the innermost dimension, likewise against torch's sequence. Fake kernels agree (opcheck).
+    base = torch.rand(4, 6, 5, 7, device=device) + 0.5
+    x = LAYOUT_VIEWS[layout](base)
+    g = LAYOUT_VIEWS[layout](torch.randn_like(base))
+    results = []
+    for fn in (torch.nn.functional.dropout2d, MF.dropout2d, lambda t, p: MF.dropout2d(t.contiguous(), p)):
+        xr = x.detach().requires_grad_()
+        torch.manual_seed(0)
+        y = fn(xr, 0.5)
+        y.backward(g)
+        results.append((y, xr.grad))
+    (y_t, _), (y_o, gx_o), (y_c, gx_c) = results
+    assert y_o.stride() == y_t.stride()
+    assert torch.equal(y_o, y_c) and torch.equal(gx_o, gx_c)
+    state = torch.tensor([5, 8], device=device)
+    # (a leaf's .grad takes the leaf's strides whatever the backward returns: the op itself)
+    assert mkops.feature_dropout_backward(g, state, 0.5).stride() == (g * y_t.detach()).stride()
+    b = torch.randn(7, device=device)
+    assert MF.bias_dropout_add(x, b, x, 0.5).stride() == (x + torch.nn.functional.dropout(x + b, 0.5)).stride()
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(mkops.feature_dropout.default, (x, 0.3, None), test_utils=checks)
+    torch.library.opcheck(mkops.feature_dropout_backward.default, (g, state, 0.3), test_utils=checks)
+    torch.library.opcheck(mkops.bias_dropout_add.default, (x, b, x, 0.3, None), test_utils=checks)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_fused_dropout(device):
     x = torch.rand(4, 6, 5, 5, device=device, requires_grad=True)

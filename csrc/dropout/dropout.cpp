@@ -60,7 +60,9 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& input) 
 }
 
 // Channel-wise dropout walks (N, C, S) or channels-last (N, S, C) memory; other layouts are
-// copied into the first. Fills the Fusion's unit description for `t` as laid out.
+// copied into the first (and the result back into the input's layout, as torch's elementwise
+// output has it: feature(), feature_backward()). Fills the Fusion's unit description for `t` as
+// laid out.
 at::Tensor feature_layout(const at::Tensor& t, Fusion& fusion) {
   TORCH_CHECK(t.dim() >= 2, "Feature dropout requires at least 2 dimensions in the input");  // torch's
   const int64_t N = t.size(0);
@@ -137,11 +139,12 @@ std::tuple<at::Tensor, at::Tensor> bias_add(const at::Tensor& input, const at::T
               "modekernels bias_dropout_add: expected bias of shape (", input.dim() ? input.size(-1) : 0,
               ",) like input's last dimension, dtype and device, but got ", bias.sizes(), ", ",
               bias.scalar_type(), ", ", bias.device());
-  const at::Tensor src = input.contiguous();
+  const at::Tensor src = input.contiguous();  // the bias runs along the innermost dimension
   Fusion fusion;
   fusion.residual = match(residual, src);
   fusion.bias = bias.contiguous();
-  return run(src, p, generator, apply, fusion);
+  auto [out, state] = run(src, p, generator, apply, fusion);
+  return {match(out, dense(input)), state};
 }
 
 std::tuple<at::Tensor, at::Tensor> feature(const at::Tensor& input, double p,
@@ -149,8 +152,9 @@ std::tuple<at::Tensor, at::Tensor> feature(const at::Tensor& input, double p,
   check_p(p);
   check_floating(input, "input");
   Fusion fusion;
-  const at::Tensor src = feature_layout(input, fusion);
-  return run(src, p, generator, apply, fusion);
+  const at::Tensor like = dense(input);
+  auto [out, state] = run(feature_layout(like, fusion), p, generator, apply, fusion);
+  return {match(out, like), state};
 }
 
 at::Tensor feature_(at::Tensor& input, double p, const OptGenerator& generator, Apply apply) {
@@ -167,10 +171,11 @@ at::Tensor feature_backward(const at::Tensor& grad_output, const at::Tensor& sta
   check_floating(grad_output, "grad_output");
   const at::Tensor st = checked_state(state, grad_output);
   Fusion fusion;
-  const at::Tensor src = feature_layout(grad_output, fusion);
+  const at::Tensor like = dense(grad_output);
+  const at::Tensor src = feature_layout(like, fusion);
   at::Tensor grad_input = at::empty_like(src);
   apply(src, grad_input, p, std::nullopt, st, /*draw=*/false, fusion);
-  return grad_input;
+  return match(grad_input, like);
 }
 
 }  // namespace modekernels::dropout
