@@ -45,6 +45,12 @@ at::Tensor new_state(const at::Tensor& like) {
   return at::empty({2}, like.options().dtype(at::kLong));
 }
 
+// A tensor with the strides of torch's elementwise output for input `t`: t itself when it is
+// dense, else the strides at::empty_like(t) gives (an empty tensor; nothing is copied).
+at::Tensor output_layout(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : at::empty_like(t);
+}
+
 // `t` in exactly the strides of `like` (copied only if it has others).
 at::Tensor match(const at::Tensor& t, const at::Tensor& like) {
   return t.strides() == like.strides() ? t : at::empty_like(like).copy_(t);
@@ -144,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> bias_add(const at::Tensor& input, const at::T
   fusion.residual = match(residual, src);
   fusion.bias = bias.contiguous();
   auto [out, state] = run(src, p, generator, apply, fusion);
-  return {match(out, dense(input)), state};
+  return {match(out, output_layout(input)), state};
 }
 
 std::tuple<at::Tensor, at::Tensor> feature(const at::Tensor& input, double p,
