@@ -38,8 +38,8 @@ def _warn_rank(name, input, spatial):
         _warn(f"{name}: Received a {input.dim()}-D input to {name}, which is deprecated "
               "and will result in an error in a future release. To retain the behavior "
               f"and silence this warning, please use dropout instead. Note that {name} "
-              f"exists to provide channel-wise dropout on inputs with {spatial} spatial dimensions, "
-              "a channel dimension, and an optional batch dimension "
+              f"exists to provide channel-wise dropout on inputs with {spatial} spatial "
+              "dimensions, a channel dimension, and an optional batch dimension "
               f"(i.e. {spatial + 1}D or {spatial + 2}D inputs).", stacklevel=5)
 
 

@@ -379,9 +379,11 @@ def test_tensor_argument_that_is_not_a_tensor_is_torch_type_error_and_changes_no
     with pytest.raises(TypeError) as theirs:
         torch.nn.functional.batch_norm(**args, training=False)
     counter = torch.tensor(0)
-    sync = functools.partial(modekernels.distributed._sync_batch_norm, group=None, momentum=0.1, eps=1e-5)
+    sync = functools.partial(modekernels.distributed._sync_batch_norm, group=None, momentum=0.1,
+                             eps=1e-5)
     calls = [MF.batch_norm, MF.batch_norm_relu,
-             lambda input, *a, **k: MF.batch_norm_add_relu(input, x, *a, **k)] + ([sync] if training else [])
+             lambda input, *a, **k: MF.batch_norm_add_relu(input, x, *a, **k)]
+    calls += [sync] if training else []
     for fn in calls:
         with pytest.raises(TypeError, match=re.escape(str(theirs.value))):
             fn(args["input"], args["running_mean"], args["running_var"], args["weight"], args["bias"],

@@ -212,9 +212,9 @@ def test_training_that_is_not_a_bool_is_torch_type_error(training, ours, theirs,
         theirs(x, 0.5, training, inplace)
     with pytest.raises(TypeError, match=re.escape(str(expected.value))):
         ours(x, 0.5, training, inplace)
-    with pytest.raises(TypeError, match=r"^dropout_add\(\): argument 'train' \(position 4\) must be bool"):
+    with pytest.raises(TypeError, match=r"^dropout_add\(\): argument 'train' \(position 4\)"):
         MF.dropout_add(x, x, 0.5, training)
-    with pytest.raises(TypeError, match=r"^bias_dropout_add\(\): argument 'train' \(position 5\) must be bool"):
+    with pytest.raises(TypeError, match=r"^bias_dropout_add\(\): argument 'train' \(position 5\)"):
         MF.bias_dropout_add(x, x[0, 0, 0], x, 0.5, training)
 
 
@@ -232,9 +232,9 @@ def test_p_that_is_not_a_float_is_torch_type_error(p, ours, theirs):
     with pytest.raises(TypeError, match=re.escape(str(expected.value))):
         ours(x, p, True, True)
     assert torch.equal(x, before)
-    with pytest.raises(TypeError, match=r"^dropout_add\(\): argument 'p' \(position 3\) must be float, not Tensor$"):
+    with pytest.raises(TypeError, match=r"^dropout_add\(\): argument 'p' \(position 3\) must be float"):
         MF.dropout_add(x, x, p)
-    with pytest.raises(TypeError, match=r"^bias_dropout_add\(\): argument 'p' \(position 4\) must be float, not Tensor$"):
+    with pytest.raises(TypeError, match=r"^bias_dropout_add\(\): argument 'p' \(position 4\)"):
         MF.bias_dropout_add(x, x[0, 0, 0], x, p)
     torch.testing.assert_close(ours(x, p.detach().reshape(()), False), x)
 

@@ -238,7 +238,8 @@ def test_relu_keeps_nan_like_torch():
 @pytest.mark.parametrize("shape,layout", [((4, 3, 5, 6), "contiguous"), ((4, 3, 5, 6), "channels_last"),
                                           ((2, 64, 3, 5), "channels_last"), ((2, 3, 40), "contiguous")])
 @pytest.mark.parametrize("case", ["bn-relu-eval", "bn-add-relu-eval", "bn-add-relu-train"])
-def test_relu_backward_lets_the_gradient_through_a_nan_output_like_torch(device, dtype, shape, layout, case):
+def test_relu_backward_lets_the_gradient_through_a_nan_output_like_torch(device, dtype, shape, layout,
+                                                                         case):
     # torch's ReLU backward zeroes the gradient where the output is <= 0 (threshold_backward), so
     # where the output is NaN the gradient passes. NaNs in eval, or in the residual in training
     # (in the input they would make the whole channel NaN), at positions in vectors and tails.
@@ -264,7 +265,8 @@ def test_relu_backward_lets_the_gradient_through_a_nan_output_like_torch(device,
     ours.load_state_dict(theirs.state_dict())
     theirs.train(mode == "train")
     ours.train(mode == "train")
-    x, r = (make_layout(t.to(device, dtype), layout) if t.dim() == 4 else t.to(device, dtype) for t in (x, r))
+    x, r = (t.to(device, dtype) for t in (x, r))
+    x, r = (make_layout(t, layout) if t.dim() == 4 else t for t in (x, r))
     x_t, r_t = (t.to(torch.float64, copy=True).requires_grad_() for t in (x, r))
     x_o, r_o = (t.clone().requires_grad_() for t in (x, r))
     y_t = torch.relu(VARIANTS[variant][1](theirs, x_t, r_t))
@@ -609,7 +611,8 @@ LAYOUT_VIEWS = {  # a (4, 6, 5, 7) tensor in other memory layouts
     "permuted": lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),
     "channel-first-in-memory": lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),
     "sliced": lambda t: torch.cat([t, t], -1)[..., ::2],
-    "sliced-channels-last": lambda t: torch.cat([t, t], 1).contiguous(memory_format=torch.channels_last)[:, ::2],
+    "sliced-channels-last":
+        lambda t: torch.cat([t, t], 1).contiguous(memory_format=torch.channels_last)[:, ::2],
 }
 
 
@@ -637,7 +640,8 @@ def test_dropout_outputs_and_gradients_keep_the_layout_torch_gives(device, layou
     # (a leaf's .grad takes the leaf's strides whatever the backward returns: the op itself)
     assert mkops.feature_dropout_backward(g, state, 0.5).stride() == (g * y_t.detach()).stride()
     b = torch.randn(7, device=device)
-    assert MF.bias_dropout_add(x, b, x, 0.5).stride() == (x + torch.nn.functional.dropout(x + b, 0.5)).stride()
+    theirs = x + torch.nn.functional.dropout(x + b, 0.5)
+    assert MF.bias_dropout_add(x, b, x, 0.5).stride() == theirs.stride()
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(mkops.feature_dropout.default, (x, 0.3, None), test_utils=checks)
     torch.library.opcheck(mkops.feature_dropout_backward.default, (g, state, 0.3), test_utils=checks)
