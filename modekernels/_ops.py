@@ -474,12 +474,16 @@ def _bn_backward_grad(ctx, *grads_of_outputs):
             for (i, _), g in zip(leaves, grads):
                 result[i] = g
     # The gate's own derivative is zero, and torch's ReLU backward gives it as zeros for the
-    # ReLU's output (threshold_backward): so the gate's tensor (the saved output, or the input
-    # the gate is recomputed from) gets zeros rather than nothing, and the input stays in the
-    # graph in eval mode, where the gradient does not depend on it otherwise.
-    gated_by = (11, relu_output) if relu_output is not None else (1, input) if ctx.relu else None
-    if pairs and gated_by and ctx.needs_input_grad[gated_by[0]] and result[gated_by[0]] is None:
-        result[gated_by[0]] = torch.zeros_like(gated_by[1])
+    # ReLU's output (threshold_backward): so what the gate is computed from (the saved output, or
+    # the input, weight and bias it is recomputed from) gets zeros rather than nothing, and stays
+    # in the graph where the gradient does not depend on it otherwise, as through torch's ReLU.
+    if relu_output is not None:
+        gated_by = {11: relu_output}
+    else:
+        gated_by = {1: input, 4: weight, 14: bias} if ctx.relu else {}
+    for i, t in gated_by.items():
+        if pairs and t is not None and ctx.needs_input_grad[i] and result[i] is None:
+            result[i] = torch.zeros_like(t)
     return tuple(result)
 
 

@@ -1,4 +1,6 @@
 """The fused BatchNorm variants against the unfused torch composition they replace."""
+import itertools
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -231,6 +233,45 @@ def test_relu_keeps_nan_like_torch():
     ours = MF.batch_norm_relu(x, torch.zeros(3), torch.ones(3), training=False)
     theirs = torch.relu(torch.nn.functional.batch_norm(x, torch.zeros(3), torch.ones(3)))
     assert torch.equal(ours.isnan(), theirs.isnan())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", ["bn"] + list(VARIANTS))
+def test_double_backward_needs_and_gives_what_torchs_layers_do(training, variant):
+    # For every set of (input, residual, weight, bias) that requires grad: the gradients, with
+    # create_graph, record a graph where torch's do (not for bias's alone), and their own
+    # gradients are torch's, zeros where torch's are zeros, None where torch's are None.
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    r = torch.randn_like(x)
+    g = torch.randn_like(x)
+    ours_cls = {"bn": modekernels.BatchNorm1d, "bn-relu": modekernels.BatchNormReLU1d,
+                "bn-add-relu": modekernels.BatchNormAddReLU1d}[variant]
+    for needs in itertools.product([False, True], repeat=4):
+        if not any(needs) or (needs[1] and variant != "bn-add-relu"):
+            continue
+        results = []
+        for bn in (torch.nn.BatchNorm1d(3), ours_cls(3)):
+            bn = bn.double().train(training)
+            xr, rr = x.clone().requires_grad_(needs[0]), r.clone().requires_grad_(needs[1])
+            bn.weight.requires_grad_(needs[2])
+            bn.bias.requires_grad_(needs[3])
+            if isinstance(bn, modekernels.BatchNorm1d):
+                y = bn(xr, rr) if variant == "bn-add-relu" else bn(xr)
+            else:
+                y = bn(xr) + (rr if variant == "bn-add-relu" else 0)
+                y = y if variant == "bn" else torch.relu(y)
+            wrt = [t for t, n in zip((xr, rr, bn.weight, bn.bias), needs) if n]
+            firsts = torch.autograd.grad(y, wrt, g, create_graph=True)
+            recorded = [f.requires_grad for f in firsts]
+            penalty = sum((f ** 2).sum() for f, rec in zip(firsts, recorded) if rec)
+            seconds = torch.autograd.grad(penalty, wrt, allow_unused=True) if any(recorded) else None
+            results.append((recorded, seconds))
+        (rec_t, sec_t), (rec_o, sec_o) = results
+        assert rec_o == rec_t, needs
+        if sec_t is not None:
+            assert [s is None for s in sec_o] == [s is None for s in sec_t], needs
+            torch.testing.assert_close([s for s in sec_o if s is not None],
+                                       [s for s in sec_t if s is not None])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -68,8 +68,11 @@ void save(AutogradContext* ctx, bool training, const Tensor& input, const OptTen
 variable_list grads(AutogradContext* ctx, const Tensor& grad) {
   if (!grad.defined()) return variable_list(4);
   const variable_list saved = ctx->get_saved_variables();
-  const Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3],
-               &var = saved[4], &gate = saved[5];
+  const Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &gate = saved[5];
+  // The batch statistics come back from saving as outputs of the forward's node; detached, so
+  // that a gradient that depends on nothing that requires grad (grad_bias) records no graph, as
+  // torch's does (the double backward takes their dependence on the input by itself).
+  const Tensor mean = saved[3].detach(), var = saved[4].detach();
   const std::vector<int64_t> edge = ctx->saved_data["edges"].toIntVector();
   const std::array<bool, 3> mask = {ctx->needs_input_grad(0), needs_grad(ctx, edge[0]),
                                     needs_grad(ctx, edge[1])};
