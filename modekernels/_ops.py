@@ -442,12 +442,17 @@ def _bn_backward_grad(ctx, *grads_of_outputs):
         raise NotImplementedError("modekernels batch_norm_backward: no double backward with "
                                   "given (all-reduced) sum_dy and sum_dy_xmu")
     grad_output, input, mean, var, weight, relu_output, bias = ctx.saved_tensors
-    if relu_output is not None:  # open unless <= 0 (NaN passes), as torch's ReLU backward
-        gate = ~(relu_output <= 0)
-    elif ctx.relu:  # the forward's output, rounded as the forward rounded it
-        gate = ~(batch_norm_eval(input, mean, var, weight, bias, ctx.eps, relu=True) <= 0)
+    # The ReLU's output and what it was computed from: the saved output, or the forward's output
+    # recomputed from input, weight and bias, rounded as the forward rounded it.
+    if relu_output is not None:
+        relu_out, gated_by = relu_output, {11: relu_output}
+    elif ctx.relu:
+        relu_out = batch_norm_eval(input, mean, var, weight, bias, ctx.eps, relu=True)
+        gated_by = {1: input, 4: weight, 14: bias}
     else:
-        gate = None
+        relu_out, gated_by = None, {}
+    # open unless <= 0 (NaN passes), as torch's ReLU backward
+    gate = None if relu_out is None else ~(relu_out <= 0)
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         dy, x = grad_output.detach().requires_grad_(), input.detach().requires_grad_()
@@ -474,13 +479,9 @@ def _bn_backward_grad(ctx, *grads_of_outputs):
             for (i, _), g in zip(leaves, grads):
                 result[i] = g
     # The gate's own derivative is zero, and torch's ReLU backward gives it as zeros for the
-    # ReLU's output (threshold_backward): so what the gate is computed from (the saved output, or
-    # the input, weight and bias it is recomputed from) gets zeros rather than nothing, and stays
-    # in the graph where the gradient does not depend on it otherwise, as through torch's ReLU.
-    if relu_output is not None:
-        gated_by = {11: relu_output}
-    else:
-        gated_by = {1: input, 4: weight, 14: bias} if ctx.relu else {}
+    # ReLU's output (threshold_backward): so what the gate is computed from gets zeros rather than
+    # nothing, and stays in the graph where the gradient does not depend on it otherwise, as
+    # through torch's ReLU.
     for i, t in gated_by.items():
         if pairs and t is not None and ctx.needs_input_grad[i] and result[i] is None:
             result[i] = torch.zeros_like(t)
