@@ -43,6 +43,8 @@ def test_results_hold_environment_roofline_and_ratios(report_dir):
     out, _ = report_dir
     results = json.loads((out / "results.json").read_text())
     assert results["environment"]["device"] == "cpu"
+    assert results["environment"]["cache"] == harness.cache_description("cpu", "warm")
+    assert f"- Timing: {results['environment']['cache']}" in (out / "summary.md").read_text()
     assert results["roofline"]["gb_s"] > 0
     ops = results["ops"]
     assert {r["variant"] for r in ops} == {"modekernels", "torch"}
@@ -62,10 +64,12 @@ def test_a_wrong_kernel_fails_its_row(monkeypatch):
     assert [r["passed"] for r in rows if r["mode"] == "train"] == [False, False]
 
 
-def test_variants_are_timed_in_turns(monkeypatch):
+@pytest.mark.parametrize("cache", harness.CACHES)
+def test_variants_are_timed_in_turns_in_one_cache_regime(monkeypatch, cache):
     # A fake clock that each fn advances by its own step: the fns must be called in turns (after
-    # one warm-up call each), until min_calls turns and min_run_time per fn, and each must get
-    # the median of its own calls.
+    # one warm-up call each), each timed call preceded by its regime's untimed step (warm: the fn
+    # itself; cold: a sweep of the flush buffer), until min_calls turns and min_run_time per fn,
+    # and each must get the median of its own timed calls.
     now, calls = [0.0], []
 
     def advancing(name, step):
@@ -74,21 +78,44 @@ def test_variants_are_timed_in_turns(monkeypatch):
             now[0] += step
         return fn
 
+    class Sweep:
+        is_cuda = False
+
+        def max(self):
+            advancing("sweep", 50e-3)()
+
     monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(harness, "_flush_buffer", lambda device: Sweep())
     times = harness.time_interleaved([advancing("a", 1e-3), advancing("b", 3e-3)], "cpu",
-                                     min_run_time=0.05, min_calls=4)
+                                     min_run_time=0.05, min_calls=4, cache=cache)
     assert times == pytest.approx([1e-3, 3e-3])
     assert calls[:2] == ["a", "b"]
-    turns = len(calls[2:]) // 2
-    assert calls[2:] == ["a", "b"] * turns
-    assert turns >= 25  # 0.1 s of calls in turns of 4 ms
+    turn = {"warm": ["a", "a", "b", "b"], "cold": ["sweep", "a", "sweep", "b"]}[cache]
+    turns = len(calls[2:]) // len(turn)
+    assert calls[2:] == turn * turns
+    assert turns == 4 if cache == "cold" else turns >= 12  # 0.1 s of turns of 104 or 8 ms
+
+
+def test_the_cold_regime_sweeps_twice_the_last_level_cache(monkeypatch, tmp_path):
+    sizes = {"index0": "48K", "index2": "2048K", "index3": "491520K"}
+    for index, size in sizes.items():
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    monkeypatch.setattr(harness.glob, "glob",
+                        lambda pattern: [str(tmp_path / index / "size") for index in sizes])
+    assert harness.last_level_cache_bytes() == 491520 << 10
+    assert harness.flush_bytes("cpu") == 2 * (491520 << 10)
+    assert harness.cache_description("cpu", "cold") == "cold: 960 MB swept before each timed call"
+    monkeypatch.setattr(harness.glob, "glob", lambda pattern: [])
+    assert harness.last_level_cache_bytes() == 256 << 20
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--dtype", "int8"], "'int8' is not one of float32, float64, float16, bfloat16"),
     (["--threads", "0"], "--threads must be at least 1"),
     (["--device", "cuda"], "torch finds no CUDA device"),
-], ids=["dtype", "threads", "device"])
+    (["--cache", "hot"], "invalid choice: 'hot'"),
+], ids=["dtype", "threads", "device", "cache"])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     if argv[0] == "--device" and torch.cuda.is_available():
         pytest.skip("a CUDA device is here")

@@ -16,7 +16,7 @@ import torch
 from . import batch_norm, dropout, e2e, fused, harness, report, verify
 
 SUITES = {"dropout": dropout, "batch_norm": batch_norm, "fused": fused}
-# Bytes a copy moves for the headline roofline figure: far beyond every cache.
+# Bytes a copy moves for the headline roofline figure, timed with cold caches: the memory's.
 ROOFLINE_BYTES = {"tiny": 1 << 23, "quick": 1 << 28, "full": 1 << 30}
 
 
@@ -44,6 +44,11 @@ def parse_args(argv):
     parser.add_argument("--distributed", action="store_true",
                         help="add the SyncBatchNorm section: 2 gloo processes on the CPU; on CUDA "
                              "with 2 or more GPUs, nccl and torch's SyncBatchNorm too")
+    parser.add_argument("--cache", choices=harness.CACHES,
+                        help="what the caches hold before each timed call: warm (the variant's "
+                             "own inputs and outputs, after an untimed call of it; the default on "
+                             "the CPU) or cold (nothing of them: a buffer twice the last cache's "
+                             "size is swept first; the default on CUDA)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--min-run-time", type=float, help="seconds per timed case")
     parser.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
@@ -63,8 +68,11 @@ def run_device(device, args, command, size, log):
     log(f"\n== {device.type}: {report.environment_line(env)}")
     min_run_time = args.min_run_time or (0.02 if size == "tiny" else 0.1)
     dtypes = args.dtype or ([torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32])
+    cache = args.cache or harness.default_cache(device)
+    env["cache"] = harness.cache_description(device, cache)
+    log(f"timing with {env['cache']}")
 
-    copy_s, _ = harness.copy_roofline(ROOFLINE_BYTES[size], device, min_run_time)
+    copy_s, _ = harness.copy_roofline(ROOFLINE_BYTES[size], device, min_run_time, "cold")
     roofline = {"nbytes": ROOFLINE_BYTES[size], "copy_ms": 1e3 * copy_s,
                 "gb_s": harness.gb_per_s(ROOFLINE_BYTES[size], copy_s)}
     log(f"copy roofline: {roofline['gb_s']:.1f} GB/s over {roofline['nbytes'] / 1e6:.0f} MB")
@@ -80,10 +88,11 @@ def run_device(device, args, command, size, log):
     suite_of = {case: SUITES[name] for name in args.ops for case in SUITES[name].cases(size, dtypes)
                 if args.compile or case.variant != harness.COMPILE}
     results["ops"] = harness.run(list(suite_of), lambda case, dev: suite_of[case].prepare(case, dev),
-                                 device, min_run_time, args.progress)
+                                 device, min_run_time, args.progress, cache)
     log("\n" + report.text_table(results["ops"], "ops"))
     if args.models:
-        results["models"] = e2e.run_models(device, dtypes[0], size, 5 * min_run_time, args.progress)
+        results["models"] = e2e.run_models(device, dtypes[0], size, 5 * min_run_time, args.progress,
+                                            cache)
         log("\n" + report.text_table(results["models"], "models"))
     if args.distributed and (device.type == "cpu" or torch.cuda.device_count() >= 2):
         from .distributed import run_distributed

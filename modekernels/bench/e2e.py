@@ -86,9 +86,10 @@ def peak_bytes(fn, model):
     return max(stats["Total"] for stats in tracker.get_tracker_snapshot("peak").values())
 
 
-def run_models(device, dtype, size="quick", min_run_time=0.5, progress=True):
+def run_models(device, dtype, size="quick", min_run_time=0.5, progress=True, cache=None):
     """One row per (model, step, variant); `speedup` is torch's time over the variant's. The
-    variants of a (model, step) are timed in turns (time_interleaved)."""
+    variants of a (model, step) are timed in turns (time_interleaved, in the cache regime
+    `cache`)."""
     rows = []
     grid = [(name, step) for name in MODELS for step in ("train", "inference")]
     bar, log = progress_bar(grid, "models", progress)
@@ -112,7 +113,7 @@ def run_models(device, dtype, size="quick", min_run_time=0.5, progress=True):
             model.to(device, dtype)
             train_step, inference_step = _steps(model, x, loss_kind)
             fns[variant] = (train_step if step == "train" else inference_step), model
-        times = time_interleaved([fn for fn, _ in fns.values()], device, min_run_time)
+        times = time_interleaved([fn for fn, _ in fns.values()], device, min_run_time, cache=cache)
         for (variant, (fn, model)), seconds in zip(fns.items(), times):
             rows.append({
                 "model": name, "step": step, "variant": variant, "shape": shape_str(shape),

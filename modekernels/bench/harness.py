@@ -8,6 +8,8 @@ import argparse
 import ctypes
 import dataclasses
 import datetime
+import functools
+import glob
 import os
 import platform
 import statistics
@@ -104,9 +106,65 @@ def steady_malloc():
     return "glibc: mmap threshold 32 MB, no trimming" if ok else None
 
 
-def time_interleaved(fns, device, min_run_time=0.2, min_calls=10):
+CACHES = ("warm", "cold")
+
+
+def default_cache(device):
+    """The cache regime a device is timed in unless told otherwise: cold on CUDA, where an H100's
+    50 MB L2 holds less than a layer's tensors, so inside a model they come from HBM; warm on the
+    CPU, whose last-level cache (tens to hundreds of MB) holds a layer's tensors, as after the
+    layer that wrote them."""
+    return "cold" if torch.device(device).type == "cuda" else "warm"
+
+
+def last_level_cache_bytes():
+    """Size of the CPU's largest cache (Linux sysfs), or 256 MB where it cannot be read."""
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(index) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=256 << 20)
+
+
+def flush_bytes(device):
+    """Bytes the cold regime sweeps before each timed call: twice the last cache's size."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).L2_cache_size
+    return 2 * last_level_cache_bytes()
+
+
+def cache_description(device, cache):
+    if cache == "warm":
+        return "warm: each timed call follows an untimed call of the same variant"
+    return f"cold: {flush_bytes(device) / 2**20:.0f} MB swept before each timed call"
+
+
+def _primer(device, cache):
+    """What runs, untimed, before each timed call of fn to put the caches in the regime: warm, fn
+    itself; cold, a sweep over a buffer twice the last cache's size (written on CUDA; read on
+    the CPU, so that no dirty lines are left for the timed call to write back)."""
+    if cache == "warm":
+        return lambda fn: fn()
+    flush = _flush_buffer(str(device))
+    if flush.is_cuda:
+        return lambda fn: flush.zero_()
+    return lambda fn: flush.max()
+
+
+@functools.lru_cache(maxsize=None)
+def _flush_buffer(device):
+    return torch.zeros(flush_bytes(device), dtype=torch.uint8, device=device)
+
+
+def time_interleaved(fns, device, min_run_time=0.2, min_calls=10, cache=None):
     """Median seconds of one call of each of fns, the fns called in turns: one call of each, then
-    again, until each has had min_calls calls and the turns have taken min_run_time per fn.
+    again, until each has had min_calls timed calls and the turns have taken min_run_time per fn.
 
     Variants of a case (ours, torch eager, torch.compile) are timed in the same stretch of time,
     so that a machine whose speed drifts (a shared VM whose neighbours take memory bandwidth, a
@@ -114,22 +172,25 @@ def time_interleaved(fns, device, min_run_time=0.2, min_calls=10):
     development VM, the same two BatchNorm+ReLU variants measured 1.9x in one run and 3.7x in the
     next. Each fn is first called once on the CPU, three times on CUDA (lazy initialisation,
     compilation).
+    Before each timed call the caches are put in the same state for every fn (`cache`, default
+    `default_cache(device)`): "warm" calls fn once untimed, "cold" sweeps a buffer twice the last
+    cache's size. Without that, a call would find whatever the previous fn in the turn left in
+    the caches, so one variant's time would depend on which others share its case (on a CPU with
+    a large last-level cache, ours measured 2.2 ms alone and 2.9 ms in turns with torch's).
     CPU: time.perf_counter around each call, at torch's thread count. CUDA: CUDA events around
-    each call on the current stream, with a buffer twice the L2 size written before every call,
-    so that every call reads its inputs from HBM, as it would inside a model.
+    each call on the current stream.
     """
     cuda = torch.device(device).type == "cuda"
+    prime = _primer(device, cache or default_cache(device))
     if cuda:
-        flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size,
-                            dtype=torch.uint8, device=device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def seconds(fn):
+        prime(fn)
         if not cuda:
             t0 = time.perf_counter()
             fn()
             return time.perf_counter() - t0
-        flush.zero_()
         start.record()
         fn()
         end.record()
@@ -140,33 +201,35 @@ def time_interleaved(fns, device, min_run_time=0.2, min_calls=10):
         for _ in range(3 if cuda else 1):
             fn()
     per_call = [[] for _ in fns]
-    while len(per_call[0]) < min_calls or sum(map(sum, per_call)) < min_run_time * len(fns):
+    t0 = time.perf_counter()
+    while len(per_call[0]) < min_calls or time.perf_counter() - t0 < min_run_time * len(fns):
         for fn, times in zip(fns, per_call):
             times.append(seconds(fn))
     return [statistics.median(times) for times in per_call]
 
 
-def time_fn(fn, device, min_run_time=0.2):
+def time_fn(fn, device, min_run_time=0.2, cache=None):
     """Median seconds of one fn() call, after warm-up (time_interleaved of fn alone)."""
-    return time_interleaved([fn], device, min_run_time)[0]
+    return time_interleaved([fn], device, min_run_time, cache=cache)[0]
 
 
 _copies = {}
 
 
-def copy_roofline(nbytes, device, min_run_time=0.2):
-    """(copy_s, clone_s): a plain copy moving nbytes in all (reading nbytes/2, writing nbytes/2).
+def copy_roofline(nbytes, device, min_run_time=0.2, cache=None):
+    """(copy_s, clone_s): a plain copy moving nbytes in all (reading nbytes/2, writing nbytes/2),
+    timed in the cache regime `cache` (time_interleaved).
 
     copy_s copies into a preallocated buffer; clone_s makes a fresh `src.clone()`, so
     clone_s - copy_s is what allocating and first touching the destination costs. Measured once
-    per size and device in each run, next to the cases that use it.
+    per size, device and regime in each run, next to the cases that use it.
     """
-    key = (nbytes, str(device))
+    key = (nbytes, str(device), cache or default_cache(device))
     if key not in _copies:
         src = torch.ones(nbytes // 2, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
-        _copies[key] = (time_fn(lambda: dst.copy_(src), device, min_run_time),
-                        time_fn(src.clone, device, min_run_time))
+        _copies[key] = (time_fn(lambda: dst.copy_(src), device, min_run_time, key[2]),
+                        time_fn(src.clone, device, min_run_time, key[2]))
     return _copies[key]
 
 
@@ -282,11 +345,12 @@ def progress_bar(items, desc, enabled=True):
     return bar, tqdm.write
 
 
-def run(cases, prepare, device, min_run_time=0.2, progress=True):
+def run(cases, prepare, device, min_run_time=0.2, progress=True, cache=None):
     """Verify, then time, every case; returns one result row (a dict) per case that ran.
 
     The variants of a case are prepared and verified first, then timed in turns
-    (time_interleaved), so that their ratios are measured over the same stretch of time.
+    (time_interleaved, in the cache regime `cache`), so that their ratios are measured over the
+    same stretch of time.
     """
     groups = {}
     for case in cases:
@@ -303,18 +367,19 @@ def run(cases, prepare, device, min_run_time=0.2, progress=True):
                 log(f"skip {case.label()}: {exc}")
                 continue
             ready.append((case, bench))
-        times = time_interleaved([bench.fn for _, bench in ready], device, min_run_time) if ready else []
-        rows += [_row(case, bench, seconds, device, min_run_time)
+        times = time_interleaved([bench.fn for _, bench in ready], device, min_run_time,
+                                 cache=cache) if ready else []
+        rows += [_row(case, bench, seconds, device, min_run_time, cache)
                  for (case, bench), seconds in zip(ready, times)]
     add_speedups(rows)
     return rows
 
 
-def _row(case, bench, seconds, device, min_run_time):
-    copy_s, clone_s = copy_roofline(bench.nbytes, device, min_run_time)
+def _row(case, bench, seconds, device, min_run_time, cache):
+    copy_s, clone_s = copy_roofline(bench.nbytes, device, min_run_time, cache)
     alloc_pct = None
     if bench.output_bytes:  # a copy writing output_bytes, into a fresh vs a preallocated tensor
-        out_copy_s, out_clone_s = copy_roofline(2 * bench.output_bytes, device, min_run_time)
+        out_copy_s, out_clone_s = copy_roofline(2 * bench.output_bytes, device, min_run_time, cache)
         alloc_pct = 100.0 * max(out_clone_s - out_copy_s, 0.0) / seconds
     return {
         **case.fields(),

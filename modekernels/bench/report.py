@@ -102,8 +102,9 @@ def summary_markdown(results):
         "# modekernels benchmark report\n",
         f"- Command: `{results['command']}`",
         f"- Machine: {environment_line(env)}",
+        f"- Timing: {env['cache']}",
         f"- Copy roofline: {results['roofline']['gb_s']:.1f} GB/s "
-        f"({results['roofline']['nbytes'] / 1e6:.0f} MB moved by `copy_`, same run)\n",
+        f"({results['roofline']['nbytes'] / 1e6:.0f} MB moved by `copy_`, cold caches, same run)\n",
         f"## Verification: {len(verify) - len(failed)} of {len(verify)} passed\n",
         "Every check, with the quantity that came closest to its tolerance, is in `verify.csv`.\n",
         markdown_table(summarize(verify), "verify_summary"),
