@@ -68,8 +68,8 @@ def test_a_wrong_kernel_fails_its_row(monkeypatch):
 def test_variants_are_timed_in_turns_in_one_cache_regime(monkeypatch, cache):
     # A fake clock that each fn advances by its own step: the fns must be called in turns (after
     # one warm-up call each), each timed call preceded by its regime's untimed step (warm: the fn
-    # itself; cold: a sweep of the flush buffer), until min_calls turns and min_run_time per fn,
-    # and each must get the median of its own timed calls.
+    # itself for WARM_SECONDS; cold: a sweep of the flush buffer), until min_calls turns and
+    # min_run_time per fn, and each must get the median of its own timed calls.
     now, calls = [0.0], []
 
     def advancing(name, step):
@@ -86,14 +86,16 @@ def test_variants_are_timed_in_turns_in_one_cache_regime(monkeypatch, cache):
 
     monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(harness, "_flush_buffer", lambda device: Sweep())
+    monkeypatch.setattr(harness, "WARM_SECONDS", 5e-3)
     times = harness.time_interleaved([advancing("a", 1e-3), advancing("b", 3e-3)], "cpu",
                                      min_run_time=0.05, min_calls=4, cache=cache)
     assert times == pytest.approx([1e-3, 3e-3])
     assert calls[:2] == ["a", "b"]
-    turn = {"warm": ["a", "a", "b", "b"], "cold": ["sweep", "a", "sweep", "b"]}[cache]
+    # warm: a for 5 ms (5 calls of 1 ms), then timed; b for 5 ms (2 calls of 3 ms), then timed.
+    turn = {"warm": ["a"] * 6 + ["b"] * 3, "cold": ["sweep", "a", "sweep", "b"]}[cache]
     turns = len(calls[2:]) // len(turn)
     assert calls[2:] == turn * turns
-    assert turns == 4 if cache == "cold" else turns >= 12  # 0.1 s of turns of 104 or 8 ms
+    assert turns == {"warm": 7, "cold": 4}[cache]  # 0.1 s in turns of 15 ms; 4 turns of 104 ms
 
 
 def test_the_cold_regime_sweeps_twice_the_last_level_cache(monkeypatch, tmp_path):

@@ -141,16 +141,31 @@ def flush_bytes(device):
 
 def cache_description(device, cache):
     if cache == "warm":
-        return "warm: each timed call follows an untimed call of the same variant"
+        return f"warm: each timed call follows {WARM_SECONDS * 1e3:.0f} ms of untimed calls of the same variant"
     return f"cold: {flush_bytes(device) / 2**20:.0f} MB swept before each timed call"
 
 
+# How long the warm regime runs a variant, untimed, before each timed call. On the Intel Xeon VM
+# (2026-12-05) BatchNormReLU2d float16 forward+backward took 2.3 ms back to back, 4.1-5.1 ms as
+# the first call after 60 ms with a core idle (as while torch.compile's variant of the same case
+# ran), 3.2-3.9 ms after one untimed call, 2.6-2.9 ms after 20 ms of them and 2.5-2.6 ms after 50.
+WARM_SECONDS = 0.05
+
+
+def _warm(fn):
+    t0 = time.perf_counter()
+    fn()
+    while time.perf_counter() - t0 < WARM_SECONDS:
+        fn()
+
+
 def _primer(device, cache):
-    """What runs, untimed, before each timed call of fn to put the caches in the regime: warm, fn
-    itself; cold, a sweep over a buffer twice the last cache's size (written on CUDA; read on
+    """What runs, untimed, before each timed call of fn to put the machine in the regime: warm,
+    fn itself for WARM_SECONDS (at least once), so that the caches hold its data and the cores
+    are busy; cold, a sweep over a buffer twice the last cache's size (written on CUDA; read on
     the CPU, so that no dirty lines are left for the timed call to write back)."""
     if cache == "warm":
-        return lambda fn: fn()
+        return _warm
     flush = _flush_buffer(str(device))
     if flush.is_cuda:
         return lambda fn: flush.zero_()
@@ -173,10 +188,11 @@ def time_interleaved(fns, device, min_run_time=0.2, min_calls=10, cache=None):
     next. Each fn is first called once on the CPU, three times on CUDA (lazy initialisation,
     compilation).
     Before each timed call the caches are put in the same state for every fn (`cache`, default
-    `default_cache(device)`): "warm" calls fn once untimed, "cold" sweeps a buffer twice the last
-    cache's size. Without that, a call would find whatever the previous fn in the turn left in
-    the caches, so one variant's time would depend on which others share its case (on a CPU with
-    a large last-level cache, ours measured 2.2 ms alone and 2.9 ms in turns with torch's).
+    `default_cache(device)`): "warm" runs fn untimed for WARM_SECONDS, "cold" sweeps a buffer
+    twice the last cache's size. Without that, a call would find whatever the previous fn in the
+    turn left in the caches and the cores, so one variant's time would depend on which others
+    share its case (on a CPU with a large last-level cache, ours measured 2.2 ms alone, 2.9 ms in
+    turns with torch's sequence and 4.3 ms with torch.compile's as well).
     CPU: time.perf_counter around each call, at torch's thread count. CUDA: CUDA events around
     each call on the current stream.
     """
