@@ -311,6 +311,25 @@ def test_quantization_fusion_with_our_classes_in_its_table():
     assert type(torch.nn.utils.fusion.fuse_conv_bn_eval(model[0], model[1])) is nn.Conv2d
 
 
+def test_conv_bn_folding_leaves_a_fused_relu_alone_or_refuses_it():
+    # Folding a BatchNormReLU into the convolution before it would drop its ReLU (the ReLU's slot
+    # holds an identity): torch.fx's fuser matches exact classes and leaves it, eager
+    # quantization's refuses it, and the README's route for the rest is to revert first.
+    torch_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    randomize_running_stats(torch_model, torch.Generator().manual_seed(2))
+    ours = modekernels.convert(copy.deepcopy(torch_model), fuse=True)
+    assert type(ours[1]) is modekernels.BatchNormReLU2d
+    x = torch.randn(2, 3, 6, 6)
+    expected = torch_model(x)
+    from torch.fx.experimental.optimization import fuse
+    torch.testing.assert_close(fuse(copy.deepcopy(ours))(x), expected, **TOL[torch.float32])
+    with pytest.raises(AssertionError, match="did not find fuser method"):
+        torch.ao.quantization.fuse_modules(copy.deepcopy(ours), [["0", "1"]])
+    reverted = modekernels.revert(copy.deepcopy(ours))
+    folded = torch.nn.utils.fusion.fuse_conv_bn_eval(reverted[0], reverted[1])
+    torch.testing.assert_close(reverted[2](folded(x)), expected, **TOL[torch.float32])
+
+
 # ------------------------------------------------------------------------------- containers
 
 class Pair(nn.Module):
