@@ -144,11 +144,31 @@ def _set_sync_group(model, process_group):
 
 
 class FusedReLU(torch.nn.Identity):
-    """Where `convert(fuse=True)` folded a ReLU into the BatchNorm before it; `revert` restores it."""
+    """Where `convert(fuse=True)` folded a ReLU into the BatchNorm before it; `revert` restores it.
+
+    An identity, which raises where its input comes from a BatchNorm that applies no ReLU (an
+    autograd node of torch's BatchNorm kernels or of our SyncBatchNorm; ours fused report
+    `CppFunction`): the fused layer was replaced, as `torch.nn.SyncBatchNorm.convert_sync_batchnorm`
+    replaces every BatchNorm, and the ReLU would silently go missing. Inputs without a node (no
+    grad, eval under no_grad) and traced or compiled calls pass unchecked.
+    """
 
     def __init__(self, inplace=False):
         super().__init__()
         self.inplace = inplace
+
+    def forward(self, input):
+        if isinstance(input, torch.Tensor) and not torch.compiler.is_compiling():
+            node = type(input.grad_fn).__name__
+            if "BatchNorm" in node:
+                raise RuntimeError(
+                    f"FusedReLU: its input comes from {node}, a BatchNorm without the ReLU that "
+                    "convert(fuse=True) folded into the layer before; that layer was replaced (as "
+                    "torch.nn.SyncBatchNorm.convert_sync_batchnorm replaces every BatchNorm). Undo "
+                    "the fusion first (modekernels.revert), or synchronize with "
+                    "modekernels.SyncBatchNorm.convert_sync_batchnorm, which leaves fused layers "
+                    "as they are")
+        return input
 
 
 def _fuse_batchnorm_relu(model):

@@ -330,6 +330,28 @@ def test_conv_bn_folding_leaves_a_fused_relu_alone_or_refuses_it():
     torch.testing.assert_close(reverted[2](folded(x)), expected, **TOL[torch.float32])
 
 
+def test_torchs_sync_batchnorm_conversion_of_a_fused_model_raises_instead_of_dropping_the_relu():
+    # torch.nn.SyncBatchNorm.convert_sync_batchnorm turns every BatchNorm, a fused BatchNormReLU
+    # too, into torch's SyncBatchNorm; the FusedReLU after it must not pass the negative values on.
+    model = modekernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+                                fuse=True)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert [type(m) for m in synced] == [nn.Conv2d, nn.SyncBatchNorm, modekernels.FusedReLU]
+    x = torch.randn(2, 3, 6, 6)
+    for mode in (synced.train, synced.eval):
+        mode()
+        with pytest.raises(RuntimeError, match="FusedReLU: its input comes from NativeBatchNormBackward0"):
+            synced(x)
+    ours = modekernels.SyncBatchNorm.convert_sync_batchnorm
+    with pytest.warns(UserWarning, match="BatchNormReLU2d is left unsynchronized"):
+        kept = ours(copy.deepcopy(model))
+    reverted = ours(modekernels.revert(copy.deepcopy(model)))
+    assert [type(m) for m in kept] == [nn.Conv2d, modekernels.BatchNormReLU2d, modekernels.FusedReLU]
+    assert [type(m) for m in reverted] == [nn.Conv2d, modekernels.SyncBatchNorm, nn.ReLU]
+    for m in (kept, reverted):
+        assert (m(x) >= 0).all()
+
+
 # ------------------------------------------------------------------------------- containers
 
 class Pair(nn.Module):
