@@ -686,6 +686,15 @@ std::vector<T> per_column(const T* v, int64_t rows, int64_t C, int64_t S) {
   return out;
 }
 
+// A recomputed gate read per column: its forward coefficients (rows kA to kD) repeated S times
+// into `store`. A gate without coefficients is returned as it is.
+template <typename scalar_t, typename T>
+GateView<scalar_t, T> per_column(const GateView<scalar_t, T>& gate, int64_t S, std::vector<T>& store) {
+  if (!gate.coeffs) return gate;
+  store = per_column(gate.coeffs, kD + 1, gate.C, S);
+  return {gate.g, store.data(), gate.C * S};
+}
+
 // ------------------------------------------------------------------------------- moments
 
 template <typename scalar_t>
@@ -773,10 +782,7 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
   if (S > 1) {
     column_mean = per_column(mean, 1, layout.C, S);
     mean = column_mean.data();
-    if (gate.coeffs) {
-      column_gate = per_column(gate.coeffs, gate_t.coeffs.size(0), layout.C, S);
-      gate = {gate.g, column_gate.data(), C};
-    }
+    gate = per_column(gate, S, column_gate);
   }
   std::vector<double> sdy(C, 0.0), sdx(C, 0.0);
   if (!l.channels_last) {
@@ -853,7 +859,9 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
   }
   opmath_t* out_dy = sum_dy_t.data_ptr<opmath_t>();
   opmath_t* out_dx = sum_dy_xmu_t.data_ptr<opmath_t>();
-  const auto fold = [S](const double* columns) { return std::accumulate(columns + 1, columns + S, columns[0]); };
+  const auto fold = [S](const double* columns) {
+    return std::accumulate(columns + 1, columns + S, columns[0]);
+  };
   for (int64_t c = 0; c < layout.C; ++c) {
     out_dy[c] = static_cast<opmath_t>(fold(sdy.data() + c * S));
     out_dx[c] = static_cast<opmath_t>(fold(sdx.data() + c * S));
@@ -1069,10 +1077,7 @@ void affine_cpu(const Operands& in, const Layout& layout, const at::Tensor& coef
     if (S > 1) {
       column_k = per_column(k, coeffs.size(0), layout.C, S);
       k = column_k.data();
-      if (ptrs.gate.coeffs) {
-        column_gate = per_column(ptrs.gate.coeffs, in.gate.coeffs.size(0), layout.C, S);
-        ptrs.gate = {ptrs.gate.g, column_gate.data(), l.C};
-      }
+      ptrs.gate = per_column(ptrs.gate, S, column_gate);
     }
     with_variant(ptrs, [&](auto v) { affine_kernel<decltype(v)>(ptrs, l, k, o); });
   });
