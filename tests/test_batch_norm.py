@@ -25,8 +25,10 @@ CASES = {
     # Batch of 6: the CPU reductions read a channel's rows four at a time, with two rows left over.
     "2d": (torch.nn.BatchNorm2d, modekernels.BatchNorm2d, (6, 6, 7, 9), ["contiguous", "channels_last", "strided"]),
     "2d-C1": (torch.nn.BatchNorm2d, modekernels.BatchNorm2d, (3, 1, 5, 5), ["contiguous", "channels_last"]),
-    # Rows of 3x3: the CPU walks channels-first memory with short rows as columns of channels-last.
+    # Rows of 3x3: the CPU walks channels-first memory with short rows as columns of channels-last;
+    # of 5x5, only in its elementwise pass.
     "2d-short": (torch.nn.BatchNorm2d, modekernels.BatchNorm2d, (6, 5, 3, 3), ["contiguous", "strided"]),
+    "2d-5x5": (torch.nn.BatchNorm2d, modekernels.BatchNorm2d, (4, 5, 5, 5), ["contiguous"]),
     # A channel count whose values the CPU's channels-last passes hold across rows.
     "2d-C64": (torch.nn.BatchNorm2d, modekernels.BatchNorm2d, (5, 64, 3, 7), ["channels_last"]),
     "3d": (torch.nn.BatchNorm3d, modekernels.BatchNorm3d, (2, 3, 4, 5, 6), ["contiguous", "channels_last", "strided"]),

@@ -23,11 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (N, C, H, W) and memory format: channels-first with the cache-resident passes, channels-last
 # with rows under and over 4 KB (row-by-row and four-row sweeps) and with 64 channels (their
-# coefficients held across rows), a size with tails, and channels-first rows of 3x3 (walked as
-# channels-last columns).
+# coefficients held across rows), a size with tails, and channels-first rows of 3x3 and 5x5
+# (walked as channels-last columns by every pass, and by the elementwise passes).
 SHAPES = [((4, 6, 9, 7), "contiguous"), ((4, 24, 5, 3), "channels_last"),
           ((10, 2064, 1, 3), "channels_last"), ((3, 64, 2, 5), "channels_last"),
-          ((3, 5, 17, 1), "contiguous"), ((6, 7, 3, 3), "contiguous")]
+          ((3, 5, 17, 1), "contiguous"), ((6, 7, 3, 3), "contiguous"), ((4, 6, 5, 5), "contiguous")]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 

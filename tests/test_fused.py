@@ -27,16 +27,16 @@ def call(module, x, r):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "channels_last-wide",
-                                    "channels_last-64", "contiguous-short"])
+                                    "channels_last-64", "contiguous-short", "contiguous-5x5"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_equals_torch_composition_in_both_modes(device, dtype, layout, variant):
     ours_cls, pre_activation = VARIANTS[variant]
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     # Wide: rows of 4 KB or more, which the CPU's channels-last passes take four at a time. 64:
     # a channel count whose values the CPU's channels-last passes hold across rows. Short: rows of
-    # 3x3, which the CPU walks as columns of channels-last memory.
+    # 3x3, which the CPU walks as columns of channels-last memory; 5x5, in its elementwise passes.
     shape = {"channels_last-wide": (10, 2048, 1, 5), "channels_last-64": (6, 64, 5, 7),
-             "contiguous-short": (6, 6, 3, 3)}.get(layout, (4, 6, 5, 7))
+             "contiguous-short": (6, 6, 3, 3), "contiguous-5x5": (4, 6, 5, 5)}.get(layout, (4, 6, 5, 7))
     layout = layout.split("-")[0]
     theirs = torch.nn.BatchNorm2d(shape[1]).to(device, param_dtype)
     with torch.no_grad():
@@ -101,7 +101,7 @@ def test_backward_saves_no_pre_activation(variant):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "2d", "short"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "2d", "short", "5x5"])
 @pytest.mark.parametrize("threads", [1, 8])
 def test_recomputed_relu_gate_is_exactly_the_saved_one(device, dtype, layout, threads):
     # BN+ReLU's backward recomputes where the forward's ReLU passed. It must agree with the saved
@@ -111,8 +111,9 @@ def test_recomputed_relu_gate_is_exactly_the_saved_one(device, dtype, layout, th
     # bfloat16 (2^-134), and the next float above each.
     gen = torch.Generator().manual_seed(0)
     C = 10
-    # Rows read four at a time, two left over; short: rows of 2x2, walked as columns on the CPU.
-    shape = {"2d": (64, C), "short": (6, C, 2, 2)}.get(layout, (6, C, 5, 7))
+    # Rows read four at a time, two left over; short: rows of 2x2, walked as columns on the CPU
+    # (5x5: by the elementwise passes only).
+    shape = {"2d": (64, C), "short": (6, C, 2, 2), "5x5": (6, C, 5, 5)}.get(layout, (6, C, 5, 7))
     x = torch.randn(shape, generator=gen).to(device, dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)

@@ -670,11 +670,14 @@ void rows_last_sums(const Layout& l, const AddRows& add_rows, const AddElement& 
 // row, each (n, c) row of a few values costs a loop's setup and a tail (BatchNorm2d eval on
 // 8x512x2x2 took 1.6x torch's time in float32 and 2.3x in bfloat16, forward+backward on
 // 8x256x4x4 1.3x; TUNING.md). The columns read per-channel operands repeated S times
-// (per_column), and their sums are folded into their channel's in double.
+// (per_column), and their sums are folded into their channel's in double. The reductions take
+// columns for rows under kShortRow values, the elementwise pass (no per-task sums to merge) under
+// kShortAffineRow: with 4x4 and 5x5 rows the reductions' columns measured slower, its faster.
 constexpr int64_t kShortRow = 16;
+constexpr int64_t kShortAffineRow = 32;
 
-Layout walked(const Layout& l) {
-  const bool short_rows = !l.channels_last && l.S > 1 && l.S < kShortRow;
+Layout walked(const Layout& l, int64_t bound = kShortRow) {
+  const bool short_rows = !l.channels_last && l.S > 1 && l.S < bound;
   return short_rows ? Layout{l.N, l.C * l.S, 1, true} : l;
 }
 
@@ -1071,7 +1074,7 @@ void affine_cpu(const Operands& in, const Layout& layout, const at::Tensor& coef
     auto ptrs = affine_ptrs<scalar_t>(in);
     const opmath_t* k = coeffs.const_data_ptr<opmath_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const Layout l = walked(layout);
+    const Layout l = walked(layout, kShortAffineRow);
     const int64_t S = l.C / layout.C;  // columns per channel
     std::vector<opmath_t> column_k, column_gate;
     if (S > 1) {
