@@ -352,6 +352,17 @@ def test_torchs_sync_batchnorm_conversion_of_a_fused_model_raises_instead_of_dro
         assert (m(x) >= 0).all()
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_sequential_compiles_as_one_graph(training):
+    # FusedReLU checks its input's autograd node only outside compilation: no graph break.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train(training)
+    randomize_running_stats(model, torch.Generator().manual_seed(3))
+    ours = modekernels.convert(copy.deepcopy(model), fuse=True)
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    out = torch.compile(ours, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, model(x), **TOL[torch.float32])
+
+
 # ------------------------------------------------------------------------------- containers
 
 class Pair(nn.Module):
