@@ -18,6 +18,8 @@
 // Resident variants: for channels-first memory with small channels, a training forward or
 //   backward runs reduction and elementwise pass over a group of channels, the second pass
 //   reading from cache: one pass over memory in all (see "cache-resident" below).
+// Short rows: channels-first memory whose rows hold fewer than 16 values (the elementwise pass:
+//   32) is walked as channels-last memory of C * S columns (see "short rows" below).
 // Row-level sums use 16 independent accumulators (enough to hide the add latency), in the opmath
 // type, held as the build's SIMD vectors (float: four 16-byte ones in the baseline build, two
 // 32-byte ones with AVX2, one 64-byte one with AVX-512; the same values go to the same lane in
