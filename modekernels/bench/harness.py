@@ -117,6 +117,9 @@ def default_cache(device):
     return "cold" if torch.device(device).type == "cuda" else "warm"
 
 
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}  # sysfs cache sizes: "2048K"
+
+
 def last_level_cache_bytes():
     """Size of the CPU's largest cache (Linux sysfs), or 256 MB where it cannot be read."""
     sizes = []
@@ -126,8 +129,8 @@ def last_level_cache_bytes():
                 text = f.read().strip()
         except OSError:
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        unit = _SIZE_UNITS.get(text[-1])
+        sizes.append(int(text[:-1]) * unit if unit else int(text))
     return max(sizes, default=256 << 20)
 
 
@@ -141,7 +144,8 @@ def flush_bytes(device):
 
 def cache_description(device, cache):
     if cache == "warm":
-        return f"warm: each timed call follows {WARM_SECONDS * 1e3:.0f} ms of untimed calls of the same variant"
+        return (f"warm: each timed call follows {WARM_SECONDS * 1e3:.0f} ms of untimed calls of "
+                "the same variant")
     return f"cold: {flush_bytes(device) / 2**20:.0f} MB swept before each timed call"
 
 
