@@ -180,14 +180,19 @@ def test_recomputed_relu_gate_agrees_for_every_half_precision_input(device, dtyp
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_residual_gradient_alone_is_the_gated_grad(device, training):
-    # Only the residual needs a gradient: no grad_input pass, the gate is applied on its own.
+    # Only the residual needs a gradient: no grad_input pass, the gate is applied on its own, as
+    # torch's ReLU backward applies it (threshold_backward: zero where the output is <= 0, so a
+    # NaN output lets the gradient through).
     bn = modekernels.BatchNormAddReLU2d(3).to(device).train(training)
     x = torch.randn(4, 3, 5, 5, device=device)
-    r = torch.randn_like(x, requires_grad=True)
+    r = torch.randn_like(x)
+    r.view(-1)[::17] = float("nan")
+    r.requires_grad_()
     y = bn(x, r)
     g = torch.randn_like(y)
     y.backward(g)
-    assert torch.equal(r.grad, torch.where(y > 0, g, 0))
+    assert y.isnan().any() and (y <= 0).any()
+    assert torch.equal(r.grad, torch.ops.aten.threshold_backward(g, y, 0))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

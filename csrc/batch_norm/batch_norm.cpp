@@ -263,10 +263,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor grad_weight = want_dw ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
   at::Tensor grad_bias = want_db ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
   // The residual's gradient is written by the elementwise pass of grad_input, or on its own when
-  // grad_input is not wanted.
+  // grad_input is not wanted: dy, closed where the output is <= 0 (open for NaN, as relu_passes).
   at::Tensor grad_residual = !residual_grad ? at::empty({0}, input.options())
                              : want_dx      ? at::empty_like(x, fmt)
-                                            : at::where(saved_gate.gt(0), dy, 0);
+                                            : at::where(saved_gate.le(0), 0, dy);
   const at::Tensor gated_out = residual_grad && want_dx ? grad_residual : at::Tensor();
   // Sums over the whole (possibly distributed) batch may be given; otherwise they are this batch's.
   const bool given = sum_dy_given && sum_dy_given->defined();
