@@ -48,6 +48,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -194,7 +195,7 @@ constexpr int64_t kFlushElems = 4096;
 
 template <typename opmath_t>
 struct RowSums {
-  // The lanes as scalars (LaneParts holds them in SIMD registers): a std::vector holds RowSums,
+  // The lanes as scalars (LaneParts holds them in SIMD registers): a vector holds RowSums,
   // and does not align its memory for the AVX builds' vectors, which GCC's loads then assume.
   opmath_t v1[kLanes] = {}, v2[kLanes] = {};
   opmath_t t1 = 0, t2 = 0;
@@ -214,19 +215,24 @@ struct RowSums {
   }
 };
 
-// RowSums' lanes as SIMD parts, held in registers while a batch of rows adds into them.
+// RowSums' lanes as SIMD parts, and its tail scalars, held in registers while a batch of rows
+// adds into them. (Added in place, each tail element waited for the store of the one before: the
+// statistics op on 8x64x5x5, nine tail elements a row, took 10.2 us a call from Python, now 9.0.)
 template <typename opmath_t>
 struct LaneParts {
   using Part = typename Lanes<opmath_t>::Part;
   Part v1[Lanes<opmath_t>::kParts], v2[Lanes<opmath_t>::kParts];
+  opmath_t t1, t2;
 
-  explicit LaneParts(const RowSums<opmath_t>& acc) {
+  explicit LaneParts(const RowSums<opmath_t>& acc) : t1(acc.t1), t2(acc.t2) {
     std::memcpy(v1, acc.v1, sizeof(v1));
     std::memcpy(v2, acc.v2, sizeof(v2));
   }
   void store(RowSums<opmath_t>& acc) const {
     std::memcpy(acc.v1, v1, sizeof(v1));
     std::memcpy(acc.v2, v2, sizeof(v2));
+    acc.t1 = t1;
+    acc.t2 = t2;
   }
 };
 
@@ -332,8 +338,8 @@ void rows_shifted_sums(const scalar_t* x, int64_t stride, int64_t len, int64_t a
       },
       [&](int64_t r, int64_t i) {
         const opmath_t d = widen<opmath_t>(x[r * stride + i]) - shift;
-        acc.t1 += d;
-        acc.t2 += d * d;
+        lanes.t1 += d;
+        lanes.t2 += d * d;
       });
   lanes.store(acc);
 }
@@ -369,7 +375,7 @@ void channel_moments(const scalar_t* x, const Layout& l, int64_t c0, int64_t c1,
     return;
   }
   const auto shift = [&](int64_t c) { return shift_from(widen<opmath_t>(x[(n0 * l.C + c) * l.S])); };
-  std::vector<RowSums<opmath_t>> acc(c1 - c0);
+  c10::SmallVector<RowSums<opmath_t>, 1> acc(c1 - c0);  // tasks of one channel allocate nothing
   for_rows<kBatchRows, scalar_t>(l, c0, c1, n0, n1, [&](int64_t c, int64_t off, int64_t ahead, auto R) {
     constexpr int64_t kR = decltype(R)::value;
     for_row_spans<kR>(l.S, [&](int64_t i0, int64_t n) {
@@ -432,8 +438,8 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
           const opmath_t open = recompute ? gd + (v - gm) * gb : widen<opmath_t>(gate.g[at]);
           g = relu_passes(open, above) ? g : opmath_t(0);
         }
-        acc.t1 += g;
-        acc.t2 += g * (v - mean);
+        lanes.t1 += g;
+        lanes.t2 += g * (v - mean);
       });
   lanes.store(acc);
 }
@@ -444,7 +450,7 @@ template <typename scalar_t, typename opmath_t>
 void channel_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scalar_t* x,
                        const Layout& l, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
                        const opmath_t* mean, double* sdy, double* sdx) {
-  std::vector<RowSums<opmath_t>> acc(c1 - c0);
+  c10::SmallVector<RowSums<opmath_t>, 1> acc(c1 - c0);
   for_rows<kBatchRows, scalar_t>(l, c0, c1, n0, n1, [&](int64_t c, int64_t off, int64_t ahead, auto R) {
     constexpr int64_t kR = decltype(R)::value;
     for_row_spans<kR>(l.S, [&](int64_t i0, int64_t n) {
