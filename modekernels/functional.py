@@ -110,6 +110,8 @@ def _check_float(op, name, position, value):
     """torch's argument parser takes a real number, or a 0-d tensor that does not require grad,
     where a float is due, and raises this TypeError for anything else (the op's schema would
     raise a RuntimeError, for momentum only after the batch statistics were computed)."""
+    if type(value) is float:  # the usual case, ahead of the abstract (slower) isinstance below
+        return
     if isinstance(value, torch.Tensor):
         ok = value.dim() == 0 and not value.requires_grad
     else:
