@@ -12,7 +12,8 @@
 // divided out per element); channel-wise dropout runs the same loop with one word per (n, c) unit
 // for all its elements, walking the units of a vector without divisions and computing a Philox
 // block once per group of 4 units it touches, also one pass. Multiplies are rounded on their own
-// (no fma), as on the CPU, so that both give the same bits.
+// (no fma), as on the CPU, so that both give the same bits (but for a NaN's in float16 and
+// bfloat16: CUDA's conversions store their own quiet NaN, as in torch).
 #include "common/cuda_utils.cuh"
 #include "dropout/dropout.h"
 
