@@ -56,7 +56,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <utility>
@@ -359,11 +358,10 @@ inline Moments<double> shifted_moments(double n, double shift, double s1, double
 
 // A channel's shift for its shifted sums: its first value, close enough to the mean that the
 // squares keep their precision, or 0 where that is not finite (an infinite shift would make
-// every deviation infinite, and the mean NaN where torch's is infinite). A comparison, not
-// std::isfinite, so that the loop over a channels-last row of shifts vectorizes.
+// every deviation infinite, and the mean NaN where torch's is infinite).
 template <typename opmath_t>
 opmath_t shift_from(opmath_t first) {
-  return std::abs(first) <= std::numeric_limits<opmath_t>::max() ? first : opmath_t(0);
+  return std::isfinite(first) ? first : opmath_t(0);
 }
 
 // Moments of channels c0 <= c < c1 over rows n0 <= n < n1 of channels-first x, into
@@ -1012,8 +1010,9 @@ void gate_coeffs(const GateOf<scalar_t>& gate, int64_t c, opmath_t* k) {
 }
 
 // The elementwise pass over rows r0 <= r < r1 of channels-last memory, in the calling thread.
+// `in` is taken by value (affine_element).
 template <typename V, typename scalar_t>
-void affine_last_rows(const AffinePtrs<scalar_t>& in, const Layout& l,
+void affine_last_rows(AffinePtrs<scalar_t> in, const Layout& l,
                       const at::opmath_type<scalar_t>* coeffs, int64_t r0, int64_t r1, scalar_t* out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = l.C;
