@@ -302,9 +302,26 @@ def _opmath(dtype):
 
 
 def _channels_format(input):
-    if input.dim() == 2:
+    """The outputs' memory format, as batch_norm.cpp's kernel_format chooses it."""
+    if input.dim() == 2 or (input.device.type == "cpu" and input.is_contiguous()):
         return torch.contiguous_format
+    if input.device.type == "cpu":
+        for fmt in (torch.channels_last, torch.channels_last_3d):
+            if input.is_contiguous(memory_format=fmt):
+                return fmt
     return torch._prims_common.suggest_memory_format(input)
+
+
+def _grad_input_format(grad_output, input):
+    """grad_input's memory format, as batch_norm.cpp's grad_input_format chooses it."""
+    fmt = _channels_format(input)
+    if input.device.type != "cpu" or input.dim() == 2:
+        return fmt
+    suggest = torch._prims_common.suggest_memory_format
+    alike = (input.is_contiguous(memory_format=fmt)
+             and grad_output.is_contiguous(memory_format=_channels_format(grad_output))
+             and suggest(input) == suggest(grad_output))
+    return fmt if alike else suggest(input)
 
 
 def _channel_stats_fake(input):
@@ -407,13 +424,13 @@ def _(grad_output, input, mean, var, weight, eps, training, output_mask, sum_dy=
     param_dtype = weight.dtype if weight is not None else _opmath(input.dtype)
     C = input.shape[1]
 
-    def like_input(wanted):
-        return (torch.empty_like(input, memory_format=_channels_format(input)) if wanted
-                else input.new_empty((0,)))
+    def like_input(wanted, fmt):
+        return torch.empty_like(input, memory_format=fmt) if wanted else input.new_empty((0,))
 
     gw = input.new_empty((C,), dtype=param_dtype) if output_mask[1] and weight is not None else input.new_empty((0,))
     gb = input.new_empty((C,), dtype=param_dtype) if output_mask[2] else input.new_empty((0,))
-    return like_input(output_mask[0]), gw, gb, like_input(residual_grad)
+    return (like_input(output_mask[0], _grad_input_format(grad_output, input)), gw, gb,
+            like_input(residual_grad, _channels_format(input)))
 
 
 @torch.library.register_fake("modekernels::batch_norm_update_stats_")

@@ -1,12 +1,14 @@
 import copy
 import functools
 import io
+import itertools
 import re
 
 import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import modekernels
 import modekernels.functional as MF
@@ -120,6 +122,37 @@ def matches_torch_over_steps(device, dtype, case, fmt, variant):
             torch.testing.assert_close(p_o.grad, p_t.grad, **tol, msg=name)
             p_t.grad = p_o.grad = None
         assert_same_state(theirs, ours, tol)
+
+
+def every_dense_layout(shape):
+    """x of `shape` in each order of its dimensions in memory, size-1 dimensions included, whose
+    strides make the memory format ambiguous (pytorch/pytorch#63224)."""
+    for order in itertools.permutations(range(len(shape))):
+        yield torch.randn([shape[d] for d in order]).permute([order.index(d) for d in range(len(shape))])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 1), (1, 1, 4, 5), (2, 3, 1, 1), (1, 3, 4, 5, 1),
+                                   (2, 3, 2, 1, 1)], ids=str)
+def test_output_and_gradient_strides_are_torchs_in_every_dense_layout(shape):
+    name = f"BatchNorm{len(shape) - 2}d"
+    theirs, ours = getattr(torch.nn, name)(shape[1]), getattr(modekernels, name)(shape[1])
+    mean, var = torch.zeros(shape[1]), torch.ones(shape[1])
+    for x, training in itertools.product(every_dense_layout(shape), (True, False)):
+        y_like = theirs.train(training)(x)
+        for grad_layout in (y_like, x, y_like.contiguous()):
+            grad = torch.randn_like(grad_layout)
+            strides = []
+            for module in (theirs, ours.train(training)):
+                leaf = x.detach().requires_grad_()
+                y = module(leaf)
+                strides.append((y.stride(), torch.autograd.grad(y, leaf, grad)[0].stride()))
+            assert strides[1] == strides[0], (x.stride(), grad.stride(), training)
+            # The fake kernels (torch.compile's view of the ops) give the real ones' strides.
+            backward_args = (grad, x, mean, var, None, 1e-5, training, [True, False, False])
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                fake = (mkops.batch_norm_eval(x, mean, var, None, None, 1e-5).stride(),
+                        mkops.batch_norm_backward(*backward_args)[0].stride())
+            assert fake == (strides[1][0], strides[1][1]), (x.stride(), grad.stride(), training)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -84,12 +84,34 @@ int64_t per_channel_count(const at::Tensor& input) {
   return input.size(1) == 0 ? 0 : input.numel() / input.size(1);
 }
 
-// The memory format the kernels walk: channels-last for channels_last(_3d) inputs, contiguous
-// otherwise. Anything else is copied into it. Where each (n, c) holds one element (2-D inputs,
-// (N, C, 1), (N, C, 1, 1)) the channels are innermost either way, and the kernels walk the
-// memory as channels-last (N, 1, C): read channels-first, every row would be one element long.
+// The memory format the kernels walk, and the outputs': channels-last for channels_last(_3d)
+// inputs, contiguous otherwise. Anything else is copied into it. Where strides are ambiguous
+// (pytorch/pytorch#63224: a channels-last (N, C, H, 1) whose W stride is 1 suggests contiguous),
+// torch's CPU batch_norm takes the format in which the input is already dense, and so do we
+// there; on CUDA, suggest_memory_format, as torch's cuDNN path. Where each (n, c) holds one
+// element (2-D inputs, (N, C, 1), (N, C, 1, 1)) the channels are innermost either way, and the
+// kernels walk the memory as channels-last (N, 1, C): read channels-first, every row would be one
+// element long.
 at::MemoryFormat kernel_format(const at::Tensor& t) {
-  return t.dim() == 2 ? at::MemoryFormat::Contiguous : t.suggest_memory_format();
+  if (t.dim() == 2 || (t.is_cpu() && t.is_contiguous())) return at::MemoryFormat::Contiguous;
+  if (t.is_cpu()) {
+    for (const auto fmt : {at::MemoryFormat::ChannelsLast, at::MemoryFormat::ChannelsLast3d}) {
+      if (t.is_contiguous(fmt)) return fmt;
+    }
+  }
+  return t.suggest_memory_format();
+}
+
+// grad_input's memory format, as torch's CPU batch_norm backward gives it: the input's (above)
+// where input and grad_output are both dense and suggest the same format, else the input's
+// suggest_memory_format. Only ambiguous strides tell the two apart; on CUDA it is the input's.
+at::MemoryFormat grad_input_format(const at::Tensor& grad_output, const at::Tensor& input) {
+  const auto fmt = kernel_format(input);
+  if (!input.is_cpu() || input.dim() == 2) return fmt;
+  const bool alike = input.is_contiguous(fmt) &&
+                     grad_output.is_contiguous(kernel_format(grad_output)) &&
+                     input.suggest_memory_format() == grad_output.suggest_memory_format();
+  return alike ? fmt : input.suggest_memory_format();
 }
 
 Layout layout_of(const at::Tensor& t) {
@@ -260,6 +282,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   }
 
   at::Tensor grad_input = want_dx ? at::empty_like(x, fmt) : at::empty({0}, input.options());
+  // Written in the kernels' format, copied where torch's grad_input has another (rare, above).
+  const auto dx_fmt = grad_input_format(grad_output, input);
+  const auto in_format = [&](const at::Tensor& t) {
+    return want_dx && dx_fmt != fmt ? at::empty_like(t, dx_fmt).copy_(t) : t;
+  };
   at::Tensor grad_weight = want_dw ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
   at::Tensor grad_bias = want_db ? channel_empty(input, param_dtype) : at::empty({0}, input.options());
   // The residual's gradient is written by the elementwise pass of grad_input, or on its own when
@@ -284,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     if (training && want_dx && x.numel() > 0 && be.backward_resident &&
         be.backward_resident(in, layout, mean_acc, var_acc, w, eps, grad_input,
                              want_dw ? grad_weight : at::Tensor(), want_db ? grad_bias : at::Tensor())) {
-      return {grad_input, grad_weight, grad_bias, grad_residual};
+      return {in_format(grad_input), grad_weight, grad_bias, grad_residual};
     }
     sum_dy = channel_empty(input, acc);
     sum_dy_xmu = channel_empty(input, acc);
@@ -304,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     be.affine({dy, training ? x : at::Tensor(), gate, at::Tensor(), false, gated_out}, layout,
               coeffs, grad_input);
   }
-  return {grad_input, grad_weight, grad_bias, grad_residual};
+  return {in_format(grad_input), grad_weight, grad_bias, grad_residual};
 }
 
 void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
