@@ -249,14 +249,13 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
 def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None, bias=None,
                         training=False, momentum=0.1, eps=1e-5, *, num_batches_tracked=None):
     """relu(batch_norm(input, ...) + residual), the tail of a ResNet block, in one pass."""
+    _check_tensor("batch_norm_add_relu", "residual", 2, residual)  # None is no residual to add
     return _batch_norm(input, residual, True, running_mean, running_var, weight, bias, training,
                        momentum, eps, num_batches_tracked)
 
 
 def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, training, momentum,
                 eps, num_batches_tracked):
-    if residual is not None:
-        _check_tensor("batch_norm_add_relu", "residual", 2, residual)
     _check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps)
     if not training:
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,

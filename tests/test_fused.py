@@ -1,4 +1,5 @@
 """The fused BatchNorm variants against the unfused torch composition they replace."""
+import copy
 import itertools
 
 import pytest
@@ -356,6 +357,17 @@ def test_residual_of_another_shape_is_an_error():
     x = torch.randn(4, 3, 5, 5)
     with pytest.raises(RuntimeError, match="expected residual like input"):
         MF.batch_norm_add_relu(x, torch.randn(4, 3, 5, 4), None, None, training=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_residual_none_is_a_type_error_and_changes_nothing(training):
+    # torch's relu(bn(x) + None) raises TypeError; a missing residual must not mean "no residual".
+    bn = modekernels.BatchNormAddReLU2d(3).train(training)
+    state = copy.deepcopy(bn.state_dict())
+    with pytest.raises(TypeError, match=r"argument 'residual' \(position 2\) must be Tensor, not NoneType"):
+        bn(torch.randn(4, 3, 5, 5), None)
+    for name, value in bn.state_dict().items():
+        assert torch.equal(value, state[name]), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
