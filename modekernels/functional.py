@@ -275,10 +275,17 @@ def _check_arguments(input, weight, bias, running_mean, running_var, training, m
     _check_running_stats(running_mean, running_var, training)
 
 
+_OPTIONAL_TENSOR = (torch.Tensor, type(None))
+
+
 def _check_tensors(input, weight, bias, running_mean, running_var):
     """torch's TypeError for a tensor argument of batch_norm that is not one (None where
     optional), at its position in torch's batch_norm op, in every mode (torch's functional
     trips over such an input in training before its parser sees it)."""
+    if (isinstance(input, torch.Tensor) and isinstance(weight, _OPTIONAL_TENSOR)
+            and isinstance(bias, _OPTIONAL_TENSOR) and isinstance(running_mean, _OPTIONAL_TENSOR)
+            and isinstance(running_var, _OPTIONAL_TENSOR)):
+        return  # the usual case, ahead of the loop that finds the first wrong one
     for position, (name, value) in enumerate((("input", input), ("weight", weight), ("bias", bias),
                                               ("running_mean", running_mean),
                                               ("running_var", running_var)), start=1):

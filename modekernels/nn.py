@@ -70,21 +70,18 @@ class _BatchNormForward(_NotScriptable):
     def _batch_norm(self, fn, input, *residual):
         if not isinstance(input, torch.fx.Proxy):  # FX symbolic tracing knows no shapes
             self._check_input_dim(input)
-        track = self.training and self.track_running_stats
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        training, track_running_stats = self.training, self.track_running_stats
+        # Each buffer and parameter read once: a module's __getattr__ costs about 0.3 us a read.
+        running_mean, running_var = self.running_mean, self.running_var
+        use_batch_stats = training or (running_mean is None and running_var is None)
         momentum = self.momentum
-        counter = self.num_batches_tracked if track else None
+        counter = self.num_batches_tracked if training and track_running_stats else None
         if momentum is None and counter is None:
             momentum = 0.0  # torch's exponential_average_factor when nothing is counted
-        keep_buffers = not self.training or self.track_running_stats
-        return fn(
-            input,
-            *residual,
-            self.running_mean if keep_buffers else None,
-            self.running_var if keep_buffers else None,
-            self.weight, self.bias, use_batch_stats, momentum, self.eps,
-            num_batches_tracked=counter,
-        )
+        if training and not track_running_stats:
+            running_mean = running_var = None
+        return fn(input, *residual, running_mean, running_var, self.weight, self.bias,
+                  use_batch_stats, momentum, self.eps, num_batches_tracked=counter)
 
 
 class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
