@@ -539,6 +539,21 @@ def test_any_momentum_updates_the_running_statistics_as_torch(device, momentum):
     assert_same_state(theirs, ours, {**BN_TOL[torch.float32], "equal_nan": True})
 
 
+@pytest.mark.parametrize("counted", [False, True], ids=["momentum", "cumulative"])
+def test_cpu_update_rounds_once_from_double_as_torchs(counted):
+    # torch's CPU kernel updates float32 statistics with its double momentum: one rounding. A
+    # float32 update (ours until 2026-12-06) was up to a few ulp off where the terms cancel.
+    C, count = 4096, 8
+    mean, var = torch.randn(C) * 1e4, torch.rand(C) * 10
+    running_mean, running_var = torch.randn(C) * 5e3, torch.rand(C)
+    factor = 1 / 3 if counted else 0.3
+    expected_mean = (factor * mean.double() + (1 - factor) * running_mean.double()).float()
+    expected_var = (factor * var.double() * count / (count - 1) + (1 - factor) * running_var.double()).float()
+    mkops.batch_norm_update_stats_(running_mean, running_var, mean, var, count, None if counted else factor,
+                                   torch.tensor(2) if counted else None)
+    assert torch.equal(running_mean, expected_mean) and torch.equal(running_var, expected_var)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", ["weight", "running_mean", "running_var"])
 def test_a_per_channel_tensor_of_two_dimensions_is_named_and_changes_nothing(training, name):

@@ -1309,15 +1309,15 @@ void update_running_cpu(const at::Tensor& running_mean, const at::Tensor& runnin
     using T = scalar_t;
     dispatch_param(running_mean, mean.scalar_type(), [&](auto tag) {
       using P = std::remove_pointer_t<decltype(tag)>;
-      const T f = num_batches_tracked.defined()
-                      ? T(1) / static_cast<T>(num_batches_tracked.item<int64_t>())
-                      : static_cast<T>(factor);
+      const double f = num_batches_tracked.defined()
+                           ? 1.0 / static_cast<double>(num_batches_tracked.item<int64_t>())
+                           : factor;
       const T* m = mean.const_data_ptr<T>();
       const T* v = var.const_data_ptr<T>();
       P* rm = running_mean.data_ptr<P>();
       P* rv = running_var.data_ptr<P>();
       for (int64_t c = 0; c < mean.numel(); ++c) {
-        update_running<T, P>(c, m, v, static_cast<T>(count), f, rm, rv);
+        update_running<double, T, P>(c, m, v, static_cast<double>(count), f, rm, rv);
       }
     });
   });

@@ -394,7 +394,7 @@ __global__ void update_running_kernel(int64_t C, const T* mean, const T* var, T 
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const T f = num_batches_tracked ? T(1) / static_cast<T>(*num_batches_tracked) : static_cast<T>(factor);
-  update_running<T, P>(c, mean, var, count, f, running_mean, running_var);
+  update_running<T, T, P>(c, mean, var, count, f, running_mean, running_var);
 }
 
 void forward_coeffs_cuda(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,

@@ -122,13 +122,15 @@ MK_HOST_DEVICE void backward_coeffs(int64_t c, int64_t C, bool train, const T* m
 }
 
 // running = factor * batch + (1 - factor) * running, with the unbiased variance M2 / (n - 1),
-// in torch's order of operations.
-template <typename T, typename P>
-MK_HOST_DEVICE void update_running(int64_t c, const T* mean, const T* var, T count, T factor,
+// in torch's order of operations and in its precision A: double on the CPU (torch's CPU kernel
+// computes with its double momentum), the opmath type T on CUDA.
+template <typename A, typename T, typename P>
+MK_HOST_DEVICE void update_running(int64_t c, const T* mean, const T* var, A count, A factor,
                                    P* running_mean, P* running_var) {
-  const T unbiased = var[c] * count / (count - T(1));
-  running_mean[c] = static_cast<P>(factor * mean[c] + (T(1) - factor) * static_cast<T>(running_mean[c]));
-  running_var[c] = static_cast<P>(factor * unbiased + (T(1) - factor) * static_cast<T>(running_var[c]));
+  const A unbiased = static_cast<A>(var[c]) * count / (count - A(1));
+  running_mean[c] = static_cast<P>(factor * static_cast<A>(mean[c]) +
+                                   (A(1) - factor) * static_cast<A>(running_mean[c]));
+  running_var[c] = static_cast<P>(factor * unbiased + (A(1) - factor) * static_cast<A>(running_var[c]));
 }
 
 // Chan et al.'s pairwise combination of (count, mean, M2) moments: exact in exact arithmetic
