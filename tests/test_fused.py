@@ -10,7 +10,7 @@ import modekernels
 import modekernels.functional as MF
 from modekernels import reference
 
-from helpers import BN_TOL, DEVICES, FLOAT_DTYPES, dtype_id, make_layout
+from helpers import BN_TOL, DEVICES, FLOAT_DTYPES, LAYOUTS, dtype_id, make_layout
 
 mkops = torch.ops.modekernels
 
@@ -493,6 +493,35 @@ def test_dropout_add_equals_residual_plus_dropout(device, dtype, with_bias, H):
     if with_bias:
         opmath = reference.opmath_dtype(dtype)
         torch.testing.assert_close(b.grad, mask_grad.to(opmath).sum((0, 1)).to(dtype), **BN_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["dropout-add", "bias-dropout-add"])
+def test_dropout_add_gradients_follow_the_forward_mask_in_every_layout(device, layout, with_bias):
+    # bias_dropout_add lays its mask over its input's contiguous order, whatever the layout; its
+    # backward laid it over the output's strides until 2026-12-06 (wrong gradients for transposed
+    # or channels-last inputs).
+    x = make_layout(torch.rand(2, 3, 5, 7, device=device, dtype=torch.float64) + 0.5, layout)
+    x.requires_grad_()
+    r = torch.zeros(2, 3, 5, 7, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(7, device=device, dtype=torch.float64, requires_grad=True)
+    y = MF.bias_dropout_add(x, b, r, 0.5) if with_bias else MF.dropout_add(x, r, 0.5)
+    kept = y.detach() != 0  # x (+ b) > 0: a zero is a dropped element
+    g = torch.randn_like(y)
+    y.backward(g)
+    masked = torch.where(kept, 2 * g, 0)
+    assert torch.equal(x.grad, masked) and torch.equal(r.grad, g)
+    if with_bias:
+        torch.testing.assert_close(b.grad, masked.sum((0, 1, 2)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_dropout_add_of_an_empty_last_dimension_has_an_empty_bias_gradient(device):
+    x, r = (torch.randn(4, 0, device=device, requires_grad=True) for _ in range(2))
+    b = torch.randn(0, device=device, requires_grad=True)
+    MF.bias_dropout_add(x, b, r, 0.5).sum().backward()
+    assert x.grad.shape == (4, 0) and b.grad.shape == (0,) and r.grad.shape == (4, 0)
 
 
 def _rng_state(device):

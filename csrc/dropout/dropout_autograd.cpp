@@ -41,25 +41,32 @@ Tensor call_backward(const Tensor& grad, const Tensor& state, double p, bool fea
 }
 
 // What a mask's backward needs: the rng_state, p, and the strides of the tensor the mask was laid
-// over (an elementwise mask follows that tensor's memory order; a channel-wise one belongs to the
+// over (an elementwise mask follows that tensor's memory order, which is out's, or contiguous
+// order for bias_dropout_add, whose kernel reads its input so; a channel-wise one belongs to the
 // (n, c) indices). Sizes and strides are read as SymInts here and below, so that torch.compile
 // with dynamic shapes keeps them symbolic instead of specializing the graph to the first input's.
-void save_mask(AutogradContext* ctx, const Tensor& state, double p, const Tensor& out, bool feature) {
+void save_mask(AutogradContext* ctx, const Tensor& state, double p, const Tensor& out, bool feature,
+               bool contiguous = false) {
   ctx->set_materialize_grads(false);
   ctx->save_for_backward({state});
   ctx->saved_data["p"] = p;
   ctx->saved_data["feature"] = feature;
+  ctx->saved_data["contiguous"] = contiguous;
   ctx->saved_data["stride"] = out.sym_strides();
 }
 
-// grad through the saved mask. p == 0 kept every element with factor 1 (the fused ops' eval sums).
-// The call goes through the dispatcher: its autograd kernel records a double backward and carries
-// a forward-mode tangent on grad.
+// grad through the saved mask, in grad's layout. p == 0 kept every element with factor 1 (the
+// fused ops' eval sums). The call goes through the dispatcher: its autograd kernel records a
+// double backward and carries a forward-mode tangent on grad.
 Tensor apply_saved_mask(AutogradContext* ctx, const Tensor& grad) {
   const double p = ctx->saved_data["p"].toDouble();
   if (p == 0) return grad;
   const bool feature = ctx->saved_data["feature"].toBool();
   const Tensor state = ctx->get_saved_variables()[0];
+  if (ctx->saved_data["contiguous"].toBool()) {
+    if (grad.is_contiguous()) return call_backward(grad, state, p, feature);
+    return at::empty_like(grad).copy_(call_backward(grad.contiguous(), state, p, feature));
+  }
   const std::vector<c10::SymInt> stride = ctx->saved_data["stride"].toSymIntVector();
   if (feature || grad.sym_strides().equals(stride)) return call_backward(grad, state, p, feature);
   return call_backward(at::empty_strided_symint(grad.sym_sizes(), stride, grad.options()).copy_(grad),
@@ -106,7 +113,7 @@ struct Masked : torch::autograd::Function<Masked> {
     // rng_state, an integer tensor, is not differentiable (nor marked so: compiled autograd
     // refuses a Function that marks outputs).
     auto [out, state] = call_forward(input, bias, residual, p, generator, feature);
-    save_mask(ctx, state, p, out, feature);
+    save_mask(ctx, state, p, out, feature, /*contiguous=*/bias.has_value());
     ctx->saved_data["bias_edge"] = edges(input, bias)[1];
     ctx->saved_data["residual"] = residual.has_value();
     return {out, state};
@@ -118,7 +125,7 @@ struct Masked : torch::autograd::Function<Masked> {
     if (!grad.defined()) return result;
     result[0] = apply_saved_mask(ctx, grad);
     if (needs_grad(ctx, ctx->saved_data["bias_edge"].toInt())) {
-      result[1] = result[0].reshape_symint({-1, result[0].sym_size(-1)}).sum(0);
+      result[1] = result[0].sum_to_size_symint({result[0].sym_size(-1)});  // an empty last dim too
     }
     if (ctx->saved_data["residual"].toBool()) result[2] = grad;
     return result;
