@@ -221,11 +221,11 @@ class _DropoutInplace(torch.autograd.Function):
 # vmap: the randomness modes of torch.vmap, as torch's own random ops follow them. "error" raises;
 # "different" gives every sample a mask of its own: the op runs once over the whole batch;
 # "same" gives every sample one mask, drawn for a sample's shape and applied by torch ops. A
-# batched bias is also applied by torch ops. The fused ops at p == 0 (their eval sums) draw
-# nothing and run in every mode.
+# batched bias is also applied by torch ops. Every op at p == 1, and the fused ops at p == 0
+# (their eval sums), draw nothing and run in every mode.
 
 def _check_randomness(info, p):
-    if p > 0 and info.randomness == "error":
+    if 0 < p < 1 and info.randomness == "error":
         raise RuntimeError("vmap: called random operation while in randomness error mode. Please "
                            "either use the 'same' or 'different' randomness flags on vmap or "
                            "perform the randomness operation out of vmap")

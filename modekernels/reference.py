@@ -52,6 +52,17 @@ def opmath_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def keep_scale(p, dtype, device):
+    """The factor of a kept element of a `dtype` tensor on `device`, in its opmath dtype: 1 / (1 - p)
+    as torch forms it, the keep probability in opmath divided there; torch's CPU dropout then holds
+    it in the tensor's dtype (its mask is a tensor of that dtype), its CUDA kernel in opmath."""
+    opmath = opmath_dtype(dtype)
+    scale = 1 / torch.tensor(1.0 - p, dtype=opmath) if p < 1 else torch.zeros((), dtype=opmath)
+    if torch.device(device).type == "cpu":
+        scale = scale.to(dtype).to(opmath)
+    return scale.to(device)
+
+
 def dropout(x, p, rng_state):
     """Dropout of x with the mask of rng_state = (seed, offset), computed as modekernels defines it.
 
@@ -62,8 +73,8 @@ def dropout(x, p, rng_state):
     # The memory-order view of x: a flat tensor over the same storage.
     flat = x.as_strided((x.numel(),), (1,))
     opmath = opmath_dtype(x.dtype)
-    scale = torch.tensor(1.0 / (1.0 - p) if p < 1 else 0.0, dtype=opmath)
-    mult = torch.where(keep.to(x.device), scale.to(x.device), torch.zeros((), dtype=opmath, device=x.device))
+    scale = keep_scale(p, x.dtype, x.device)
+    mult = torch.where(keep.to(x.device), scale, torch.zeros((), dtype=opmath, device=x.device))
     out = torch.empty_like(x)
     out.as_strided((x.numel(),), (1,)).copy_((flat.to(opmath) * mult).to(x.dtype))
     return out

@@ -71,7 +71,8 @@ def test_cpu_and_cuda_channelwise_masks_equal(seed, offset, layout, dtype):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_cuda_fused_sums_round_like_the_cpu(dtype):
     # residual + (x + bias) * mask / (1 - p), each operation rounded in opmath on its own (no fma
-    # on the GPU), as the CPU kernels and torch's separate CPU ops round it.
+    # on the GPU), as the CPU kernels round it (whose float16/bfloat16 scale is also rounded to
+    # the dtype, as torch's CPU mask holds it; an opmath `mult` has the opmath scale).
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     x, r = (torch.randn(4, 33, 37).to(dtype) for _ in range(2))
     b = torch.randn(37).to(dtype)
@@ -116,15 +117,15 @@ def test_keep_rate_within_five_sigma(p, numel):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.75])
-def test_survivors_are_scaled_exactly(dtype, p):
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.75, 0.892147458079873])
+def test_survivors_are_scaled_exactly_as_torchs(dtype, p):
+    # torch's CPU dropout forms 1 / (1 - p) in float32 (for the last p, one ulp from the rounded
+    # float64 quotient we used until 2026-12-06) and holds it in the input's dtype.
     x = torch.rand(10007, dtype=dtype) + 0.5  # no zeros: a zero in the output is a dropped element
-    y = MF.dropout(x, p)
-    opmath = reference.opmath_dtype(dtype)
-    scaled = (x.to(opmath) * torch.tensor(1 / (1 - p), dtype=opmath)).to(dtype)
-    kept = y != 0
-    assert torch.equal(y[kept], scaled[kept])
-    assert 0 < kept.sum() < x.numel()
+    ours, theirs = MF.dropout(x, p), torch.nn.functional.dropout(x, p)
+    both = (ours != 0) & (theirs != 0)
+    assert torch.equal(ours[both], theirs[both])
+    assert 0 < both.sum() < x.numel()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -136,7 +137,7 @@ def test_gradient_is_the_forward_mask_times_scale(device, dtype):
     y.backward(g)
     kept = y.detach() != 0
     opmath = reference.opmath_dtype(dtype)
-    scaled = (g.to(opmath) * torch.tensor(1 / 0.7, dtype=opmath, device=device)).to(dtype)
+    scaled = (g.to(opmath) * reference.keep_scale(0.3, dtype, device)).to(dtype)
     assert torch.equal(x.grad, torch.where(kept, scaled, 0.0).to(dtype))
 
 
@@ -174,6 +175,27 @@ def test_p_one_gives_zeros(device):
     assert torch.equal(y, torch.zeros_like(y))
     y.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def _rng_state(device):
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_p_one_draws_nothing_as_torchs_shortcut(device):
+    # torch returns input * 0 at p = 1 without a random draw, so vmap's "error" randomness lets it
+    # through; ours drew a key for a mask it did not need until 2026-12-06.
+    x, b = torch.randn(4, 3, 8, device=device), torch.randn(8, device=device)
+    cases = [(lambda t: MF.dropout(t, 1.0), torch.zeros_like(x)),
+             (lambda t: MF.dropout(t.clone(), 1.0, inplace=True), torch.zeros_like(x)),
+             (lambda t: MF.dropout1d(t, 1.0), torch.zeros_like(x)),
+             (lambda t: MF.dropout_add(t, t, 1.0), x),
+             (lambda t: MF.bias_dropout_add(t, b, t, 1.0), x)]
+    before = _rng_state(device)
+    for fn, expected in cases:
+        assert torch.equal(fn(x), expected)
+        assert torch.equal(torch.vmap(fn, randomness="error")(x), expected)
+    assert torch.equal(_rng_state(device), before)
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.5])

@@ -10,8 +10,9 @@
 // The element is kept when its word is below keep_threshold(p), and is then multiplied by
 // 1 / (1 - p); a dropped element is multiplied by 0, so NaN and inf propagate as they do in torch.
 // The backward pass regenerates the same mask from the saved (seed, offset): 16 bytes in all.
-// p == 0 keeps every element without computing a word: the generator is not touched and the
-// recorded state is (0, 0). This is how the fused ops do their eval-mode sums in one pass.
+// p == 0 keeps every element without computing a word, and p == 1 none whatever the words: the
+// generator is not touched and the recorded state is (0, 0), as torch's shortcuts draw nothing
+// there. p == 0 is how the fused ops do their eval-mode sums in one pass.
 #pragma once
 
 #include <cmath>
@@ -40,9 +41,12 @@ inline uint32_t keep_threshold(double p) {
   return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
 }
 
-// 1 / (1 - p), rounded once; 0 when p == 1 (nothing is kept, and no inf is ever formed).
-inline double keep_scale(double p) {
-  return p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+// 1 / (1 - p) as torch forms it: the keep probability rounded to the opmath type T and divided
+// there (a float32 quotient, not a rounded float64 one, which differs for about a quarter of all
+// p); 0 when p == 1 (nothing is kept, and no inf is ever formed).
+template <typename T>
+T keep_scale(double p) {
+  return p < 1.0 ? T(1) / static_cast<T>(1.0 - p) : T(0);
 }
 
 }  // namespace modekernels::dropout

@@ -75,6 +75,15 @@ void scale_blocks(const scalar_t* src, scalar_t* dst, int64_t n, const Mult& m) 
   });
 }
 
+// The factor a kept element is multiplied by on the CPU: torch's CPU dropout multiplies by a
+// mask of keep_scale in the input's dtype (bernoulli_(1 - p).div_(1 - p)), so a float16 or
+// bfloat16 scale is rounded to it first. (torch's CUDA kernel, as ours, keeps it in opmath.)
+template <typename scalar_t>
+at::opmath_type<scalar_t> cpu_keep_scale(double p) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  return static_cast<opmath_t>(static_cast<scalar_t>(keep_scale<opmath_t>(p)));
+}
+
 template <typename scalar_t>
 struct Extras {
   const scalar_t* residual;  // or null
@@ -91,7 +100,7 @@ void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
                        uint64_t offset, double p, const Extras<scalar_t>& extras) {
   using opmath_t = at::opmath_type<scalar_t>;
   const uint32_t threshold = keep_threshold(p);
-  const auto scale = static_cast<opmath_t>(keep_scale(p));
+  const auto scale = cpu_keep_scale<scalar_t>(p);
   const bool masked = p > 0.0;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, grain_for(kBlock), [&](int64_t b0, int64_t b1) {
@@ -129,7 +138,7 @@ void apply_elementwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
 
 // The multipliers of units [u0, u0 + count) into mult: unit u takes the word of element u of
 // elementwise dropout, so they come kBlock / 4 Philox groups at a time, as there.
-template <typename opmath_t>
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void unit_multipliers(uint64_t seed, uint64_t offset, double p, int64_t u0, int64_t count,
                       opmath_t* mult) {
   if (p == 0.0) {
@@ -141,7 +150,7 @@ void unit_multipliers(uint64_t seed, uint64_t offset, double p, int64_t u0, int6
     const int64_t g0 = u / 4;
     const int64_t g1 = std::min((u0 + count + 3) / 4, g0 + kBlock / 4);
     block_multipliers(seed, offset, static_cast<uint64_t>(g0), g1 - g0, keep_threshold(p),
-                      static_cast<opmath_t>(keep_scale(p)), block);
+                      cpu_keep_scale<scalar_t>(p), block);
     const int64_t end = std::min(u0 + count, 4 * g1);
     std::copy(block + (u - 4 * g0), block + (end - 4 * g0), mult + (u - u0));
     u = end;
@@ -163,7 +172,7 @@ void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
       alignas(64) opmath_t mult[kBlock];
       for (int64_t b = u0; b < u1; b += kBlock) {
         const int64_t count = std::min(kBlock, u1 - b);
-        unit_multipliers(seed, offset, p, b, count, mult);
+        unit_multipliers<scalar_t>(seed, offset, p, b, count, mult);
         for (int64_t k = 0; k < count; ++k) {
           const opmath_t m = mult[k];
           scale_blocks(src + (b + k) * S, dst + (b + k) * S, S, [m](int64_t) { return m; });
@@ -175,7 +184,7 @@ void apply_channelwise(const scalar_t* src, scalar_t* dst, int64_t n, uint64_t s
     at::parallel_for(0, units / C, grain_for(C * S), [&](int64_t n0, int64_t n1) {
       std::vector<opmath_t> mult(C);
       for (int64_t sample = n0; sample < n1; ++sample) {
-        unit_multipliers(seed, offset, p, sample * C, C, mult.data());
+        unit_multipliers<scalar_t>(seed, offset, p, sample * C, C, mult.data());
         for (int64_t row = 0; row < S; ++row) {
           const int64_t base = (sample * S + row) * C;
           scale_blocks(src + base, dst + base, C, [&mult](int64_t c) { return mult[c]; });
@@ -196,7 +205,7 @@ void apply_cpu(const at::Tensor& src, const at::Tensor& dst, double p,
                const std::optional<at::Generator>& generator, const at::Tensor& state, bool draw,
                const Fusion& fusion) {
   int64_t* st = state.data_ptr<int64_t>();
-  if (draw && p == 0.0) {
+  if (draw && (p == 0.0 || p == 1.0)) {
     st[0] = st[1] = 0;
   } else if (draw) {
     auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(

@@ -220,7 +220,7 @@ void launch(const scalar_t* src, scalar_t* dst, int64_t n, const at::PhiloxCudaS
   dropout_kernel<scalar_t, index_t, kAligned, kMode>
       <<<cuda::grid_size(work), cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           src, dst, static_cast<index_t>(n), philox, state, draw, p > 0.0, keep_threshold(p),
-          static_cast<at::opmath_type<scalar_t>>(keep_scale(p)), extras);
+          keep_scale<at::opmath_type<scalar_t>>(p), extras);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -256,7 +256,7 @@ void apply_cuda(const at::Tensor& src, const at::Tensor& dst, double p,
                 const Fusion& fusion) {
   c10::cuda::CUDAGuard guard(src.device());
   at::PhiloxCudaState philox;  // default: unpacks to (0, 0), the state recorded for p == 0
-  if (draw && p > 0.0) {
+  if (draw && p > 0.0 && p < 1.0) {
     auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
         generator, at::cuda::detail::getDefaultCUDAGenerator(src.device().index()));
     std::lock_guard<std::mutex> lock(gen->mutex_);
