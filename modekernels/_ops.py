@@ -152,13 +152,13 @@ def _(input, p, generator=None):
 @torch.library.register_fake("modekernels::dropout_add")
 def _(input, residual, p, generator=None):
     _check_devices("dropout", input, "input", residual=residual)
-    return torch.empty_like(input), _state_fake(input)
+    return torch.empty_like(residual), _state_fake(input)  # the residual's layout, as torch's sum
 
 
 @torch.library.register_fake("modekernels::bias_dropout_add")
 def _(input, bias, residual, p, generator=None):
     _check_devices("dropout", input, "input", bias=bias, residual=residual)
-    return torch.empty_like(input), _state_fake(input)
+    return torch.empty_like(residual), _state_fake(input)
 
 
 def _check_feature_input(input):

@@ -497,15 +497,23 @@ def test_dropout_add_equals_residual_plus_dropout(device, dtype, with_bias, H):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("residual_layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["dropout-add", "bias-dropout-add"])
-def test_dropout_add_gradients_follow_the_forward_mask_in_every_layout(device, layout, with_bias):
+def test_dropout_add_gradients_follow_the_forward_mask_in_every_layout(device, layout, residual_layout,
+                                                                        with_bias):
     # bias_dropout_add lays its mask over its input's contiguous order, whatever the layout; its
     # backward laid it over the output's strides until 2026-12-06 (wrong gradients for transposed
-    # or channels-last inputs).
+    # or channels-last inputs). The output takes the layout of torch's sum, the residual's.
     x = make_layout(torch.rand(2, 3, 5, 7, device=device, dtype=torch.float64) + 0.5, layout)
     x.requires_grad_()
-    r = torch.zeros(2, 3, 5, 7, device=device, dtype=torch.float64, requires_grad=True)
+    r = make_layout(torch.zeros(2, 3, 5, 7, device=device, dtype=torch.float64), residual_layout)
+    r.requires_grad_()
     b = torch.rand(7, device=device, dtype=torch.float64, requires_grad=True)
+    for training in (False, True):
+        ours = (MF.bias_dropout_add(x, b, r, 0.5, training) if with_bias
+                else MF.dropout_add(x, r, 0.5, training))
+        theirs = r + torch.nn.functional.dropout(x + b if with_bias else x, 0.5, training)
+        assert ours.stride() == theirs.stride()
     y = MF.bias_dropout_add(x, b, r, 0.5) if with_bias else MF.dropout_add(x, r, 0.5)
     kept = y.detach() != 0  # x (+ b) > 0: a zero is a dropped element
     g = torch.randn_like(y)

@@ -130,7 +130,9 @@ std::tuple<at::Tensor, at::Tensor> add(const at::Tensor& input, const at::Tensor
   const at::Tensor src = dense(input);
   Fusion fusion;
   fusion.residual = match(residual, src);
-  return run(src, p, generator, apply, fusion);
+  auto [out, state] = run(src, p, generator, apply, fusion);
+  // torch's residual + dropout(input) takes the layout of the sum's first operand, the residual.
+  return {match(out, output_layout(residual)), state};
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_add(const at::Tensor& input, const at::Tensor& bias,
@@ -150,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> bias_add(const at::Tensor& input, const at::T
   fusion.residual = match(residual, src);
   fusion.bias = bias.contiguous();
   auto [out, state] = run(src, p, generator, apply, fusion);
-  return {match(out, output_layout(input)), state};
+  return {match(out, output_layout(residual)), state};  // as add()
 }
 
 std::tuple<at::Tensor, at::Tensor> feature(const at::Tensor& input, double p,

@@ -41,18 +41,25 @@ Tensor call_backward(const Tensor& grad, const Tensor& state, double p, bool fea
 }
 
 // What a mask's backward needs: the rng_state, p, and the strides of the tensor the mask was laid
-// over (an elementwise mask follows that tensor's memory order, which is out's, or contiguous
+// over (an elementwise mask follows the memory order of its input's dense layout, or contiguous
 // order for bias_dropout_add, whose kernel reads its input so; a channel-wise one belongs to the
 // (n, c) indices). Sizes and strides are read as SymInts here and below, so that torch.compile
 // with dynamic shapes keeps them symbolic instead of specializing the graph to the first input's.
-void save_mask(AutogradContext* ctx, const Tensor& state, double p, const Tensor& out, bool feature,
-               bool contiguous = false) {
+void save_mask(AutogradContext* ctx, const Tensor& state, double p, c10::SymIntArrayRef stride,
+               bool feature, bool contiguous = false) {
   ctx->set_materialize_grads(false);
   ctx->save_for_backward({state});
   ctx->saved_data["p"] = p;
   ctx->saved_data["feature"] = feature;
   ctx->saved_data["contiguous"] = contiguous;
-  ctx->saved_data["stride"] = out.sym_strides();
+  ctx->saved_data["stride"] = stride;
+}
+
+// The strides of the dense tensor an elementwise kernel walks for `t` (dropout.cpp's dense(),
+// here laid out on the meta device, which allocates nothing).
+std::vector<c10::SymInt> dense_strides(const Tensor& t) {
+  if (t.is_non_overlapping_and_dense()) return t.sym_strides().vec();
+  return at::empty_like(t, t.options().device(at::kMeta)).sym_strides().vec();
 }
 
 // grad through the saved mask, in grad's layout. p == 0 kept every element with factor 1 (the
@@ -96,7 +103,7 @@ Pair composed(const Tensor& input, const OptTensor& bias, const OptTensor& resid
   Tensor out = input.to(dtype);
   if (bias) out = out + bias->to(dtype);
   out = out * multiplier;
-  if (residual) out = out + residual->to(dtype);
+  if (residual) out = residual->to(dtype) + out;  // its layout, as the ops give it
   return {out.to(input.scalar_type()), state};
 }
 
@@ -113,7 +120,7 @@ struct Masked : torch::autograd::Function<Masked> {
     // rng_state, an integer tensor, is not differentiable (nor marked so: compiled autograd
     // refuses a Function that marks outputs).
     auto [out, state] = call_forward(input, bias, residual, p, generator, feature);
-    save_mask(ctx, state, p, out, feature, /*contiguous=*/bias.has_value());
+    save_mask(ctx, state, p, dense_strides(input), feature, /*contiguous=*/bias.has_value());
     ctx->saved_data["bias_edge"] = edges(input, bias)[1];
     ctx->saved_data["residual"] = residual.has_value();
     return {out, state};
@@ -141,7 +148,7 @@ struct MaskBackward : torch::autograd::Function<MaskBackward> {
       at::AutoDispatchBelowADInplaceOrView below;
       out = call_backward(grad, state, p, feature);
     }
-    save_mask(ctx, state, p, out, feature);
+    save_mask(ctx, state, p, out.sym_strides(), feature);
     return {out};
   }
 
