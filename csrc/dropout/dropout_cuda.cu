@@ -7,7 +7,8 @@
 // come from torch's CUDA generator as a PhiloxCudaState, unpacked on the device, so the kernel is
 // safe under CUDA graph capture; the block that owns element 0 records them in `state` for the
 // backward, which reads them back from device memory without a host synchronization. With p == 0
-// nothing is drawn and no Philox block is computed (every multiplier is 1; state (0, 0)).
+// nothing is drawn and no Philox block is computed (every multiplier is 1; state (0, 0)); with
+// p == 1 nothing is drawn either (every multiplier is 0 whatever the words; state (0, 0)).
 // The fused variants add bias and residual in the same pass (the bias index stepped along, not
 // divided out per element); channel-wise dropout runs the same loop with one word per (n, c) unit
 // for all its elements, walking the units of a vector without divisions and computing a Philox
@@ -255,7 +256,7 @@ void apply_cuda(const at::Tensor& src, const at::Tensor& dst, double p,
                 const std::optional<at::Generator>& generator, const at::Tensor& state, bool draw,
                 const Fusion& fusion) {
   c10::cuda::CUDAGuard guard(src.device());
-  at::PhiloxCudaState philox;  // default: unpacks to (0, 0), the state recorded for p == 0
+  at::PhiloxCudaState philox;  // default: unpacks to (0, 0), the state recorded for p == 0 or 1
   if (draw && p > 0.0 && p < 1.0) {
     auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
         generator, at::cuda::detail::getDefaultCUDAGenerator(src.device().index()));
