@@ -303,10 +303,10 @@ def _opmath(dtype):
 
 def _channels_format(input):
     """The outputs' memory format, as batch_norm.cpp's kernel_format chooses it."""
-    if input.dim() == 2 or (input.device.type == "cpu" and input.is_contiguous()):
+    if input.dim() == 2:
         return torch.contiguous_format
     if input.device.type == "cpu":
-        for fmt in (torch.channels_last, torch.channels_last_3d):
+        for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
             if input.is_contiguous(memory_format=fmt):
                 return fmt
     return torch._prims_common.suggest_memory_format(input)

@@ -93,20 +93,21 @@ int64_t per_channel_count(const at::Tensor& input) {
 // kernels walk the memory as channels-last (N, 1, C): read channels-first, every row would be one
 // element long.
 at::MemoryFormat kernel_format(const at::Tensor& t) {
-  if (t.dim() == 2 || (t.is_cpu() && t.is_contiguous())) return at::MemoryFormat::Contiguous;
+  if (t.dim() == 2) return at::MemoryFormat::Contiguous;
   if (t.is_cpu()) {
-    for (const auto fmt : {at::MemoryFormat::ChannelsLast, at::MemoryFormat::ChannelsLast3d}) {
+    for (const auto fmt : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast,
+                           at::MemoryFormat::ChannelsLast3d}) {
       if (t.is_contiguous(fmt)) return fmt;
     }
   }
   return t.suggest_memory_format();
 }
 
-// grad_input's memory format, as torch's CPU batch_norm backward gives it: the input's (above)
-// where input and grad_output are both dense and suggest the same format, else the input's
-// suggest_memory_format. Only ambiguous strides tell the two apart; on CUDA it is the input's.
-at::MemoryFormat grad_input_format(const at::Tensor& grad_output, const at::Tensor& input) {
-  const auto fmt = kernel_format(input);
+// grad_input's memory format, as torch's CPU batch_norm backward gives it: the input's kernel
+// format `fmt` where input and grad_output are both dense and suggest the same format, else the
+// input's suggest_memory_format. Only ambiguous strides tell the two apart; on CUDA it is `fmt`.
+at::MemoryFormat grad_input_format(const at::Tensor& grad_output, const at::Tensor& input,
+                                   at::MemoryFormat fmt) {
   if (!input.is_cpu() || input.dim() == 2) return fmt;
   const bool alike = input.is_contiguous(fmt) &&
                      grad_output.is_contiguous(kernel_format(grad_output)) &&
@@ -283,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 
   at::Tensor grad_input = want_dx ? at::empty_like(x, fmt) : at::empty({0}, input.options());
   // Written in the kernels' format, copied where torch's grad_input has another (rare, above).
-  const auto dx_fmt = grad_input_format(grad_output, input);
+  const auto dx_fmt = grad_input_format(grad_output, input, fmt);
   const auto in_format = [&](const at::Tensor& t) {
     return want_dx && dx_fmt != fmt ? at::empty_like(t, dx_fmt).copy_(t) : t;
   };
