@@ -97,6 +97,10 @@ def main(argv=None):
         print(f"test accuracy after {epochs} epochs on {world} processes: {accuracy:.2%}")
         if accuracy < MIN_ACCURACY:
             problems.append(f"test accuracy {accuracy:.2%} is below {MIN_ACCURACY:.0%}")
+    # Every rank tears gloo down together: rank 1 destroying its group while rank 0 still
+    # evaluated once aborted in gloo's teardown ("terminate called without an active exception",
+    # a loaded 2-core CI run on 2026-12-06), after both had trained identically.
+    dist.barrier()
     dist.destroy_process_group()
     for problem in problems:
         print(f"FAILED: {problem}", file=sys.stderr)
