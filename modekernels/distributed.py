@@ -94,7 +94,8 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, training, m
                      num_batches_tracked, group):
     """functional.batch_norm's training mode (`training` is true) with the statistics of every
     process of `group`. Checks that need the global count run before anything is written."""
-    F._check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    F._check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                       num_batches_tracked)
     if eps <= 0:  # the check of the batch_norm_train op, which this path does not call
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     mean, var, count = _global_moments(input.detach(), group)

@@ -1,6 +1,6 @@
 """The functional API: the same signatures and semantics as torch.nn.functional."""
 import functools
-import numbers
+import sys
 import warnings
 
 import torch
@@ -51,6 +51,7 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     (a torch.Generator on input's device) makes the mask reproducible independently of the global
     seed.
     """
+    _check_p(p)
     _check_args("dropout_" if inplace else "dropout", input, p, training, generator)
     if not training or p == 0.0 or input.numel() == 0:
         return input
@@ -74,19 +75,27 @@ def _jagged_dropout(input, p, generator):
                                                   jagged_dim=input._ragged_idx)
 
 
-def _check_args(op, input, p, training, generator, tensors=()):
-    """torch's checks of a dropout's arguments, in its order: p (NaN included), then the types
-    that torch's argument parser enforces on its `op` (a p that is a tensor of one element but
-    not 0-d, or that requires grad, and a truthy non-bool `training` are refused); then ours:
-    `generator` a torch.Generator (as torch's random functions want it). The fused ops name their
-    other `tensors` ((name, value) pairs, which come after input in their signatures), and count
-    them in the positions of p and training."""
-    if not 0.0 <= p <= 1.0:  # NaN included
+def _check_p(p):
+    """torch's Python check of a dropout's p, ahead of every other: a p that does not compare
+    with floats raises Python's TypeError there, and NaN passes (_check_args refuses it)."""
+    if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def _check_args(op, input, p, training, generator, tensors=()):
+    """torch's checks of a dropout's arguments after its Python check of p (_check_p), in its
+    order: the types that torch's argument parser enforces on its `op` (a p that is a tensor of
+    one element but not 0-d, or that requires grad, and a truthy non-bool `training` are
+    refused), then its op's RuntimeError for a NaN p; then ours: `generator` a torch.Generator
+    (as torch's random functions want it). The fused ops name their other `tensors` ((name,
+    value) pairs, which come after input in their signatures), and count them in the positions
+    of p and training."""
     for position, (name, value) in enumerate((("input", input), *tensors), start=1):
         _check_tensor(op, name, position, value)
     _check_float(op, "p", 2 + len(tensors), p)
     _check_bool(op, "train", 3 + len(tensors), training)
+    if p != p:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {float(p)}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{op}(): argument 'generator' must be torch.Generator, not "
                         f"{_typename(generator)}")
@@ -107,26 +116,40 @@ def _check_bool(op, name, position, value):
 
 
 def _check_float(op, name, position, value):
-    """torch's argument parser takes a real number, or a 0-d tensor that does not require grad,
-    where a float is due, and raises this TypeError for anything else (the op's schema would
-    raise a RuntimeError, for momentum only after the batch statistics were computed)."""
-    if type(value) is float:  # the usual case, ahead of the abstract (slower) isinstance below
+    """torch's argument parser takes a Python int or float, a numpy number or bool, a symbolic
+    number, or a 0-d tensor that does not require grad, where a float is due, and raises this
+    TypeError for anything else (Fraction and Decimal too; the op's schema would raise a
+    RuntimeError, for momentum only after the batch statistics were computed)."""
+    if type(value) is float:  # the usual case, ahead of the isinstance checks below
         return
     if isinstance(value, torch.Tensor):
         ok = value.dim() == 0 and not value.requires_grad
     else:
-        ok = isinstance(value, numbers.Real)
+        ok = isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) or _is_numpy_number(value)
     if not ok:
         raise TypeError(f"{op}(): argument '{name}' (position {position}) must be float, not "
                         f"{_typename(value)}")
 
 
+def _is_numpy_number(value):
+    """Whether `value` is a numpy scalar that torch's parser reads as a number (numpy is not a
+    dependency: where it is not imported, no value is one of its scalars)."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, (np.number, np.bool_))
+
+
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement
+
+
 def _typename(value):
-    """A type's name as torch's argument parser writes it: `int`, `numpy.bool`, `Tensor`."""
+    """A type's name as torch's argument parser writes it (the C type's tp_name): `int`,
+    `numpy.bool`, `decimal.Decimal`, but `Fraction` for a class written in Python, and `Tensor`."""
     if isinstance(value, torch.Tensor):
         return "Tensor"
     t = type(value)
-    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    if t.__module__ == "builtins" or t.__flags__ & _HEAP_TYPE:
+        return t.__name__
+    return f"{t.__module__}.{t.__qualname__}"
 
 
 @_torch_function
@@ -155,6 +178,7 @@ def bias_dropout_add(input, bias, residual, p=0.5, training=True, generator=None
 def _train_p(op, input, p, training, generator, tensors):
     """The probability the fused ops run with: 0 (the plain sum, no random draw) in eval or for an
     empty input, as torch's dropout draws nothing then either."""
+    _check_p(p)
     _check_args(op, input, p, training, generator, tensors)
     return p if training and input.numel() else 0.0
 
@@ -188,13 +212,14 @@ def _unbatched_feature_dropout(input, batched, p, training, inplace, generator):
 @_torch_function
 def dropout1d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout1d: one mask per channel of (N, C, L) or (C, L)."""
-    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
+    _check_p(p)
     if input.dim() not in (2, 3):
         raise RuntimeError(
             f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
             "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
             "spatial dimension, a channel dimension, and an optional batch dimension "
             "(i.e. 2D or 3D inputs).")
+    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
     return _unbatched_feature_dropout(input, input.dim() == 3, p, training, inplace, generator)
 
 
@@ -204,7 +229,7 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
 
     Like torch, a 3-D input is taken as (N, C, L), with torch's warning.
     """
-    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
+    _check_p(p)
     _warn_rank("dropout2d", input, 2)
     if input.dim() == 3:
         _warn(
@@ -213,14 +238,16 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
             "is the channel dim. This behavior will change in a future release to interpret the "
             "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
             "channel-wise dropout behavior, please switch to using dropout1d instead.")
+    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
     return _feature_dropout(input, p, training, inplace, generator)
 
 
 @_torch_function
 def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout3d: one mask per channel of (N, C, D, H, W) or (C, D, H, W)."""
-    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
+    _check_p(p)
     _warn_rank("dropout3d", input, 3)
+    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
     return _unbatched_feature_dropout(input, input.dim() == 5, p, training, inplace, generator)
 
 
@@ -256,7 +283,8 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
 
 def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, training, momentum,
                 eps, num_batches_tracked):
-    _check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    _check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                     num_batches_tracked)
     if not training:
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,
                                     relu)
@@ -266,12 +294,13 @@ def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, 
     return output
 
 
-def _check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps):
+def _check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                     num_batches_tracked):
     """The checks of a batch_norm call that come before any kernel, on every path (the
     synchronized one too): the types torch's argument parser enforces, in its order, then the
     running statistics."""
     _check_tensors(input, weight, bias, running_mean, running_var)
-    _check_flags(training, momentum, eps)
+    _check_flags(training, momentum, eps, num_batches_tracked)
     _check_running_stats(running_mean, running_var, training)
 
 
@@ -293,11 +322,11 @@ def _check_tensors(input, weight, bias, running_mean, running_var):
             _check_tensor("batch_norm", name, position, value)
 
 
-def _check_flags(training, momentum, eps):
-    """The types torch's argument parser enforces on batch_norm's flag and numbers (momentum may
-    also be None here: the cumulative average)."""
+def _check_flags(training, momentum, eps, num_batches_tracked):
+    """The types torch's argument parser enforces on batch_norm's flag and numbers, in both modes
+    (momentum may also be None here where num_batches_tracked is given: the cumulative average)."""
     _check_bool("batch_norm", "training", 6, training)
-    if momentum is not None:
+    if momentum is not None or num_batches_tracked is None:
         _check_float("batch_norm", "momentum", 7, momentum)
     _check_float("batch_norm", "eps", 8, eps)
 

@@ -376,6 +376,20 @@ def test_training_that_is_not_a_bool_is_torch_type_error_and_changes_nothing(tra
     assert torch.equal(stats[0], torch.zeros(3)) and torch.equal(stats[1], torch.ones(3))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_momentum_none_without_a_counter_is_torch_type_error_in_both_modes(training):
+    # The cumulative average is our functional's extension for callers that pass the counter;
+    # without it, None is refused as torch's parser refuses it, before anything runs.
+    x = torch.randn(4, 3)
+    stats = [torch.zeros(3), torch.ones(3)]
+    with pytest.raises(TypeError) as theirs:
+        torch.nn.functional.batch_norm(x, *stats, training=training, momentum=None)
+    for fn in (MF.batch_norm, MF.batch_norm_relu):
+        with pytest.raises(TypeError, match=f"^{re.escape(str(theirs.value))}$"):
+            fn(x, *stats, training=training, momentum=None)
+    assert torch.equal(stats[0], torch.zeros(3)) and torch.equal(stats[1], torch.ones(3))
+
+
 @pytest.mark.parametrize("momentum", ["0.1", [0.1], torch.tensor([0.1]),
                                       torch.tensor(0.1, requires_grad=True)], ids=repr)
 def test_momentum_or_eps_that_is_not_a_float_is_torch_type_error_and_changes_nothing(momentum):

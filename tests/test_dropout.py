@@ -2,6 +2,8 @@ import math
 import os
 import re
 import warnings
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -212,15 +214,61 @@ def test_p_out_of_range_is_torch_value_error(p):
         mkops.dropout(x, p)
 
 
-def test_p_nan_is_a_value_error_with_torch_message():
-    # torch lets NaN through its Python check and raises a RuntimeError from C++; we raise the
-    # same message as a ValueError, like every other p outside [0, 1].
-    x = torch.randn(4)
-    with pytest.raises(RuntimeError) as theirs:
-        torch.nn.functional.dropout(x, float("nan"))
-    with pytest.raises(ValueError) as ours:
-        MF.dropout(x, float("nan"))
-    assert str(ours.value) == str(theirs.value)
+@pytest.mark.parametrize("ours,theirs", [(MF.dropout, torch.nn.functional.dropout),
+                                          (MF.dropout2d, torch.nn.functional.dropout2d)],
+                         ids=["elementwise", "channel"])
+@pytest.mark.parametrize("p", [float("nan"), np.float32("nan"), torch.tensor(float("nan"))],
+                         ids=["float", "numpy", "tensor"])
+def test_p_nan_is_torch_runtime_error_after_its_type_checks(ours, theirs, p):
+    # torch's Python check of p lets NaN through; its op raises a RuntimeError, in both modes,
+    # after its argument parser has checked the types.
+    x = torch.randn(2, 4, 6, 5)
+    for training in (True, False):
+        with pytest.raises(RuntimeError) as expected:
+            theirs(x, p, training)
+        with pytest.raises(RuntimeError, match=f"^{re.escape(str(expected.value))}$"):
+            ours(x, p, training)
+    with pytest.raises(TypeError) as expected:
+        theirs(x, p, None)
+    with pytest.raises(TypeError, match=f"^{re.escape(str(expected.value))}$"):
+        ours(x, p, None)
+    with pytest.raises(RuntimeError, match="^dropout probability has to be between 0 and 1, but got nan$"):
+        MF.dropout_add(x, x, p, False)
+
+
+@pytest.mark.parametrize("p", [Fraction(1, 2), Decimal("0.5"), "0.5", None, np.float32(0.5),
+                               np.int64(1), np.bool_(False), True], ids=repr)
+@pytest.mark.parametrize("name", ["dropout", "dropout1d", "dropout2d", "dropout3d"])
+def test_p_of_other_python_types_as_torch(name, p):
+    # torch's parser reads ints, floats and numpy numbers as floats and refuses Fraction and
+    # Decimal with its TypeError; str and None fail torch's Python comparison with 0.0 first.
+    x = torch.randn(2, 4, 6, 5) if name != "dropout1d" else torch.randn(2, 4, 6)
+    try:
+        expected = getattr(torch.nn.functional, name)(x, p)
+    except TypeError as error:
+        with pytest.raises(TypeError, match=f"^{re.escape(str(error))}$"):
+            getattr(MF, name)(x, p)
+    else:
+        ours = getattr(MF, name)(x, p)
+        if float(p) in (0.0, 1.0):
+            assert torch.equal(ours, expected)
+        else:
+            kept = ours != 0
+            torch.testing.assert_close(ours[kept], x[kept] / (1 - float(p)))
+
+
+@pytest.mark.parametrize("name", ["dropout1d", "dropout2d", "dropout3d"])
+def test_feature_dropout_reads_the_rank_before_the_types(name):
+    # torch's channel-wise functionals call input.dim() and check or warn on the rank in Python,
+    # ahead of the parser's checks of the types.
+    for bad_input in (None, [1.0]):
+        with pytest.raises(AttributeError) as expected:
+            getattr(torch.nn.functional, name)(bad_input, 0.5)
+        with pytest.raises(AttributeError, match=f"^{re.escape(str(expected.value))}$"):
+            getattr(MF, name)(bad_input, 0.5)
+    if name == "dropout1d":
+        with pytest.raises(RuntimeError, match="^dropout1d: Expected 2D or 3D input"):
+            MF.dropout1d(torch.randn(2, 3, 4, 5), 0.5, None)
 
 
 @pytest.mark.parametrize("training", [None, 1, np.bool_(True), "yes"], ids=repr)
