@@ -47,29 +47,39 @@ def _warn_rank(name, input, spatial):
 def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout on modekernels' fused kernels.
 
-    In eval mode, with p == 0, or for an empty tensor, `input` itself is returned. `generator`
-    (a torch.Generator on input's device) makes the mask reproducible independently of the global
-    seed.
+    In eval mode, with p == 0, or for an empty tensor, `input` itself is returned (a copy of a
+    nested one, as torch's). `generator` (a torch.Generator on input's device) makes the mask
+    reproducible independently of the global seed.
     """
     _check_p(p)
     _check_args("dropout_" if inplace else "dropout", input, p, training, generator)
+    if input.is_nested:
+        return _nested_dropout(input, p, training, inplace, generator)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p == 1.0 and not input.is_floating_point():
         return _zeroed(input, inplace)
     if inplace:
         return _ops.dropout_(input, p, generator)
-    if input.is_nested:
-        return _jagged_dropout(input, p, generator)
     return _ops.dropout(input, p, generator)[0]
 
 
-def _jagged_dropout(input, p, generator):
-    """Dropout of a jagged nested tensor's values, its offsets and lengths kept (torch's dropout
-    takes this layout, out of place)."""
+def _nested_dropout(input, p, training, inplace, generator):
+    """Dropout of a jagged nested tensor's values, its offsets and lengths kept. As torch's:
+    out of place, its eval and p = 0 give a copy; in place, they give the input, p = 1 zeros
+    it, and any other p is refused."""
     if input.layout != torch.jagged:
         raise TypeError(f"modekernels dropout: nested tensors of the torch.jagged layout only, but "
                         f"got {input.layout}")
+    if inplace:
+        if not training or p == 0.0:
+            return input
+        if p == 1.0:
+            return _zeroed(input, inplace)
+        raise NotImplementedError("modekernels dropout_: in-place dropout of a nested tensor "
+                                  "(torch's dropout_ cannot draw one either)")
+    if not training or p == 0.0:
+        return input.clone()
     values = _ops.dropout(input.values(), p, generator)[0]
     return torch.nested.nested_tensor_from_jagged(values, input.offsets(), input.lengths(),
                                                   jagged_dim=input._ragged_idx)

@@ -572,9 +572,30 @@ def test_jagged_nested_tensor_like_torch(device):
     assert all(torch.equal(a, b) for a, b in zip(y.unbind(), dense.split([3, 5])))
     y.values().sum().backward()
     torch.testing.assert_close(x.grad.values(), torch.where(dense != 0, 1 / 0.6, 0.0))
-    assert MF.dropout(x, 0.4, training=False) is x
     with pytest.raises(TypeError, match="torch.jagged layout only"):
         MF.dropout(torch.nested.nested_tensor(parts), 0.4)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("p,training", [(0.4, False), (0.0, True), (1.0, True)],
+                         ids=["eval", "p-0", "p-1"])
+def test_jagged_nested_tensor_shortcuts_as_torch(p, training):
+    # Out of place, torch's eval and p = 0 copy a jagged tensor (with a gradient); in place, they
+    # return it, p = 1 zeros it (NaN stays NaN), and torch's in-place draw is not implemented.
+    parts = [torch.tensor([[1.0, float("nan")]]), torch.randn(3, 2)]
+    x = torch.nested.nested_tensor(parts, layout=torch.jagged, requires_grad=True)
+    ours, theirs = (fn(x, p, training) for fn in (MF.dropout, torch.nn.functional.dropout))
+    assert ours is not x and ours.requires_grad
+    assert ours.values().data_ptr() != x.values().data_ptr()
+    torch.testing.assert_close(ours.values(), theirs.values(), equal_nan=True)
+    with torch.no_grad():
+        for fn in (MF.dropout, torch.nn.functional.dropout):
+            y = x.detach().clone()
+            assert fn(y, p, training, inplace=True) is y
+            torch.testing.assert_close(y.values(), ours.values(), equal_nan=True)
+        for fn in (MF.dropout, torch.nn.functional.dropout):
+            with pytest.raises(NotImplementedError):
+                fn(x.detach().clone(), 0.4, True, inplace=True)
 
 
 # ---------------------------------------------------------------------- torch integration
