@@ -203,11 +203,14 @@ def _mask(grad, rng_state, p, stride, feature):
 class _DropoutInplace(torch.autograd.Function):
     # The mutating ops' autograd: forward(input, p, generator, feature) -> input. It returns the
     # changed input alone, which autograd requires where input is a view, and keeps the
-    # rng_state for the backward as an intermediate.
+    # rng_state for the backward as an intermediate. The op writes through input.data, whose
+    # version counter is its own, so that input's counts the write once, by mark_dirty, as torch's
+    # in-place ops count theirs. In Python, not C++ as the other ops' autograd: compiled
+    # autograd refuses a C++ Function that marks an input dirty.
     @staticmethod
     def forward(ctx, input, p, generator, feature):
         op = _ops.feature_dropout_ if feature else _ops.dropout_
-        rng_state = op.default(input, p, generator)
+        rng_state = op.default(input.data, p, generator)
         ctx.mark_dirty(input)
         ctx.p, ctx.feature, ctx.stride = p, feature, input.stride()
         ctx.save_for_backward(rng_state)

@@ -540,6 +540,24 @@ def test_inplace_under_no_grad_on_a_saved_tensor_fails_the_backward_as_torch(our
     assert messages[1] == messages[0]
 
 
+@pytest.mark.parametrize("ours,theirs", [(MF.dropout, torch.nn.functional.dropout),
+                                          (MF.dropout2d, torch.nn.functional.dropout2d)],
+                         ids=["elementwise", "channel"])
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "no-grad"])
+@pytest.mark.parametrize("view", [False, True], ids=["tensor", "view"])
+def test_inplace_counts_one_version_as_torch(ours, theirs, recorded, view):
+    # One in-place write, one count on the tensor and its base, where autograd records it or not.
+    counts = []
+    for fn in (theirs, ours):
+        h = torch.randn(4, 6, 5, 5, requires_grad=True) * 1.0
+        x = h[:, ::2] if view else h
+        before = (x._version, h._version)
+        with torch.set_grad_enabled(recorded):
+            fn(x, 0.5, True, True)
+        counts.append((x._version - before[0], h._version - before[1]))
+    assert counts[1] == counts[0] == (1, 1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fn", [MF.dropout, MF.dropout2d], ids=["elementwise", "channel"])
 def test_inplace_on_a_view_of_a_tensor_that_requires_grad_works_as_torch(device, fn):
@@ -772,6 +790,26 @@ def test_torch_compile_inplace_dropout_of_a_graph_input_keeps_the_mask_in_the_gr
         results.append((y, h, x.grad))
     torch.testing.assert_close(results[1], results[0])
     assert (results[0][2] == 0).any()  # the mask dropped some
+
+
+@pytest.mark.parametrize("fn", [MF.dropout, MF.dropout2d], ids=["elementwise", "channel"])
+def test_compiled_autograd_takes_an_eager_inplace_dropout(fn):
+    # The in-place dropout's autograd node, recorded in eager mode, in a backward that compiled
+    # autograd compiles (which refuses a C++ Function that marks an input dirty).
+    torch._dynamo.reset()
+    x0, grads = torch.randn(4, 6, 3, 3), []
+    for compiled in (False, True):
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(0)
+        loss = fn(x * 1.0, 0.5, True, True).square().sum()
+        if compiled:
+            with torch._dynamo.config.patch(compiled_autograd=True):
+                torch.compile(loss.backward, backend="eager")()
+        else:
+            loss.backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    assert (grads[0] == 0).any()
 
 
 @pytest.mark.parametrize("cls", [modekernels.Dropout2d, modekernels.Dropout3d], ids=["2d", "3d"])
