@@ -19,6 +19,7 @@ import warnings
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from . import distributed as _distributed, nn as _nn
 
@@ -173,15 +174,24 @@ class FusedReLU(torch.nn.Identity):
 
 def _fuse_batchnorm_relu(model):
     uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    for seq in model.modules():
-        if not isinstance(seq, torch.nn.Sequential):
-            continue
+    for seq in _plain_sequentials(model):
         for i in range(len(seq) - 1):
             bn, act = seq[i], seq[i + 1]
             if (type(bn) in _FUSED_RELU and type(act) is torch.nn.ReLU and uses[id(bn)] == 1
                     and not _hooked(bn) and not _hooked(act)):
                 bn.__class__ = _FUSED_RELU[type(bn)]
-                seq[i + 1] = FusedReLU(act.inplace)
+                fused = FusedReLU(act.inplace)
+                fused.training = act.training
+                # The ReLU itself, for revert to put back (outside the module tree: not a child).
+                object.__setattr__(fused, "_mk_relu", act)
+                seq[i + 1] = fused
+
+
+def _plain_sequentials(model):
+    """The nn.Sequential modules of `model` that run torch's forward: one of a subclass that
+    defines its own may read a BatchNorm's output or call its layers in another order."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Sequential)
+            and type(m).forward is torch.nn.Sequential.forward]
 
 
 def _hooked(module):
@@ -192,11 +202,14 @@ def _hooked(module):
 
 
 def _unfuse_relu(model):
-    for seq in model.modules():
-        if isinstance(seq, torch.nn.Sequential):
-            for i, m in enumerate(seq):
-                if type(m) is FusedReLU:
-                    seq[i] = torch.nn.ReLU(m.inplace)
+    """Puts back the ReLU each FusedReLU stands for (a new one for a FusedReLU pickled before
+    they kept it), with the FusedReLU's `training` flag."""
+    for seq in _plain_sequentials(model):
+        for i, m in enumerate(seq):
+            if type(m) is FusedReLU:
+                relu = vars(m).get("_mk_relu") or torch.nn.ReLU(m.inplace)
+                relu.training = m.training
+                seq[i] = relu
 
 
 def revert(model, *, inplace=True):
@@ -217,10 +230,24 @@ def _swap_classes(model, new_class, inplace):
     if not inplace:
         model = copy.deepcopy(model)
     for module in model.modules():
+        if parametrize.is_parametrized(module):
+            cls = new_class(type(module).__bases__[0])
+            if cls is not None:
+                module.__class__ = _reparametrized(type(module), cls)
+            continue
         cls = new_class(type(module))
         if cls is not None:
             module.__class__ = cls
     return model
+
+
+def _reparametrized(parametrized, base):
+    """The class torch.nn.utils.parametrize made for a module (`parametrized`, derived from the
+    module's own class, with a property per parametrized tensor) remade on `base`: the module
+    then runs base's forward, and remove_parametrizations, which deletes those properties from
+    the module's class and gives the module the class's first base, leaves it a `base`."""
+    namespace = {k: v for k, v in vars(parametrized).items() if k not in ("__dict__", "__weakref__")}
+    return type(f"Parametrized{base.__name__}", (base,), namespace)
 
 
 @functools.cache

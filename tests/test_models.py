@@ -311,6 +311,71 @@ def test_quantization_fusion_with_our_classes_in_its_table():
     assert type(torch.nn.utils.fusion.fuse_conv_bn_eval(model[0], model[1])) is nn.Conv2d
 
 
+def test_fuse_and_revert_keep_the_relu_object_and_every_mode():
+    # A model fused in eval and reverted after switching modes: the fused slot and the ReLU put
+    # back have the model's flags, and revert puts back the same (here shared) ReLU object.
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.BatchNorm1d(3), relu, nn.Linear(3, 3), relu).eval()
+    modekernels.convert(model, fuse=True)
+    assert [type(m) for m in model] == [modekernels.BatchNormReLU1d, modekernels.FusedReLU,
+                                        nn.Linear, nn.ReLU]
+    modekernels.check_modes(model, "eval")
+    model.train()
+    copied = modekernels.revert(model, inplace=False)
+    assert copied[1] is copied[3] is not relu
+    modekernels.revert(model)
+    assert model[1] is model[3] is relu
+    modekernels.check_modes(model, "train")
+
+
+class Taps(nn.Sequential):
+    """A Sequential with a forward of its own, which returns every layer's output."""
+
+    def forward(self, input):
+        outputs = []
+        for layer in self:
+            input = layer(input)
+            outputs.append(input)
+        return outputs
+
+
+def test_fuse_leaves_a_sequential_with_its_own_forward_alone():
+    model = nn.Sequential(Taps(nn.BatchNorm1d(3), nn.ReLU()), nn.BatchNorm1d(3), nn.ReLU())
+    reference = copy.deepcopy(model[0])
+    modekernels.convert(model, fuse=True)
+    assert [type(m) for m in model[0]] == [modekernels.BatchNorm1d, nn.ReLU]
+    assert type(model[1]) is modekernels.BatchNormReLU1d
+    x = torch.randn(8, 3)
+    for ours, theirs in zip(model[0](x), reference(x)):
+        torch.testing.assert_close(ours, theirs, **TOL[torch.float32])
+
+
+class Abs(nn.Module):
+    def forward(self, weight):
+        return weight.abs()
+
+
+@pytest.mark.parametrize("subclasses", [False, True])
+def test_parametrized_layers_convert_revert_and_unparametrize(subclasses):
+    # torch's parametrized class is remade on ours and back, so that remove_parametrizations
+    # (which deletes the properties from the module's class, then takes its first base) works.
+    layer = nn.BatchNorm1d(3)
+    nn.utils.parametrize.register_parametrization(layer, "weight", Abs())
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.tensor([-1.0, 2.0, -3.0]))
+    x = torch.randn(8, 3)
+    expected = layer(x)
+    modekernels.convert(layer, subclasses=subclasses)
+    assert type(layer).__bases__ == (modekernels.BatchNorm1d,)
+    torch.testing.assert_close(layer(x), expected, **TOL[torch.float32])
+    modekernels.revert(layer)
+    assert type(layer).__bases__ == (nn.BatchNorm1d,)
+    modekernels.convert(layer)
+    nn.utils.parametrize.remove_parametrizations(layer, "weight")
+    assert type(layer) is modekernels.BatchNorm1d
+    torch.testing.assert_close(layer.weight, torch.tensor([1.0, 2.0, 3.0]))
+
+
 def test_conv_bn_folding_leaves_a_fused_relu_alone_or_refuses_it():
     # Folding a BatchNormReLU into the convolution before it would drop its ReLU (the ReLU's slot
     # holds an identity): torch.fx's fuser matches exact classes and leaves it, eager
