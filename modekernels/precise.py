@@ -39,8 +39,9 @@ def precise_batchnorm(model, data_loader, num_batches=200, progress=True, forwar
     installed).
 
     Afterwards each layer's `training`, `momentum` and `num_batches_tracked` are what they were
-    (the recomputation is not training). If anything raises, the running statistics are also
-    given back. Returns `model`.
+    (the recomputation is not training). A layer that no batch reached (a branch the batches did
+    not take) keeps its running statistics, and if anything raises, every layer gets its
+    statistics back. Returns `model`.
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be at least 1 or None, got {num_batches}")
@@ -50,6 +51,7 @@ def precise_batchnorm(model, data_loader, num_batches=200, progress=True, forwar
         return model
     saved = [(m.training, m.momentum, m.running_mean.clone(), m.running_var.clone(),
               m.num_batches_tracked.clone()) for m in layers]
+    completed = False
     try:
         for m in layers:
             m.reset_running_stats()
@@ -58,13 +60,12 @@ def precise_batchnorm(model, data_loader, num_batches=200, progress=True, forwar
         if seen == 0 or (num_batches is not None and seen < num_batches):
             raise ValueError(f"precise_batchnorm needs {num_batches or 'at least 1'} batch(es), "
                              f"but the data loader yielded {seen}")
-    except BaseException:
-        for m, (_, _, mean, var, _) in zip(layers, saved):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-        raise
+        completed = True
     finally:
-        for m, (training, momentum, _, _, count) in zip(layers, saved):
+        for m, (training, momentum, mean, var, count) in zip(layers, saved):
+            if not completed or m.num_batches_tracked.item() == 0:  # failed, or not reached
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
             m.training, m.momentum = training, momentum
             m.num_batches_tracked.copy_(count)
     return model

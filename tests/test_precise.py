@@ -128,6 +128,28 @@ def test_frozen_batchnorm_is_left_alone():
     assert not model[6].running_mean.eq(0).all()
 
 
+class WithUnusedBranch(torch.nn.Module):
+    """small_model and a BatchNorm that forward never calls (an auxiliary head, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.aux = small_model(), torch.nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_layer_no_batch_reaches_keeps_its_statistics():
+    model = WithUnusedBranch()
+    model.aux.running_mean.fill_(5.0)
+    model.aux.running_var.fill_(7.0)
+    model.aux.num_batches_tracked.fill_(100)
+    before = [b.clone() for b in model.aux.buffers()]
+    modekernels.precise_batchnorm(model, batches(), progress=False, num_batches=NUM_BATCHES)
+    assert all(torch.equal(b, a) for b, a in zip(model.aux.buffers(), before))
+    assert not model.body[6].running_mean.eq(0).all()
+
+
 class Failing:
     """A data loader that raises after `good` batches."""
 
