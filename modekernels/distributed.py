@@ -52,7 +52,12 @@ class SyncBatchNorm(_nn._BatchNormForward, torch.nn.modules.batchnorm._BatchNorm
     _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input):
-        if not isinstance(input, torch.fx.Proxy):  # FX symbolic tracing knows no shapes
+        if isinstance(input, torch.fx.Proxy) and input.tracer.root is not self:
+            # FX symbolic tracing keeps the layer whole, as torch's SyncBatchNorm (a leaf module):
+            # whether to synchronize is decided when the graph runs.
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+        if not isinstance(input, torch.fx.Proxy):  # the traced root: FX knows no shapes
             self._check_input_dim(input)
             self._check_non_zero_input_channels(input)
         group = self._sync_group()
@@ -96,8 +101,14 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, training, m
     process of `group`. Checks that need the global count run before anything is written."""
     F._check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps,
                        num_batches_tracked)
-    if eps <= 0:  # the check of the batch_norm_train op, which this path does not call
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    # The ops' own checks of eps and of the per-channel tensors (shape, dtype, device), run on
+    # an empty batch before the collective: a process whose channel count differs would send a
+    # message of another size, which gloo answers by aborting every process.
+    empty = input.detach().narrow(0, 0, 0)
+    with torch.no_grad():
+        _ops.batch_norm_train(empty, weight, bias, eps)
+        if running_mean is not None:
+            _ops.batch_norm_eval(empty, running_mean, running_var, None, None, eps)
     mean, var, count = _global_moments(input.detach(), group)
     if count == 1:
         raise ValueError("Expected more than 1 value per channel when training, got input size "

@@ -324,6 +324,33 @@ def test_without_process_group_it_is_modekernels_batchnorm():
     assert all(map(torch.equal, evaluate(ours, case, 1, 0), evaluate(plain, case, 1, 0)))
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "stats-only"])
+def test_per_channel_tensors_checked_before_any_collective(affine):
+    # A process whose input has another channel count must raise alone, before the all-gather:
+    # its message would have another size than the others', which gloo answers by aborting.
+    module = modekernels.SyncBatchNorm(4, affine=affine)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    sync = functools.partial(modekernels.distributed._sync_batch_norm, group=None)
+    name = "weight" if affine else "running_mean"
+    with no_communication(), pytest.raises(RuntimeError, match=f"^{name} should contain 5 elements not 4"):
+        sync(torch.randn(3, 5), module.running_mean, module.running_var, module.weight,
+             module.bias, True, 0.1, 1e-5, num_batches_tracked=module.num_batches_tracked)
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
+
+
+def test_fx_keeps_the_layer_whole_as_torchs():
+    # As torch's SyncBatchNorm, a leaf module of the traced graph, which decides when it runs
+    # whether to synchronize (tracing it under a process group used to raise).
+    model = nn.Sequential(nn.Linear(3, 4), modekernels.SyncBatchNorm(4))
+    traced = torch.fx.symbolic_trace(model)
+    assert [(n.op, n.target) for n in traced.graph.nodes if n.op == "call_module"] == [
+        ("call_module", "0"), ("call_module", "1")]
+    x = torch.randn(6, 3)
+    for mode in (True, False):
+        model.train(mode), traced.train(mode)
+        torch.testing.assert_close(traced(x), model(x))
+
+
 def test_input_dimension_checked_like_torch():
     with pytest.raises(ValueError, match=r"expected at least 2D input \(got 1D input\)"):
         modekernels.SyncBatchNorm(3)(torch.randn(3))
