@@ -178,6 +178,26 @@ def test_activation_checkpointing_recomputes_the_same_step(use_reentrant):
     assert not torch.allclose(our_stats, plain_stats)  # updated once more
 
 
+@pytest.mark.parametrize("early_stop", [True, False], ids=["early-stop", "full-rerun"])
+def test_checkpointed_region_that_ends_in_a_batchnorm(early_stop):
+    # The README's exception: non-reentrant checkpointing's early stop ends the rerun inside our
+    # op, before the separate update of the running statistics; without it, torch's two updates.
+    def step(model):
+        x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+            torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False).sum().backward()
+        return model[1].num_batches_tracked.item(), model[1].running_mean, x.grad
+
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ours = modekernels.convert(copy.deepcopy(theirs))
+    (their_count, their_mean, their_grad), (our_count, our_mean, our_grad) = map(step, (theirs, ours))
+    assert their_count == 2 and our_count == (1 if early_stop else 2)
+    torch.testing.assert_close(our_grad, their_grad)
+    if not early_stop:
+        torch.testing.assert_close(our_mean, their_mean)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_resnet_converted_eval_output_float32(resnet, device):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)).to(device)
