@@ -99,8 +99,8 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, training, m
                      num_batches_tracked, group):
     """functional.batch_norm's training mode (`training` is true) with the statistics of every
     process of `group`. Checks that need the global count run before anything is written."""
-    F._check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                       num_batches_tracked)
+    momentum, eps = F._check_arguments(input, weight, bias, running_mean, running_var, training,
+                                       momentum, eps, num_batches_tracked)
     # The ops' own checks of eps and of the per-channel tensors (shape, dtype, device), run on
     # an empty batch before the collective: a process whose channel count differs would send a
     # message of another size, which gloo answers by aborting every process.

@@ -52,7 +52,7 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     reproducible independently of the global seed.
     """
     _check_p(p)
-    _check_args("dropout_" if inplace else "dropout", input, p, training, generator)
+    p = _check_args("dropout_" if inplace else "dropout", input, p, training, generator)
     if input.is_nested:
         return _nested_dropout(input, p, training, inplace, generator)
     if not training or p == 0.0 or input.numel() == 0:
@@ -99,16 +99,17 @@ def _check_args(op, input, p, training, generator, tensors=()):
     refused), then its op's RuntimeError for a NaN p; then ours: `generator` a torch.Generator
     (as torch's random functions want it). The fused ops name their other `tensors` ((name,
     value) pairs, which come after input in their signatures), and count them in the positions
-    of p and training."""
+    of p and training. Returns p as a Python float, as torch's parser passes it on."""
     for position, (name, value) in enumerate((("input", input), *tensors), start=1):
         _check_tensor(op, name, position, value)
-    _check_float(op, "p", 2 + len(tensors), p)
+    p = _as_float(op, "p", 2 + len(tensors), p)
     _check_bool(op, "train", 3 + len(tensors), training)
     if p != p:
-        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {float(p)}")
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{op}(): argument 'generator' must be torch.Generator, not "
                         f"{_typename(generator)}")
+    return p
 
 
 def _check_tensor(op, name, position, value):
@@ -125,13 +126,15 @@ def _check_bool(op, name, position, value):
                         f"{_typename(value)}")
 
 
-def _check_float(op, name, position, value):
-    """torch's argument parser takes a Python int or float, a numpy number or bool, a symbolic
-    number, or a 0-d tensor that does not require grad, where a float is due, and raises this
-    TypeError for anything else (Fraction and Decimal too; the op's schema would raise a
-    RuntimeError, for momentum only after the batch statistics were computed)."""
+def _as_float(op, name, position, value):
+    """`value` as the float torch's argument parser makes of it. The parser takes a Python int or
+    float, a numpy number or bool, a symbolic number, or a 0-d tensor that does not require grad
+    (read as with .item()), where a float is due, and raises this TypeError for anything else
+    (Fraction and Decimal too; the op's schema would raise a RuntimeError, for momentum only
+    after the batch statistics were computed). Our ops take the float: a numpy number or tensor
+    would reach them as a tensor under torch.compile."""
     if type(value) is float:  # the usual case, ahead of the isinstance checks below
-        return
+        return value
     if isinstance(value, torch.Tensor):
         ok = value.dim() == 0 and not value.requires_grad
     else:
@@ -139,6 +142,7 @@ def _check_float(op, name, position, value):
     if not ok:
         raise TypeError(f"{op}(): argument '{name}' (position {position}) must be float, not "
                         f"{_typename(value)}")
+    return value if isinstance(value, (torch.SymInt, torch.SymFloat)) else float(value)
 
 
 def _is_numpy_number(value):
@@ -189,7 +193,7 @@ def _train_p(op, input, p, training, generator, tensors):
     """The probability the fused ops run with: 0 (the plain sum, no random draw) in eval or for an
     empty input, as torch's dropout draws nothing then either."""
     _check_p(p)
-    _check_args(op, input, p, training, generator, tensors)
+    p = _check_args(op, input, p, training, generator, tensors)
     return p if training and input.numel() else 0.0
 
 
@@ -229,7 +233,8 @@ def dropout1d(input, p=0.5, training=True, inplace=False, generator=None):
             "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
             "spatial dimension, a channel dimension, and an optional batch dimension "
             "(i.e. 2D or 3D inputs).")
-    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
+    p = _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training,
+                    generator)
     return _unbatched_feature_dropout(input, input.dim() == 3, p, training, inplace, generator)
 
 
@@ -248,7 +253,8 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
             "is the channel dim. This behavior will change in a future release to interpret the "
             "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
             "channel-wise dropout behavior, please switch to using dropout1d instead.")
-    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
+    p = _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training,
+                    generator)
     return _feature_dropout(input, p, training, inplace, generator)
 
 
@@ -257,7 +263,8 @@ def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout3d: one mask per channel of (N, C, D, H, W) or (C, D, H, W)."""
     _check_p(p)
     _warn_rank("dropout3d", input, 3)
-    _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training, generator)
+    p = _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training,
+                    generator)
     return _unbatched_feature_dropout(input, input.dim() == 5, p, training, inplace, generator)
 
 
@@ -293,8 +300,8 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
 
 def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, training, momentum,
                 eps, num_batches_tracked):
-    _check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                     num_batches_tracked)
+    momentum, eps = _check_arguments(input, weight, bias, running_mean, running_var, training,
+                                     momentum, eps, num_batches_tracked)
     if not training:
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,
                                     relu)
@@ -308,10 +315,11 @@ def _check_arguments(input, weight, bias, running_mean, running_var, training, m
                      num_batches_tracked):
     """The checks of a batch_norm call that come before any kernel, on every path (the
     synchronized one too): the types torch's argument parser enforces, in its order, then the
-    running statistics."""
+    running statistics. Returns (momentum, eps) as the parser passes them on (_as_float)."""
     _check_tensors(input, weight, bias, running_mean, running_var)
-    _check_flags(training, momentum, eps, num_batches_tracked)
+    momentum, eps = _check_flags(training, momentum, eps, num_batches_tracked)
     _check_running_stats(running_mean, running_var, training)
+    return momentum, eps
 
 
 _OPTIONAL_TENSOR = (torch.Tensor, type(None))
@@ -337,8 +345,8 @@ def _check_flags(training, momentum, eps, num_batches_tracked):
     (momentum may also be None here where num_batches_tracked is given: the cumulative average)."""
     _check_bool("batch_norm", "training", 6, training)
     if momentum is not None or num_batches_tracked is None:
-        _check_float("batch_norm", "momentum", 7, momentum)
-    _check_float("batch_norm", "eps", 8, eps)
+        momentum = _as_float("batch_norm", "momentum", 7, momentum)
+    return momentum, _as_float("batch_norm", "eps", 8, eps)
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked):

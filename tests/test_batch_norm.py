@@ -974,6 +974,21 @@ def test_cpu_resident_and_separate_passes_agree(dtype, fused):
         assert torch.equal(resident[-1], torch.where(resident[0] > 0, dy, 0))
 
 
+@pytest.mark.parametrize("number", [np.float64, np.float32, torch.tensor], ids=["np64", "np32", "tensor"])
+def test_torch_compile_takes_numpy_and_tensor_momentum_and_eps(number):
+    # torch's parser reads them as floats; our ops get them as floats too, which under
+    # torch.compile would otherwise reach the ops as tensors (graph breaks allowed, as torch's).
+    torch._dynamo.reset()
+    x = torch.randn(4, 3, 5, 5)
+    eager, compiled = (modekernels.BatchNorm2d(3, momentum=number(0.3), eps=number(1e-3))
+                       for _ in range(2))
+    run = torch.compile(compiled, backend="eager")
+    for mode in (True, False):
+        eager.train(mode), compiled.train(mode)
+        torch.testing.assert_close(run(x), eager(x))
+    torch.testing.assert_close(compiled.running_var, eager.running_var)
+
+
 # ------------------------------------------------------------------------------- torch.vmap
 
 def vmapped_ensemble(modules, x, buffer_dims=0):

@@ -812,6 +812,21 @@ def test_compiled_autograd_takes_an_eager_inplace_dropout(fn):
     assert (grads[0] == 0).any()
 
 
+@pytest.mark.parametrize("number", [np.float64, np.float32, torch.tensor], ids=["np64", "np32", "tensor"])
+@pytest.mark.parametrize("cls", [modekernels.Dropout, modekernels.Dropout2d], ids=["elementwise", "channel"])
+def test_torch_compile_takes_a_numpy_or_tensor_p(cls, number):
+    # Read as a float, as torch's parser reads it, before it reaches our op (graph breaks
+    # allowed, as torch's): the same masks as in eager.
+    torch._dynamo.reset()
+    x = torch.randn(4, 6, 5, 5)
+    outputs = []
+    for fn in (cls(number(0.4)), torch.compile(cls(number(0.4)), backend="eager")):
+        torch.manual_seed(0)
+        outputs.append(fn(x))
+    torch.testing.assert_close(outputs[1], outputs[0])
+    assert (outputs[0] == 0).any()
+
+
 @pytest.mark.parametrize("cls", [modekernels.Dropout2d, modekernels.Dropout3d], ids=["2d", "3d"])
 def test_torch_compile_fullgraph_takes_the_warned_input_ranks(cls):
     # A 3-D input: eager warns as torch does; a compiled graph cannot hold warnings.warn, and
