@@ -31,6 +31,25 @@ def _check_devices(family, reference, like, **tensors):
                                f"{like}, but got {t.device}")
 
 
+def _check_like(family, input, name, t):
+    """The kernels' check of a tensor that must be like input (a residual), for the fake kernels."""
+    torch._check(t.shape == input.shape and t.dtype == input.dtype, lambda: (
+        f"modekernels {family}: expected {name} like input ({list(input.shape)}, {input.dtype}, "
+        f"{input.device}), but got {list(t.shape)}, {t.dtype}, {t.device}"))
+
+
+def _check_channels(input, **tensors):
+    """The kernels' check of the per-channel tensors' shape, (C,), with torch's message, for the
+    fake kernels: under torch.compile a wrong one would otherwise surface as autograd's "invalid
+    gradient" when the graph is built."""
+    C = input.shape[1]
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.numel() == C, lambda: f"{name} should contain {C} elements not {t.numel()}")
+            torch._check(t.dim() == 1, lambda: f"modekernels batch_norm: expected {name} to be 1-D, "
+                                               f"but got shape {list(t.shape)}")
+
+
 # Forward-mode AD (torch.autograd.forward_ad): the ops' C++ autograd kernels carry tangents
 # (csrc/common/autograd.h). Here only the in-place dropouts, whose Python Function has no
 # forward-mode formula, and the BatchNorm backward op, whose autograd is the Python double
@@ -152,12 +171,18 @@ def _(input, p, generator=None):
 @torch.library.register_fake("modekernels::dropout_add")
 def _(input, residual, p, generator=None):
     _check_devices("dropout", input, "input", residual=residual)
+    _check_like("dropout", input, "residual", residual)
     return torch.empty_like(residual), _state_fake(input)  # the residual's layout, as torch's sum
 
 
 @torch.library.register_fake("modekernels::bias_dropout_add")
 def _(input, bias, residual, p, generator=None):
     _check_devices("dropout", input, "input", bias=bias, residual=residual)
+    _check_like("dropout", input, "residual", residual)
+    last = input.shape[-1] if input.dim() else 0
+    torch._check(input.dim() >= 1 and bias.shape == (last,) and bias.dtype == input.dtype, lambda: (
+        f"modekernels bias_dropout_add: expected bias of shape ({last},) like input's last "
+        f"dimension, dtype and device, but got {list(bias.shape)}, {bias.dtype}, {bias.device}"))
     return torch.empty_like(residual), _state_fake(input)
 
 
@@ -356,6 +381,9 @@ def batch_norm_update_stats_(running_mean, running_var, mean, var, count, moment
 @torch.library.register_fake("modekernels::batch_norm_train")
 def _(input, weight, bias, eps, residual=None, relu=False):
     _check_devices("batch_norm", input, "input", weight=weight, bias=bias, residual=residual)
+    _check_channels(input, weight=weight, bias=bias)
+    if residual is not None:
+        _check_like("batch_norm", input, "residual", residual)
     mean, var = _channel_stats_fake(input)
     return torch.empty_like(input, memory_format=_channels_format(input)), mean, var
 
@@ -364,6 +392,10 @@ def _(input, weight, bias, eps, residual=None, relu=False):
 def _(input, running_mean, running_var, weight, bias, eps, residual=None, relu=False):
     _check_devices("batch_norm", input, "input", running_mean=running_mean, running_var=running_var,
                    weight=weight, bias=bias, residual=residual)
+    _check_channels(input, weight=weight, bias=bias, running_mean=running_mean,
+                    running_var=running_var)
+    if residual is not None:
+        _check_like("batch_norm", input, "residual", residual)
     return torch.empty_like(input, memory_format=_channels_format(input))
 
 

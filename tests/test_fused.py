@@ -467,6 +467,37 @@ def test_torch_func_reverse_transforms_match_torch(training, variant):
         torch.testing.assert_close(b, a)
 
 
+_OPS = torch.ops.modekernels
+_X, _C3, _C5 = torch.randn(4, 3, 2, 2), torch.ones(3), torch.ones(5)
+_X1, _XC1, _C31 = _X[:1].clone(), _X[:, :1].clone(), torch.ones(3, 1)
+WRONG_SHAPES = {  # name -> (call on real or fake tensors, the message both must raise)
+    "bn-weight": (lambda t: _OPS.batch_norm_train(t(_X), t(_C5), None, 1e-5),
+                  "^weight should contain 3 elements not 5$"),
+    "bn-bias-2d": (lambda t: _OPS.batch_norm_train(t(_X), None, t(_C31), 1e-5),
+                   "expected bias to be 1-D"),
+    "bn-running-var": (lambda t: _OPS.batch_norm_eval(t(_X), t(_C3), t(_C5), None, None, 1e-5),
+                       "^running_var should contain 3 elements not 5$"),
+    "bn-residual": (lambda t: _OPS.batch_norm_train(t(_X), None, None, 1e-5, t(_X1), True),
+                    "expected residual like input"),
+    "dropout-residual": (lambda t: _OPS.dropout_add(t(_X), t(_XC1), 0.5),
+                         "expected residual like input"),
+    "bias-shape": (lambda t: _OPS.bias_dropout_add(t(_X), t(_C3), t(_X), 0.5),
+                   r"expected bias of shape \(2,\)"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_SHAPES.values(), ids=WRONG_SHAPES.keys())
+def test_fake_kernels_check_shapes_as_the_kernels(case):
+    # Under torch.compile a wrong shape then fails when the graph is traced, with the kernels'
+    # message, instead of as an invalid gradient when autograd's graph is built.
+    call, message = case
+    with pytest.raises(RuntimeError, match=message):
+        call(lambda t: t)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        with pytest.raises(RuntimeError, match=message):
+            call(mode.from_tensor)
+
+
 # ------------------------------------------------------------------- dropout + residual paths
 
 @pytest.mark.parametrize("device", DEVICES)
