@@ -636,21 +636,20 @@ def _batch_norm_eval_decomposition(input, running_mean, running_var, weight, bia
     return _add_relu(out, residual, relu)
 
 
-def _no_draw(p, input):
+def _no_draw(input):
     """The rng_state of a fused dropout that keeps everything (p == 0: eval mode)."""
-    if p != 0:
-        raise NotImplementedError(
-            "modekernels.decompositions(): a dropout that drops (training mode) has no torch "
-            "decomposition, its masks being modekernels' own random stream; export in eval mode")
     return torch.zeros(2, dtype=torch.int64, device=input.device)
 
 
+# A fused dropout that drops (training mode) keeps its op: its masks are modekernels' own random
+# stream, which no torch operator draws (NotImplemented: the op stays in the graph).
+
 def _dropout_add_decomposition(input, residual, p, generator=None):
-    return residual + input, _no_draw(p, input)
+    return (residual + input, _no_draw(input)) if p == 0 else NotImplemented
 
 
 def _bias_dropout_add_decomposition(input, bias, residual, p, generator=None):
-    return residual + (input + bias), _no_draw(p, input)
+    return (residual + (input + bias), _no_draw(input)) if p == 0 else NotImplemented
 
 
 def decompositions():

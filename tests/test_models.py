@@ -253,10 +253,21 @@ def test_eval_graph_decomposes_into_torch_operators(dtype):
     torch.testing.assert_close(program.module()(x), model(x), **TOL[dtype])
 
 
-def test_training_graph_dropout_has_no_decomposition():
-    program = torch.export.export(modekernels.DropoutAdd(0.3), (torch.randn(4), torch.randn(4)))
-    with pytest.raises(NotImplementedError, match="export in eval mode"):
-        program.run_decompositions(modekernels.decompositions())
+@pytest.mark.parametrize("layer,shapes", [(modekernels.DropoutAdd(0.3), [(4, 8), (4, 8)]),
+                                          (modekernels.BiasDropoutAdd(0.3), [(4, 8), (8,), (4, 8)])],
+                         ids=["dropout_add", "bias_dropout_add"])
+def test_training_graph_keeps_the_fused_dropouts(layer, shapes):
+    # Their masks are our random stream, which no torch operator draws: the ops stay, and the
+    # decomposed program draws the eager layer's masks.
+    args = [torch.randn(shape) for shape in shapes]
+    program = torch.export.export(layer, tuple(args)).run_decompositions(modekernels.decompositions())
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert any("dropout_add" in op for op in ops), ops
+    outputs = []
+    for fn in (program.module(), layer):
+        torch.manual_seed(0)
+        outputs.append(fn(*args))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
 def test_fx_symbolic_trace_records_our_functions_and_updates_the_statistics():
