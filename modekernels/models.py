@@ -87,11 +87,13 @@ def convert(model, *, dropout=True, batchnorm=True, inplace=True, subclasses=Fal
     In training mode, Dropout draws its masks from modekernels' random stream, not torch's, so
     the masks (not their distribution) differ from the original model's.
 
-    With `fuse`, a BatchNorm directly followed by a ReLU inside an nn.Sequential becomes one
-    BatchNormReLU layer (same state) and the ReLU a `FusedReLU` placeholder (an identity with no
-    state, so state_dicts do not change); `revert` puts the ReLU back. A BatchNorm used in more
-    than one place, or either layer with hooks of its own (forward, forward-pre, backward), is
-    left unfused. Nothing else is fused.
+    With `fuse`, a BatchNorm directly followed by a ReLU inside an nn.Sequential (one that runs
+    torch's own forward) becomes one BatchNormReLU layer (same state) and the ReLU a `FusedReLU`
+    placeholder (an identity with no state, so state_dicts do not change); `revert` puts the
+    same ReLU object back. A BatchNorm used in more than one place, or either layer with hooks of
+    its own (forward, forward-pre, backward), is left unfused. Nothing else is fused. A fused
+    BatchNorm applies the ReLU wherever it is called from, a reference held outside the model
+    included, and global module hooks see its output as the BatchNorm's.
 
     With `sync`, every BatchNorm1d/2d/3d, torch's or modekernels' (unfused), and torch's
     SyncBatchNorm becomes a modekernels.SyncBatchNorm, in place like every other layer: the
