@@ -10,6 +10,7 @@ import itertools
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .models import _is_frozen
 
@@ -49,6 +50,10 @@ def precise_batchnorm(model, data_loader, num_batches=200, progress=True, forwar
               and m.running_mean is not None and not _is_frozen(m)]
     if not layers:
         return model
+    lazy = [m for m in layers if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"precise_batchnorm: {len(lazy)} lazy BatchNorm layer(s) not initialized "
+                         "yet; run the model on one batch first")
     saved = [(m.training, m.momentum, m.running_mean.clone(), m.running_var.clone(),
               m.num_batches_tracked.clone()) for m in layers]
     completed = False

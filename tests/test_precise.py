@@ -177,6 +177,13 @@ def test_failure_restores_everything(loader, num_batches, error, message):
     assert_same_state(before, state(model))
 
 
+def test_uninitialized_lazy_layers_are_refused_before_anything_changes():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyBatchNorm1d(), torch.nn.BatchNorm1d(192))
+    with pytest.raises(ValueError, match="lazy BatchNorm layer.* not initialized yet"):
+        modekernels.precise_batchnorm(model, batches(), progress=False, num_batches=NUM_BATCHES)
+    assert model[2].running_mean.eq(0).all() and model[2].num_batches_tracked.item() == 0
+
+
 def test_bad_num_batches():
     with pytest.raises(ValueError, match="num_batches must be at least 1 or None, got 0"):
         modekernels.precise_batchnorm(small_model(), batches(), num_batches=0)
