@@ -168,11 +168,18 @@ def _(input, p, generator=None):
     return _state_fake(input)
 
 
+def _sum_fake(residual, input):
+    """The output of residual + dropout(input) in torch's layout (dropout.cpp's sum_layout)."""
+    if torch._prims_common.is_non_overlapping_and_dense_or_false(residual):
+        return torch.empty_like(residual)
+    return torch.empty_like(residual + torch.empty_like(input))
+
+
 @torch.library.register_fake("modekernels::dropout_add")
 def _(input, residual, p, generator=None):
     _check_devices("dropout", input, "input", residual=residual)
     _check_like("dropout", input, "residual", residual)
-    return torch.empty_like(residual), _state_fake(input)  # the residual's layout, as torch's sum
+    return _sum_fake(residual, input), _state_fake(input)
 
 
 @torch.library.register_fake("modekernels::bias_dropout_add")
@@ -183,7 +190,7 @@ def _(input, bias, residual, p, generator=None):
     torch._check(input.dim() >= 1 and bias.shape == (last,) and bias.dtype == input.dtype, lambda: (
         f"modekernels bias_dropout_add: expected bias of shape ({last},) like input's last "
         f"dimension, dtype and device, but got {list(bias.shape)}, {bias.dtype}, {bias.device}"))
-    return torch.empty_like(residual), _state_fake(input)
+    return _sum_fake(residual, input), _state_fake(input)
 
 
 def _check_feature_input(input):

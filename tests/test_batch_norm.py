@@ -512,6 +512,19 @@ def test_per_channel_tensors_may_be_views(device, training, fused):
     torch.testing.assert_close(results[1], results[0], **BN_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_expanded_running_statistics_raise_in_training_before_anything_changes(which):
+    # One element for several channels cannot take their updates: torch's error for a write into
+    # such a tensor, before the other statistic or the counter changes. Eval reads them.
+    module = modekernels.BatchNorm1d(3)
+    setattr(module, which, torch.ones(1).expand(3))
+    before = [t.clone() for t in module.buffers()]
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        module(torch.randn(8, 3))
+    assert all(torch.equal(a, b) for a, b in zip(module.buffers(), before))
+    module.eval()(torch.randn(8, 3))
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("eps", [-1.0, 0.0, float("nan")], ids=str)
 def test_eps_is_checked_as_torch_checks_it(training, eps):

@@ -778,6 +778,25 @@ def test_dropout_outputs_and_gradients_keep_the_layout_torch_gives(device, layou
     torch.library.opcheck(mkops.bias_dropout_add.default, (x, b, x, 0.3, None), test_utils=checks)
 
 
+EXPANDED_RESIDUALS = {"rows": lambda: torch.randn(3, 1).expand(3, 5),
+                      "columns": lambda: torch.randn(1, 5).expand(3, 5),
+                      "scalar": lambda: torch.randn(()).expand(3, 5)}
+
+
+@pytest.mark.parametrize("residual", EXPANDED_RESIDUALS.values(), ids=EXPANDED_RESIDUALS.keys())
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_fused_dropouts_with_an_expanded_residual_take_torchs_layout(residual, transposed):
+    # torch's sum follows the residual, and the dropout's output where the residual's strides
+    # tie (stride 0): the kernels and the fake kernels work it out as its TensorIterator does.
+    x = torch.randn(5, 3).t() if transposed else torch.randn(3, 5)
+    r, b = residual(), torch.randn(5)
+    cases = [(r + torch.nn.functional.dropout(x, 0.3), mkops.dropout_add.default, (x, r, 0.3)),
+             (r + torch.nn.functional.dropout(x + b, 0.3), mkops.bias_dropout_add.default, (x, b, r, 0.3))]
+    for theirs, op, args in cases:
+        assert op(*args)[0].stride() == theirs.stride()
+        torch.library.opcheck(op, args, test_utils=("test_faketensor",))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_fused_dropout(device):
     x = torch.rand(4, 6, 5, 5, device=device, requires_grad=True)

@@ -5,6 +5,7 @@
 #include "common/checks.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <charconv>
 #include <string>
@@ -362,6 +363,10 @@ void update_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::T
                     "modekernels batch_norm: momentum=None (a cumulative average) needs num_batches_tracked");
   TORCH_CHECK_VALUE(count != 1,
                     "Expected more than 1 value per channel when training, got ", count);
+  // torch's error for writing into an expanded tensor (one element for several channels), before
+  // anything is written (torch's kernel writes such statistics, each channel over the last).
+  at::assert_no_internal_overlap(running_mean);
+  at::assert_no_internal_overlap(running_var);
   if (counter) num_batches_tracked->add_(1);
   if (count == 0) return;  // an empty batch counts, but has no statistics (as in torch)
   // The kernels write dense running statistics: a strided view is updated through a copy.

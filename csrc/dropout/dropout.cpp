@@ -45,10 +45,17 @@ at::Tensor new_state(const at::Tensor& like) {
   return at::empty({2}, like.options().dtype(at::kLong));
 }
 
-// A tensor with the strides of torch's elementwise output for input `t`: t itself when it is
-// dense, else the strides at::empty_like(t) gives (an empty tensor; nothing is copied).
-at::Tensor output_layout(const at::Tensor& t) {
-  return t.is_non_overlapping_and_dense() ? t : at::empty_like(t);
+// A tensor with the strides of torch's residual + dropout(x), `dropped` having the layout of
+// dropout(x): the residual itself when it is dense, else an empty tensor with the strides that the
+// sum's TensorIterator gives (it follows the residual, and `dropped` where the residual's strides
+// tie, as an expanded one's do), worked out on meta tensors.
+at::Tensor sum_layout(const at::Tensor& residual, const at::Tensor& dropped) {
+  if (residual.is_non_overlapping_and_dense()) return residual;
+  const auto meta = [](const at::Tensor& t) {
+    return at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta));
+  };
+  const at::Tensor sum = at::add(meta(residual), meta(dropped));
+  return at::empty_strided(sum.sizes(), sum.strides(), residual.options());
 }
 
 // `t` in exactly the strides of `like` (copied only if it has others).
@@ -131,8 +138,7 @@ std::tuple<at::Tensor, at::Tensor> add(const at::Tensor& input, const at::Tensor
   Fusion fusion;
   fusion.residual = match(residual, src);
   auto [out, state] = run(src, p, generator, apply, fusion);
-  // torch's residual + dropout(input) takes the layout of the sum's first operand, the residual.
-  return {match(out, output_layout(residual)), state};
+  return {match(out, sum_layout(residual, src)), state};
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_add(const at::Tensor& input, const at::Tensor& bias,
@@ -152,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> bias_add(const at::Tensor& input, const at::T
   fusion.residual = match(residual, src);
   fusion.bias = bias.contiguous();
   auto [out, state] = run(src, p, generator, apply, fusion);
-  return {match(out, output_layout(residual)), state};  // as add()
+  return {match(out, sum_layout(residual, dense(input))), state};
 }
 
 std::tuple<at::Tensor, at::Tensor> feature(const at::Tensor& input, double p,
