@@ -6,6 +6,20 @@ import torch
 
 cuda = pytest.mark.cuda
 
+
+def _torchvision():
+    try:
+        import torchvision
+    except Exception:  # absent, or built for another torch (its import raises RuntimeError then)
+        return None
+    return torchvision
+
+
+# torchvision where one built for this torch is installed (pip's newest needs the newest torch).
+torchvision = _torchvision()
+needs_torchvision = pytest.mark.skipif(torchvision is None,
+                                       reason="needs a torchvision that imports with this torch")
+
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

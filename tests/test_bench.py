@@ -10,6 +10,8 @@ import torch
 
 from modekernels.bench import cli, harness, verify
 
+from helpers import torchvision
+
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory):
@@ -51,8 +53,9 @@ def test_results_hold_environment_roofline_and_ratios(report_dir):
     ops = results["ops"]
     assert {r["variant"] for r in ops} == {"modekernels", "torch"}
     assert all(r["speedup"] > 0 and r["pct_copy"] > 0 for r in ops)
-    assert {(r["model"], r["variant"]) for r in results["models"]} >= {
-        ("resnet18", "modekernels"), ("mlp_block", "torch")}
+    models = {(r["model"], r["variant"]) for r in results["models"]}
+    assert ("mlp_block", "torch") in models
+    assert (("resnet18", "modekernels") in models) == (torchvision is not None)
     with open(out / "ops.csv") as f:
         assert len(list(csv.DictReader(f))) == len(ops)
 

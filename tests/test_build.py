@@ -53,10 +53,15 @@ def tree_files(folder, suffixes):
     return found
 
 
-def test_sdist_carries_what_the_build_and_the_tests_read(tmp_path):
+@pytest.mark.parametrize("cuda", [True, False], ids=["cuda-build", "cpu-only-build"])
+def test_sdist_carries_what_the_build_and_the_tests_read(tmp_path, cuda):
+    # Made where the CUDA sources are compiled or not (no toolkit at CUDA_HOME): the archive
+    # carries them either way, for the machine that builds it.
+    env = {k: v for k, v in os.environ.items() if k != "MODEKERNELS_FORCE_CUDA"}
+    env.update({"MODEKERNELS_FORCE_CUDA": "1"} if cuda else {"CUDA_HOME": str(tmp_path / "no-cuda")})
     command = [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
                "--dist-dir", str(tmp_path)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as tar:

@@ -9,13 +9,11 @@ import sys
 import pytest
 import torch
 import torch._dynamo.testing
-import torchvision
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
 
 import modekernels
 
-from helpers import DEVICES, TOL
+from helpers import DEVICES, TOL, needs_torchvision, torchvision
 
 OUR_LAYERS = (modekernels.Dropout, modekernels.BatchNorm1d, modekernels.BatchNorm2d,
         modekernels.BatchNorm3d)
@@ -47,6 +45,8 @@ def randomize_running_stats(model, generator):
 @pytest.fixture(scope="module", params=["resnet18", "resnet50"])
 def resnet(request):
     """A torchvision ResNet with random weights and non-trivial running statistics."""
+    if torchvision is None:
+        pytest.skip("needs a torchvision that imports with this torch")
     torch.manual_seed(0)
     model = getattr(torchvision.models, request.param)(weights=None)
     randomize_running_stats(model, torch.Generator().manual_seed(1))
@@ -95,6 +95,7 @@ def test_resnet_converted_gives_the_same_step_as_torch(resnet, device, mode):
         assert relative_error(ours[kind], reference) <= 1e-9, kind
 
 
+@needs_torchvision
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "densenet121",
                                   "regnet_y_400mf", "shufflenet_v2_x0_5"])
@@ -206,10 +207,12 @@ def test_resnet_converted_eval_output_float32(resnet, device):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+@needs_torchvision
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_fx_feature_extractor_on_a_converted_resnet(mode):
     # torchvision's feature extraction traces the model with torch.fx in both modes: our layers
     # trace into calls of modekernels.functional, and the features are torch's.
+    from torchvision.models import feature_extraction
     torch.manual_seed(0)
     resnet = torchvision.models.resnet18(weights=None)
     randomize_running_stats(resnet, torch.Generator().manual_seed(1))
@@ -217,7 +220,7 @@ def test_fx_feature_extractor_on_a_converted_resnet(mode):
     nodes = {"layer1": "early", "layer4": "late"}
     features = []
     for model in (resnet, modekernels.convert(copy.deepcopy(resnet), fuse=True)):
-        extractor = create_feature_extractor(model, nodes).train(mode == "train")
+        extractor = feature_extraction.create_feature_extractor(model, nodes).train(mode == "train")
         features.append(extractor(x))
     torch.testing.assert_close(features[1], features[0], rtol=1e-4, atol=1e-4)
 
@@ -289,6 +292,7 @@ def test_fx_symbolic_trace_records_our_functions_and_updates_the_statistics():
     torch.testing.assert_close(dict(traced.named_buffers()), dict(eager.named_buffers()))
 
 
+@needs_torchvision
 @pytest.mark.parametrize("direction", ["converted_into_torch", "torch_into_converted"])
 def test_state_dict_round_trip_strict(direction):
     torch.manual_seed(0)
@@ -589,6 +593,7 @@ def test_convert_twice_changes_nothing():
     assert classes(model) == before
 
 
+@needs_torchvision
 def test_reverted_model_pickles_without_modekernels():
     model = modekernels.convert(torchvision.models.resnet18(weights=None))
     pickled = io.BytesIO()
@@ -602,6 +607,7 @@ def test_reverted_model_pickles_without_modekernels():
     assert converted_names(model) == []
 
 
+@needs_torchvision
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_jit_script_names_our_layer_and_scripts_the_reverted_model():
     model = modekernels.convert(torchvision.models.resnet18(weights=None), fuse=True).eval()

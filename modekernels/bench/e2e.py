@@ -34,7 +34,7 @@ class MLPBlock(torch.nn.Module):
 def _resnet18():
     try:
         import torchvision
-    except ImportError:
+    except Exception:  # absent, or built for another torch (its import raises RuntimeError then)
         return None
     return torchvision.models.resnet18(weights=None, num_classes=100)
 
@@ -99,7 +99,7 @@ def run_models(device, dtype, size="quick", min_run_time=0.5, progress=True, cac
         if name not in built:
             model = build()
             if model is None:
-                log(f"skip {name}: torchvision is not installed")
+                log(f"skip {name}: no torchvision that imports with this torch")
             built[name] = model
         if built[name] is None:
             continue
