@@ -52,7 +52,7 @@ class SyncBatchNorm(_nn._BatchNormForward, torch.nn.modules.batchnorm._BatchNorm
     _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input):
-        if isinstance(input, torch.fx.Proxy) and input.tracer.root is not self:
+        if isinstance(input, torch.fx.Proxy) and getattr(input.tracer, "root", self) is not self:
             # FX symbolic tracing keeps the layer whole, as torch's SyncBatchNorm (a leaf module):
             # whether to synchronize is decided when the graph runs.
             tracer = input.tracer

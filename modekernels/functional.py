@@ -65,12 +65,10 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
 
 
 def _nested_dropout(input, p, training, inplace, generator):
-    """Dropout of a jagged nested tensor's values, its offsets and lengths kept. As torch's:
-    out of place, its eval and p = 0 give a copy; in place, they give the input, p = 1 zeros
-    it, and any other p is refused."""
-    if input.layout != torch.jagged:
-        raise TypeError(f"modekernels dropout: nested tensors of the torch.jagged layout only, but "
-                        f"got {input.layout}")
+    """Dropout of a nested tensor. As torch's: out of place, its eval and p = 0 give a copy; in
+    place, they give the input, p = 1 zeros it, and any other p is refused. Out of place, a
+    jagged one's values are dropped, its offsets and lengths kept; a mask over torch's older
+    strided layout is refused (torch's dropout takes it)."""
     if inplace:
         if not training or p == 0.0:
             return input
@@ -80,6 +78,9 @@ def _nested_dropout(input, p, training, inplace, generator):
                                   "(torch's dropout_ cannot draw one either)")
     if not training or p == 0.0:
         return input.clone()
+    if input.layout != torch.jagged:
+        raise TypeError(f"modekernels dropout: nested tensors of the torch.jagged layout only, but "
+                        f"got {input.layout}")
     values = _ops.dropout(input.values(), p, generator)[0]
     return torch.nested.nested_tensor_from_jagged(values, input.offsets(), input.lengths(),
                                                   jagged_dim=input._ragged_idx)
@@ -146,22 +147,25 @@ def _as_float(op, name, position, value):
 
 
 def _is_numpy_number(value):
-    """Whether `value` is a numpy scalar that torch's parser reads as a number (numpy is not a
-    dependency: where it is not imported, no value is one of its scalars)."""
+    """Whether `value` is a numpy scalar that torch's parser reads as a number (where numpy was
+    never imported, no value is one of its scalars, and this imports nothing)."""
     np = sys.modules.get("numpy")
     return np is not None and isinstance(value, (np.number, np.bool_))
 
 
-_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement
+# A class made by a class statement: a heap type (Py_TPFLAGS_HEAPTYPE) that is not immutable
+# (Py_TPFLAGS_IMMUTABLETYPE, which C types made from a spec, such as re.Pattern, have).
+_HEAP_TYPE, _IMMUTABLE_TYPE = 1 << 9, 1 << 8
 
 
 def _typename(value):
     """A type's name as torch's argument parser writes it (the C type's tp_name): `int`,
-    `numpy.bool`, `decimal.Decimal`, but `Fraction` for a class written in Python, and `Tensor`."""
+    `numpy.bool`, `decimal.Decimal`, `re.Pattern`, but `Fraction` for a class written in Python,
+    and `Tensor`."""
     if isinstance(value, torch.Tensor):
         return "Tensor"
     t = type(value)
-    if t.__module__ == "builtins" or t.__flags__ & _HEAP_TYPE:
+    if t.__module__ == "builtins" or t.__flags__ & (_HEAP_TYPE | _IMMUTABLE_TYPE) == _HEAP_TYPE:
         return t.__name__
     return f"{t.__module__}.{t.__qualname__}"
 

@@ -205,13 +205,14 @@ def _hooked(module):
 
 def _unfuse_relu(model):
     """Puts back the ReLU each FusedReLU stands for (a new one for a FusedReLU pickled before
-    they kept it), with the FusedReLU's `training` flag."""
-    for seq in _plain_sequentials(model):
-        for i, m in enumerate(seq):
+    they kept it), with the FusedReLU's `training` flag, wherever it is (older versions fused in
+    every nn.Sequential)."""
+    for parent in model.modules():
+        for name, m in list(parent.named_children()):
             if type(m) is FusedReLU:
                 relu = vars(m).get("_mk_relu") or torch.nn.ReLU(m.inplace)
                 relu.training = m.training
-                seq[i] = relu
+                setattr(parent, name, relu)
 
 
 def revert(model, *, inplace=True):

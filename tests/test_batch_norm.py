@@ -391,7 +391,8 @@ def test_momentum_none_without_a_counter_is_torch_type_error_in_both_modes(train
 
 
 @pytest.mark.parametrize("momentum", ["0.1", [0.1], torch.tensor([0.1]),
-                                      torch.tensor(0.1, requires_grad=True)], ids=repr)
+                                      torch.tensor(0.1, requires_grad=True), re.compile("0.1")],
+                         ids=repr)
 def test_momentum_or_eps_that_is_not_a_float_is_torch_type_error_and_changes_nothing(momentum):
     # Refused before any statistics are computed, by BatchNorm, the fused op and SyncBatchNorm's
     # path (whose group is not reached).
@@ -407,7 +408,7 @@ def test_momentum_or_eps_that_is_not_a_float_is_torch_type_error_and_changes_not
             fn(x, *stats, training=True, momentum=momentum, num_batches_tracked=counter)
         # torch's functional compares eps with 0 in Python before its parser sees it
         with pytest.raises(TypeError, match=r"^batch_norm\(\): argument 'eps' \(position 8\) must "
-                                            r"be float, not (str|list|Tensor)$"):
+                                            r"be float, not (str|list|Tensor|re\.Pattern)$"):
             fn(x, *stats, training=True, momentum=0.1, eps=momentum, num_batches_tracked=counter)
     assert torch.equal(stats[0], torch.zeros(3)) and torch.equal(stats[1], torch.ones(3))
     assert counter.item() == 0

@@ -385,6 +385,13 @@ def test_fuse_leaves_a_sequential_with_its_own_forward_alone():
         torch.testing.assert_close(ours, theirs, **TOL[torch.float32])
 
 
+def test_revert_finds_a_fused_relu_in_a_sequential_with_its_own_forward():
+    # Older versions fused in every nn.Sequential: revert puts the ReLU back wherever it is.
+    model = Taps(modekernels.BatchNormReLU1d(3), modekernels.FusedReLU())
+    modekernels.revert(model)
+    assert [type(m) for m in model] == [nn.BatchNorm1d, nn.ReLU]
+
+
 class Abs(nn.Module):
     def forward(self, weight):
         return weight.abs()

@@ -45,16 +45,18 @@ at::Tensor new_state(const at::Tensor& like) {
   return at::empty({2}, like.options().dtype(at::kLong));
 }
 
-// A tensor with the strides of torch's residual + dropout(x), `dropped` having the layout of
-// dropout(x): the residual itself when it is dense, else an empty tensor with the strides that the
-// sum's TensorIterator gives (it follows the residual, and `dropped` where the residual's strides
+// A tensor with the strides of torch's residual + dropout(x) for `input` x: the residual itself
+// when it is dense, else an empty tensor with the strides that the sum's TensorIterator gives (it
+// follows the residual, and dropout(x), which has x's dense layout, where the residual's strides
 // tie, as an expanded one's do), worked out on meta tensors.
-at::Tensor sum_layout(const at::Tensor& residual, const at::Tensor& dropped) {
+at::Tensor sum_layout(const at::Tensor& residual, const at::Tensor& input) {
   if (residual.is_non_overlapping_and_dense()) return residual;
   const auto meta = [](const at::Tensor& t) {
     return at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta));
   };
-  const at::Tensor sum = at::add(meta(residual), meta(dropped));
+  const at::Tensor x = meta(input);
+  const at::Tensor dropped = x.is_non_overlapping_and_dense() ? x : at::empty_like(x);
+  const at::Tensor sum = at::add(meta(residual), dropped);
   return at::empty_strided(sum.sizes(), sum.strides(), residual.options());
 }
 
@@ -138,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> add(const at::Tensor& input, const at::Tensor
   Fusion fusion;
   fusion.residual = match(residual, src);
   auto [out, state] = run(src, p, generator, apply, fusion);
-  return {match(out, sum_layout(residual, src)), state};
+  return {match(out, sum_layout(residual, input)), state};
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_add(const at::Tensor& input, const at::Tensor& bias,
@@ -158,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> bias_add(const at::Tensor& input, const at::T
   fusion.residual = match(residual, src);
   fusion.bias = bias.contiguous();
   auto [out, state] = run(src, p, generator, apply, fusion);
-  return {match(out, sum_layout(residual, dense(input))), state};
+  return {match(out, sum_layout(residual, input)), state};
 }
 
 std::tuple<at::Tensor, at::Tensor> feature(const at::Tensor& input, double p,
