@@ -69,6 +69,28 @@ def test_a_wrong_kernel_fails_its_row(monkeypatch):
     assert [r["passed"] for r in rows if r["mode"] == "train"] == [False, False]
 
 
+def test_a_case_that_fails_at_the_timed_size_is_reported_and_the_run_goes_on(monkeypatch, tmp_path,
+                                                                             capsys):
+    # A kernel that goes wrong only at the timed size: the case is not timed, the others are,
+    # the report is written with the failure, stdout stays JSON, and the status is 1.
+    from modekernels import functional
+    right = functional.batch_norm
+    monkeypatch.setattr(functional, "batch_norm", lambda *a, **k: right(*a, **k) * 1.01)
+    monkeypatch.setattr(verify, "verify", lambda *a, **k: [])
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "models.csv").write_text("from an earlier run\n")
+    status = cli.main(["--tiny", "--no-compile", "--no-models", "--ops", "batch_norm", "--json",
+                       "--no-progress", "--out", str(tmp_path)])
+    assert status == 1
+    ops = json.loads(capsys.readouterr().out)["cpu"]["ops"]
+    failed = [r for r in ops if not r["verified"]]
+    assert failed and all(r["variant"] == "modekernels" and "elements differ" in r["error"]
+                          for r in failed)
+    assert all(r["time_ms"] > 0 for r in ops if r["verified"])
+    assert "not timed" in (tmp_path / "cpu" / "summary.md").read_text()
+    assert not (tmp_path / "cpu" / "models.csv").exists()  # this run's files alone
+
+
 @pytest.mark.parametrize("cache", harness.CACHES)
 def test_variants_are_timed_in_turns_in_one_cache_regime(monkeypatch, cache):
     # A fake clock that each fn advances by its own step: the fns must be called in turns (after
@@ -122,7 +144,10 @@ def test_the_cold_regime_sweeps_twice_the_last_level_cache(monkeypatch, tmp_path
     (["--threads", "0"], "--threads must be at least 1"),
     (["--device", "cuda"], "torch finds no CUDA device"),
     (["--cache", "hot"], "invalid choice: 'hot'"),
-], ids=["dtype", "threads", "device", "cache"])
+    (["--min-run-time", "inf"], "--min-run-time must be a positive number of seconds"),
+    (["--min-run-time", "0"], "--min-run-time must be a positive number of seconds"),
+    (["--out", "/proc/modekernels-bench"], "--out /proc/modekernels-bench: cannot write there"),
+], ids=["dtype", "threads", "device", "cache", "min-run-time-inf", "min-run-time-0", "out"])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     if argv[0] == "--device" and torch.cuda.is_available():
         pytest.skip("a CUDA device is here")

@@ -51,10 +51,6 @@ def to_layout(t, layout):
     return t.contiguous()
 
 
-def param_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 @functools.lru_cache(maxsize=1)
 def inputs(shape, dtype, device):
     """(x, incoming gradient, torch layer holding the initial state): the same for every variant."""
@@ -66,7 +62,7 @@ def inputs(shape, dtype, device):
         for t, low, high in ((layer.weight, 0.5, 1.5), (layer.bias, -1, 1),
                              (layer.running_mean, -1, 1), (layer.running_var, 0.5, 2)):
             t.copy_(torch.rand(t.shape, generator=gen) * (high - low) + low)
-    return x, grad, layer.to(device, param_dtype(dtype))
+    return x, grad, layer.to(device, harness.param_dtype(dtype))
 
 
 def make_layer(variant, shape, dtype, device, mode):
@@ -74,7 +70,7 @@ def make_layer(variant, shape, dtype, device, mode):
     ours, theirs = CLASSES[len(shape)]
     module = (ours if variant == "modekernels" else theirs)(shape[1])
     module.load_state_dict(inputs(shape, dtype, device)[2].state_dict())
-    module.to(device, param_dtype(dtype)).train(mode == "train")
+    module.to(device, harness.param_dtype(dtype)).train(mode == "train")
     return module, harness.compiled(module) if variant == COMPILE else module
 
 

@@ -8,8 +8,11 @@ and PNG charts to OUT/<device>/. It exits with status 1 if any verification fail
 """
 import argparse
 import json
+import math
+import pathlib
 import shlex
 import sys
+import tempfile
 
 import torch
 
@@ -60,6 +63,13 @@ def parse_args(argv):
         parser.error("--device cuda: torch finds no CUDA device here")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.min_run_time is not None and not 0 < args.min_run_time < math.inf:
+        parser.error(f"--min-run-time must be a positive number of seconds, got {args.min_run_time}")
+    try:  # before anything runs: a folder that cannot be written would lose the whole run
+        pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out).close()
+    except OSError as exc:
+        parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
     return args
 
 
@@ -115,6 +125,7 @@ def main(argv=None):
         device = torch.device(name)
         size = args.size or ("full" if device.type == "cuda" else "quick")
         results, device_failed = run_device(device, args, command, size, log)
+        device_failed += sum(not r["verified"] for r in results["ops"])
         results["environment"]["malloc"] = malloc
         failed += device_failed
         paths = report.write(results, f"{args.out}/{device.type}")

@@ -53,13 +53,13 @@ def layer(variant, p):
 def check_mask(x, y, p, grad=None, grad_in=None):
     """Every y is x / (1 - p) or 0, kept at a rate near 1 - p; grad_in is grad under y's mask."""
     kept = y != 0
-    harness.assert_close(y, torch.where(kept, x.float() / (1 - p), 0.0), x.dtype, "output")
+    harness.assert_close(y, torch.where(kept, x.double() / (1 - p), 0.0), x.dtype, "output")
     rate = kept.sum().item() / kept.numel()
     six_sigma = 6 * math.sqrt(p * (1 - p) / kept.numel())
     assert abs(rate - (1 - p)) <= six_sigma, f"keep rate {rate:.4f}, expected {1 - p:.4f} ± {six_sigma:.4f}"
     if grad is not None:
         assert torch.equal(grad_in != 0, kept), "the gradient's mask differs from the output's"
-        harness.assert_close(grad_in, torch.where(kept, grad.float() / (1 - p), 0.0), x.dtype, "gradient")
+        harness.assert_close(grad_in, torch.where(kept, grad.double() / (1 - p), 0.0), x.dtype, "gradient")
 
 
 @functools.lru_cache

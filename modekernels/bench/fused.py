@@ -88,8 +88,8 @@ def check(op, training, x, residual, bias, y):
         expected = call(op, "torch", reference, x.double(), residual.double(), bias.double())
         harness.assert_close(y, expected, x.dtype, op)
         return
-    base = {"dropout_add": x, "bias_dropout_add": x + bias, "dropout2d": x}[op].float()
-    dropped = y.float() - (residual.float() if op != "dropout2d" else 0)
+    base = {"dropout_add": x, "bias_dropout_add": x + bias, "dropout2d": x}[op].double()
+    dropped = y.double() - (residual.double() if op != "dropout2d" else 0)
     if not training:
         harness.assert_close(dropped, base, x.dtype, op)
         return
@@ -101,7 +101,8 @@ def prepare(case, device):
     x, residual, bias, grad = inputs(case.shape, case.dtype, device)
     x, residual, grad = (to_layout(t, case.layout) for t in (x, residual, grad))
     # BatchNorm parameters stay float32 for bfloat16 inputs, as in mixed-precision training.
-    module = layer(case.op, case.variant, x.shape[1]).to(device).train(case.mode == "train")
+    module = layer(case.op, case.variant, x.shape[1]).to(device, harness.param_dtype(case.dtype))
+    module.train(case.mode == "train")
     # fwd+bwd differentiates with respect to the activation and, where there is one, the residual
     # (in a ResNet block or a transformer layer both need their gradient).
     xr = x.detach().requires_grad_()

@@ -13,6 +13,7 @@ import glob
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -297,6 +298,12 @@ def dtype_str(dtype):
     return str(dtype).removeprefix("torch.")
 
 
+def param_dtype(dtype):
+    """BatchNorm parameters' dtype for inputs of `dtype`: float32 for float16 and bfloat16, as in
+    mixed-precision training, else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     op: str
@@ -356,13 +363,14 @@ def _verify(case, bench):
 
 
 def progress_bar(items, desc, enabled=True):
-    """tqdm over items when tqdm is installed and enabled, else items; returns (iterable, log)."""
+    """tqdm over items when tqdm is installed and enabled, else items; returns (iterable, log).
+    The log goes to stderr, with the bar: stdout holds the tables, or the JSON of --json."""
     try:
         from tqdm import tqdm
     except ImportError:
-        return items, print
+        return items, functools.partial(print, file=sys.stderr)
     bar = tqdm(items, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
-    return bar, tqdm.write
+    return bar, functools.partial(tqdm.write, file=sys.stderr)
 
 
 def run(cases, prepare, device, min_run_time=0.2, progress=True, cache=None):
@@ -370,7 +378,8 @@ def run(cases, prepare, device, min_run_time=0.2, progress=True, cache=None):
 
     The variants of a case are prepared and verified first, then timed in turns
     (time_interleaved, in the cache regime `cache`), so that their ratios are measured over the
-    same stretch of time.
+    same stretch of time. A case that computes something wrong is not timed: its row has
+    `verified` false and the `error`, and the run goes on.
     """
     groups = {}
     for case in cases:
@@ -385,6 +394,10 @@ def run(cases, prepare, device, min_run_time=0.2, progress=True, cache=None):
                 _verify(case, bench)
             except Skip as exc:
                 log(f"skip {case.label()}: {exc}")
+                continue
+            except AssertionError as exc:
+                log(f"FAIL {case.label()}: {exc}")
+                rows.append({**case.fields(), "verified": False, "error": str(exc)})
                 continue
             ready.append((case, bench))
         times = time_interleaved([bench.fn for _, bench in ready], device, min_run_time,
@@ -421,7 +434,8 @@ def add_speedups(rows, fields=CASE_FIELDS):
     def key(row):
         return tuple(row[k] for k in fields if k != "variant")
 
-    baseline = {key(r): r["time_ms"] for r in rows if r["variant"] == BASELINE}
-    for r in rows:
+    timed = [r for r in rows if r.get("time_ms")]
+    baseline = {key(r): r["time_ms"] for r in timed if r["variant"] == BASELINE}
+    for r in timed:
         if key(r) in baseline:
             r["speedup"] = baseline[key(r)] / r["time_ms"]

@@ -6,6 +6,7 @@ between rows as columns and puts the ones that are the same in every row above i
 import csv
 import json
 import pathlib
+import sys
 
 from .harness import CASE_FIELDS
 from .verify import summarize
@@ -111,6 +112,11 @@ def summary_markdown(results):
     ]
     if failed:
         parts += ["### Failed checks\n", markdown_table(failed, "verify")]
+    untimed = [r for r in results.get("ops", []) if not r["verified"]]
+    if untimed:
+        parts += ["### Cases that failed their check at the timed size (not timed)\n",
+                  *(f"- {r['op']} {r['shape']} {r['dtype']} {r['layout']} {r['mode']} "
+                    f"{r['direction']} {r['variant']}: {r['error']}" for r in untimed), ""]
     for section, title in (("ops", "Ops"), ("models", "Models, end to end"),
                            ("distributed", "Distributed")):
         if results.get(section):
@@ -122,6 +128,10 @@ def write(results, out_dir):
     """Writes every section as CSV, results.json, summary.md and the charts; returns the paths."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # What an earlier run wrote here goes first, so that the folder holds this run's files alone.
+    for old in [*(out_dir / f"{s}.csv" for s in SECTIONS), out_dir / "results.json",
+                out_dir / "summary.md", *out_dir.glob("throughput-*.png"), *out_dir.glob("speedup-*.png")]:
+        old.unlink(missing_ok=True)
     paths = []
     for section in SECTIONS:
         if results.get(section) and section != "verify_summary":
@@ -152,12 +162,13 @@ def charts(results, out_dir):
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no charts")
+        print("matplotlib is not installed: no charts", file=sys.stderr)
         return []
     device = results["environment"]["device"]
+    timed = [r for r in results["ops"] if r["verified"]]
     paths = []
-    for op in dict.fromkeys(r["op"] for r in results["ops"]):
-        rows = [r for r in results["ops"] if r["op"] == op]
+    for op in dict.fromkeys(r["op"] for r in timed):
+        rows = [r for r in timed if r["op"] == op]
         panels = list(dict.fromkeys((r["mode"], r["direction"]) for r in rows))
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False,
                                  sharey=True)

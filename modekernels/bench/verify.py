@@ -22,7 +22,7 @@ import torch
 import modekernels
 from modekernels import functional as F
 
-from .harness import TOL, dtype_str, progress_bar, shape_str
+from .harness import TOL, dtype_str, param_dtype, progress_bar, shape_str
 
 P = 0.25  # not a power of two: 1 / (1 - p) rounds in every dtype, as it would in a model
 SEED = 1234
@@ -164,8 +164,7 @@ def _batch_norm_quantities(check, dtype, device, training):
             t.copy_(torch.rand(t.shape, generator=gen) * (high - low) + low)
     ours = ours_cls(channels)
     ours.load_state_dict(reference.state_dict())
-    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    ours.to(device, param_dtype).train(training)
+    ours.to(device, param_dtype(dtype)).train(training)
     reference.to(device, torch.float64).train(training)
 
     def forward(module, x, residual, tail):
@@ -222,7 +221,7 @@ def verify(device, dtypes, progress=True):
         for direction, named in quantities.items():
             errors = {name: _errors(a, e, dtype) for name, (a, e) in named.items()}
             worst = max(errors, key=lambda n: (not errors[n][2], errors[n][1]), default=None)
-            max_abs, max_rel, passed = errors[worst] if worst else (math.nan, math.nan, False)
+            max_abs, max_rel, passed = errors[worst] if worst else (None, None, False)
             if keep_rate is not None and direction == "fwd":
                 passed = passed and _keep_rate_ok(keep_rate, _mask_count(check))
             rows.append({
@@ -243,6 +242,6 @@ def summarize(rows):
         groups.setdefault((r["op"], r["dtype"]), []).append(r)
     return [{"op": op, "dtype": dtype, "checks": len(group),
              "passed_checks": sum(r["passed"] for r in group),
-             "max_rel": max(r["max_rel"] for r in group),
+             "max_rel": max((r["max_rel"] for r in group if r["max_rel"] is not None), default=None),
              "passed": all(r["passed"] for r in group)}
             for (op, dtype), group in groups.items()]
