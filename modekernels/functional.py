@@ -65,19 +65,17 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
 
 
 def _nested_dropout(input, p, training, inplace, generator):
-    """Dropout of a nested tensor. As torch's: out of place, its eval and p = 0 give a copy; in
-    place, they give the input, p = 1 zeros it, and any other p is refused. Out of place, a
-    jagged one's values are dropped, its offsets and lengths kept; a mask over torch's older
-    strided layout is refused (torch's dropout takes it)."""
+    """Dropout of a nested tensor. As torch's: eval and p = 0 give a copy (in place, the input),
+    p = 1 zeros; in place, any other p is refused. Out of place, a jagged one's values are
+    dropped, its offsets and lengths kept; a mask over torch's older strided layout is refused
+    (torch's dropout takes it)."""
+    if not training or p == 0.0:
+        return input if inplace else input.clone()
+    if p == 1.0:
+        return _zeroed(input, inplace)
     if inplace:
-        if not training or p == 0.0:
-            return input
-        if p == 1.0:
-            return _zeroed(input, inplace)
         raise NotImplementedError("modekernels dropout_: in-place dropout of a nested tensor "
                                   "(torch's dropout_ cannot draw one either)")
-    if not training or p == 0.0:
-        return input.clone()
     if input.layout != torch.jagged:
         raise TypeError(f"modekernels dropout: nested tensors of the torch.jagged layout only, but "
                         f"got {input.layout}")
@@ -205,7 +203,7 @@ def _zeroed(input, inplace):
     """torch's p = 1 shortcut: the input times a zero of its own dtype, before any check of its
     dtype or rank (so integer, bool and complex inputs give zeros of theirs, NaN stays NaN). Our
     kernels take the floating-point inputs of every rank they support."""
-    zero = input.new_zeros(())
+    zero = torch.zeros((), dtype=input.dtype, device=input.device)  # new_zeros: not for nested
     return input.mul_(zero) if inplace else input * zero
 
 

@@ -604,10 +604,12 @@ def test_jagged_nested_tensor_shortcuts_as_torch(p, training):
     x = torch.nested.nested_tensor(parts, layout=torch.jagged, requires_grad=True)
     ours, theirs = (fn(x, p, training) for fn in (MF.dropout, torch.nn.functional.dropout))
     assert ours is not x and ours.requires_grad
-    if p < 1:  # a mask is drawn only for the jagged layout; torch's older one takes the rest too
-        strided = torch.nested.nested_tensor(parts)
-        assert torch.equal(MF.dropout(strided, p, training).to_padded_tensor(0.0).nan_to_num(),
-                           strided.to_padded_tensor(0.0).nan_to_num())
+    # A mask is drawn only for the jagged layout; torch's older one takes the shortcuts too.
+    strided = torch.nested.nested_tensor(parts)
+    for inplace in (False, True):
+        padded = [fn(strided.clone(), p, training, inplace).to_padded_tensor(0.0)
+                  for fn in (MF.dropout, torch.nn.functional.dropout)]
+        torch.testing.assert_close(*padded, equal_nan=True)
     assert ours.values().data_ptr() != x.values().data_ptr()
     torch.testing.assert_close(ours.values(), theirs.values(), equal_nan=True)
     with torch.no_grad():
