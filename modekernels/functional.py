@@ -207,6 +207,12 @@ def _zeroed(input, inplace):
     return input.mul_(zero) if inplace else input * zero
 
 
+def _check_feature_args(input, p, training, inplace, generator):
+    """_check_args for the channel-wise dropouts, named as torch's op (feature_dropout[_])."""
+    return _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training,
+                       generator)
+
+
 def _feature_dropout(input, p, training, inplace, generator):
     if not training or p == 0.0 or input.numel() == 0:
         return input
@@ -235,8 +241,7 @@ def dropout1d(input, p=0.5, training=True, inplace=False, generator=None):
             "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
             "spatial dimension, a channel dimension, and an optional batch dimension "
             "(i.e. 2D or 3D inputs).")
-    p = _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training,
-                    generator)
+    p = _check_feature_args(input, p, training, inplace, generator)
     return _unbatched_feature_dropout(input, input.dim() == 3, p, training, inplace, generator)
 
 
@@ -255,8 +260,7 @@ def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
             "is the channel dim. This behavior will change in a future release to interpret the "
             "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
             "channel-wise dropout behavior, please switch to using dropout1d instead.")
-    p = _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training,
-                    generator)
+    p = _check_feature_args(input, p, training, inplace, generator)
     return _feature_dropout(input, p, training, inplace, generator)
 
 
@@ -265,8 +269,7 @@ def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout3d: one mask per channel of (N, C, D, H, W) or (C, D, H, W)."""
     _check_p(p)
     _warn_rank("dropout3d", input, 3)
-    p = _check_args("feature_dropout_" if inplace else "feature_dropout", input, p, training,
-                    generator)
+    p = _check_feature_args(input, p, training, inplace, generator)
     return _unbatched_feature_dropout(input, input.dim() == 5, p, training, inplace, generator)
 
 
