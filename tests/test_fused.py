@@ -196,6 +196,49 @@ def test_residual_gradient_alone_is_the_gated_grad(device, training):
     assert torch.equal(r.grad, torch.ops.aten.threshold_backward(g, y, 0))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (2, 40, 7, 7), (3, 64, 9, 9), (2, 256, 4, 4),
+                                   (2, 1100, 2, 3), (6, 5, 3, 3), (3, 5, 40, 40), (9, 7)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_saved_gate_backward_is_the_plain_backward_of_the_gated_grad(device, dtype, shape, layout):
+    # BN+add+ReLU's backward gates dy once (in the gradient-sums pass, or on its own where that
+    # does not run: eval without parameter gradients, given sums) and runs the plain backward on
+    # it. The residual's gradient must be torch's ReLU backward bit for bit (NaN outputs let dy
+    # through, -0 in dy is kept; NaNs are compared as NaNs: torch's bfloat16 kernel rewrites their
+    # bits), and the rest exactly the plain backward of it. Shapes:
+    # each CPU path (channels-first separate and cache-resident passes, short rows walked as
+    # columns, channels-last with registered channels, rows swept four at a time, float16
+    # channels left over from a SIMD part; 2-D).
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("2-D input")
+    gen = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, r, dy = (torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+                for _ in range(3))
+    flat = dy.permute(0, *range(2, dy.dim()), 1) if layout == "channels_last" else dy
+    flat.reshape(-1)[::7] = float("nan")  # a view: dense in either layout
+    flat.reshape(-1)[3::7] = -0.0
+    param = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w = (torch.rand(shape[1], generator=gen) + 0.5).to(device, param)
+    b = torch.randn(shape[1], generator=gen).to(device, param)
+    y, mean, var = mkops.batch_norm_train(x, w, b, 1e-5, r, True)
+    y[:, ::3] = float("nan")
+    gated = torch.ops.aten.threshold_backward(dy, y, 0)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    masks = ([True] * 3, [False, True, True], [True, False, False])
+    for training, mask, given in itertools.product((True, False), masks, (False, True)):
+        count = x.numel() // shape[1]
+        sums = (*mkops.batch_norm_grad_sums(gated, x, mean), count) if given else (None,) * 3
+        ours = mkops.batch_norm_backward(dy, x, mean, var, w, 1e-5, training, mask, *sums, y, True)
+        plain = mkops.batch_norm_backward(gated, x, mean, var, w, 1e-5, training, mask, *sums)
+        assert torch.equal(ours[3].isnan(), gated.isnan())
+        assert torch.equal(ours[3].nan_to_num().view(bits), gated.nan_to_num().view(bits))
+        for a, b_ in zip(ours[:3], plain[:3]):
+            torch.testing.assert_close(a, b_, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_gradcheck_and_gradgradcheck_float64(training, variant):

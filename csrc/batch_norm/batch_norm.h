@@ -8,9 +8,15 @@
 //   train backward:   grad_sums (read dy, x) + affine (read dy, x, write dx)
 //   eval backward:    affine (read dy, write dx) [+ grad_sums (read dy, x) if weight/bias need grads]
 // The fused variants add the residual to the forward's elementwise read. BN+ReLU's backward
-// recomputes the ReLU's gate from x (no extra read); BN+add+ReLU's reads the saved output as its
-// gate in each backward pass and also writes the residual's gradient (the gated dy) from the
-// elementwise pass of dx.
+// recomputes the ReLU's gate from x (no extra read). BN+add+ReLU's reads its saved output as the
+// gate in the gradient-sums pass, which also writes the gated dy (the residual's gradient); the
+// elementwise pass reads that in dy's place, with no gate:
+//   train backward:   grad_sums (read dy, x, y, write gated dy) + affine (read gated dy, x, write dx)
+// (Read in both passes, with dx and the gated dy both written by the second, float32's training
+// step on 8x256x56x56 channels_last took 11.0 ms on the Intel Xeon VM, 8.9 ms so: a loop that
+// stores two streams ran far below a copy's speed there; 2026-12-06.) Where no gradient sums are
+// taken (eval without weight and bias gradients, or sums given), the elementwise pass reads the
+// gate and writes the gated dy itself.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -91,10 +97,12 @@ AffinePtrs<scalar_t> affine_ptrs(const Operands& in) {
 struct Backend {
   void (*moments)(const at::Tensor& x, const Layout& layout, const at::Tensor& mean,
                   const at::Tensor& var);
-  // Sums of dy, with dy taken as 0 where the gate (if any) is closed: the ReLU backward.
+  // Sums of dy, with dy taken as 0 where the gate (if any) is closed: the ReLU backward. With a
+  // saved gate, gated_out may be given (dense like dy, else undefined): the gated dy is written
+  // there, bit for bit dy's where the gate is open and +0 where it is closed.
   void (*grad_sums)(const at::Tensor& dy, const Gate& gate, const at::Tensor& x,
                     const Layout& layout, const at::Tensor& mean, const at::Tensor& sum_dy,
-                    const at::Tensor& sum_dy_xmu);
+                    const at::Tensor& sum_dy_xmu, const at::Tensor& gated_out);
   void (*forward_coeffs)(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
                          const at::Tensor& bias, double eps, const at::Tensor& coeffs);
   void (*backward_coeffs)(bool train, const at::Tensor& mean, const at::Tensor& var,
@@ -110,16 +118,17 @@ struct Backend {
                          const at::Tensor& mean, const at::Tensor& var, int64_t count,
                          double factor, const at::Tensor& num_batches_tracked);
   // Optional (null where a backend has none): a whole training forward (mean, var and out from
-  // in.q = x) or training backward (from in.p = dy, in.q = x, in.gate) in one pass over memory,
-  // for layouts that suit it. They return false, having written nothing, when the layout does
-  // not suit them; the op bodies then run the passes above.
+  // in.q = x) or training backward (from in.p = dy, in.q = x, in.gate, and gated_out as
+  // grad_sums takes it, the elementwise part then reading it as p with no gate) in one pass over
+  // memory, for layouts that suit it. They return false, having written nothing, when the layout
+  // does not suit them; the op bodies then run the passes above.
   bool (*train_resident)(const Operands& in, const Layout& layout, const at::Tensor& weight,
                          const at::Tensor& bias, double eps, const at::Tensor& mean,
                          const at::Tensor& var, const at::Tensor& out);
   bool (*backward_resident)(const Operands& in, const Layout& layout, const at::Tensor& mean,
                             const at::Tensor& var, const at::Tensor& weight, double eps,
-                            const at::Tensor& grad_input, const at::Tensor& grad_weight,
-                            const at::Tensor& grad_bias);
+                            const at::Tensor& gated_out, const at::Tensor& grad_input,
+                            const at::Tensor& grad_weight, const at::Tensor& grad_bias);
 };
 
 using OptTensor = std::optional<at::Tensor>;

@@ -11,7 +11,8 @@
 //   so the squares never lose precision to a large mean; block sums add up in double per task,
 //   task sums per channel at the end. Rows of 4 KB or more are swept four at a time; with 32, 64
 //   or 128 channels a block's sums stay in registers. One pass over memory.
-// grad_sums: the same task split, accumulating sum(dy) and sum(dy (x - mean)). One pass.
+// grad_sums: the same task split, accumulating sum(dy) and sum(dy (x - mean)) (and, with a saved
+//   ReLU gate, writing the gated dy). One pass.
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows
 //   (channels-last rows of 4 KB or more four at a time; of 32, 64 or 128 channels with the
 //   coefficients held across rows), in spans of at most kSpan elements.
@@ -159,6 +160,34 @@ typename Lanes<T>::Part load_lanes(const scalar_t* p, int64_t k) {
   std::conditional_t<kBytes == 8, uint64_t, typename Words<kBytes / 8>::W64> bits;
   std::memcpy(&bits, p + k * Lanes<T>::kWidth, sizeof(bits));
   return widen_part<T, scalar_t>(bits);
+}
+
+// The gated dy of a saved gate's backward, bit for bit: the Lanes<T>::kWidth values of scalar_t
+// at src + k W (W = Lanes<T>::kWidth) stored at dst + k W as they are where `closed` (a comparison
+// of parts of T: all ones where true) is false, and as +0 where it is true. No conversion: float16
+// and bfloat16 values, NaNs too, keep dy's bits.
+template <typename T, typename scalar_t, typename Closed>
+inline void store_gated(scalar_t* dst, const scalar_t* src, int64_t k, Closed closed) {
+  using Int = std::conditional_t<sizeof(scalar_t) == 2, int16_t,
+                                 std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>>;
+  typedef Int Bits __attribute__((vector_size(Lanes<T>::kWidth * sizeof(scalar_t))));
+  typedef Bits Unaligned __attribute__((aligned(alignof(scalar_t)), may_alias));
+  const Bits bits = *reinterpret_cast<const Unaligned*>(src + k * Lanes<T>::kWidth);
+  const Bits open = ~__builtin_convertvector(closed, Bits);
+  *reinterpret_cast<Unaligned*>(dst + k * Lanes<T>::kWidth) = bits & open;
+}
+
+// store_gated for the elements e0 <= i < e1, gated by the saved ReLU output y (closed where <= 0).
+template <typename T, typename scalar_t>
+inline void store_gated_span(scalar_t* gated, const scalar_t* dy, const scalar_t* y, int64_t e0,
+                             int64_t e1) {
+  constexpr int64_t W = Lanes<T>::kWidth;
+  int64_t i = e0;
+  for (; i + W <= e1; i += W) store_gated<T>(gated + i, dy + i, 0, load_lanes<T>(y + i, 0) <= T(0));
+  for (; i < e1; ++i) {
+    const scalar_t d = dy[i];
+    gated[i] = relu_passes(widen<T>(y[i])) ? d : scalar_t(0);
+  }
 }
 
 // The sum of all lanes, lane by lane in order.
@@ -391,11 +420,12 @@ void channel_moments(const scalar_t* x, const Layout& l, int64_t c0, int64_t c1,
 }
 
 // Adds dy and dy (x - mean) of R rows of channel c, len elements each starting at begin,
-// begin + stride, ..., to acc; with a gate, dy counts only where it is open.
+// begin + stride, ..., to acc; with a gate, dy counts only where it is open. With a saved gate,
+// `gated` (or null) gets the gated dy (store_gated).
 template <int64_t R, typename scalar_t, typename opmath_t>
 void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scalar_t* x,
-                    int64_t begin, int64_t stride, int64_t len, int64_t ahead, int64_t c,
-                    opmath_t mean, RowSums<opmath_t>& acc) {
+                    scalar_t* gated, int64_t begin, int64_t stride, int64_t len, int64_t ahead,
+                    int64_t c, opmath_t mean, RowSums<opmath_t>& acc) {
   using L = Lanes<opmath_t>;
   const bool recompute = gate.coeffs != nullptr;  // then gate.g is x itself
   opmath_t gm = 0, gb = 0, gd = 0, above = 0;  // open unless the gate value is <= above
@@ -422,7 +452,9 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
         if (gate.g) {
           // The saved output, or as relu_open recomputes it: normalized(), lane by lane.
           const auto open = recompute ? gd + (v - gm) * gb : load_lanes<opmath_t>(gate.g + at, k);
-          g = open <= above ? typename L::Part{} : g;  // relu_passes: open for NaN too
+          const auto closed = open <= above;  // relu_passes: open for NaN too
+          g = closed ? typename L::Part{} : g;
+          if (gated) store_gated<opmath_t>(gated + at, dy + at, k, closed);
         }
         lanes.v1[k] += g;
         lanes.v2[k] += g * (v - mean);
@@ -436,7 +468,9 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
         const opmath_t v = widen<opmath_t>(x[at]);
         if (gate.g) {
           const opmath_t open = recompute ? gd + (v - gm) * gb : widen<opmath_t>(gate.g[at]);
-          g = relu_passes(open, above) ? g : opmath_t(0);
+          const bool passes = relu_passes(open, above);
+          g = passes ? g : opmath_t(0);
+          if (gated) gated[at] = passes ? dy[at] : scalar_t(0);
         }
         lanes.t1 += g;
         lanes.t2 += g * (v - mean);
@@ -445,16 +479,16 @@ void rows_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scal
 }
 
 // sum(dy) and sum(dy (x - mean)) of channels c0 <= c < c1 over rows n0 <= n < n1 of
-// channels-first memory, into sdy[c - c0] and sdx[c - c0].
+// channels-first memory, into sdy[c - c0] and sdx[c - c0]; the gated dy into `gated` (or null).
 template <typename scalar_t, typename opmath_t>
 void channel_grad_sums(const scalar_t* dy, const GateOf<scalar_t>& gate, const scalar_t* x,
-                       const Layout& l, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
-                       const opmath_t* mean, double* sdy, double* sdx) {
+                       scalar_t* gated, const Layout& l, int64_t c0, int64_t c1, int64_t n0,
+                       int64_t n1, const opmath_t* mean, double* sdy, double* sdx) {
   c10::SmallVector<RowSums<opmath_t>, 1> acc(c1 - c0);
   for_rows<kBatchRows, scalar_t>(l, c0, c1, n0, n1, [&](int64_t c, int64_t off, int64_t ahead, auto R) {
     constexpr int64_t kR = decltype(R)::value;
     for_row_spans<kR>(l.S, [&](int64_t i0, int64_t n) {
-      rows_grad_sums<kR>(dy, gate, x, off + i0, l.C * l.S, n, ahead, c, mean[c], acc[c - c0]);
+      rows_grad_sums<kR>(dy, gate, x, gated, off + i0, l.C * l.S, n, ahead, c, mean[c], acc[c - c0]);
     });
   });
   for (int64_t c = c0; c < c1; ++c) {
@@ -793,11 +827,12 @@ void moments_cpu(const at::Tensor& x, const Layout& l, const at::Tensor& mean, c
 template <typename scalar_t>
 void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tensor& x_t,
                       const Layout& layout, const at::Tensor& mean_t, const at::Tensor& sum_dy_t,
-                      const at::Tensor& sum_dy_xmu_t) {
+                      const at::Tensor& sum_dy_xmu_t, const at::Tensor& gated_t) {
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* dy = dy_t.const_data_ptr<scalar_t>();
   auto gate = gate_view<scalar_t>(gate_t);
   const scalar_t* x = x_t.const_data_ptr<scalar_t>();
+  scalar_t* gated = gated_t.defined() ? gated_t.data_ptr<scalar_t>() : nullptr;
   const opmath_t* mean = mean_t.const_data_ptr<opmath_t>();
   const Layout l = walked(layout);
   const int64_t C = l.C;
@@ -813,7 +848,8 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
     const int64_t per = tasks_per_channel(l);
     std::vector<double> pdy(C * per), pdx(C * per);
     for_channel_tasks(l, per, [&](int64_t t, int64_t c, int64_t n0, int64_t n1) {
-      channel_grad_sums<scalar_t, opmath_t>(dy, gate, x, l, c, c + 1, n0, n1, mean, &pdy[t], &pdx[t]);
+      channel_grad_sums<scalar_t, opmath_t>(dy, gate, x, gated, l, c, c + 1, n0, n1, mean, &pdy[t],
+                                            &pdx[t]);
     });
     for (int64_t t = 0; t < C * per; ++t) {
       sdy[t / per] += pdy[t];
@@ -823,36 +859,62 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
     // The gate's kind is compiled in, and a recomputed gate's coefficients are read per column as
     // the mean is (GateView::passes per element, which tests which kind it is and indexes the
     // coefficients, kept the loop from vectorizing: BatchNormReLU2d's backward on 128x256x8x8
-    // channels_last took 12 ms, 3x its channels-first time).
+    // channels_last took 12 ms, 3x its channels-first time). So is whether a saved gate's pass
+    // writes the gated dy (`write`, a std::bool_constant).
     const opmath_t* gm = gate.coeffs ? gate.coeffs + kM * gate.C : nullptr;
     const opmath_t* gb = gate.coeffs ? gate.coeffs + kB * gate.C : nullptr;
     const opmath_t* gd = gate.coeffs ? gate.coeffs + kD * gate.C : nullptr;
     const opmath_t above = zero_rounding_bound<scalar_t, opmath_t>();
-    const auto sums = [&](auto kind) {
+    const auto sums = [&](auto kind, auto write) {
       constexpr GateKind K = decltype(kind)::value;
-      // dy g and input v of channel c (and its saved gate value s, for kSavedGate) into the sums.
-      const auto add = [&](opmath_t g, opmath_t v, [[maybe_unused]] opmath_t s, int64_t c, opmath_t& sum,
-                           opmath_t& dot) {
-        // GateView::passes: relu_passes of the saved output, or relu_open of the input.
-        if constexpr (K == kSavedGate) g = relu_passes(s) ? g : opmath_t(0);
-        if constexpr (K == kRecomputedGate) g = relu_passes(gd[c] + (v - gm[c]) * gb[c], above) ? g : opmath_t(0);
-        sum += g;
-        dot += g * (v - mean[c]);
+      // dy d (as read: scalar_t, or a float copy of it) and input v of element i, channel c (and
+      // its saved gate value s, for kSavedGate) into the sums; with `w` (a std::bool_constant)
+      // true, the gated dy into `gated`, stored from d, which is read either way (read again from
+      // dy where the gate is open, the loop did not vectorize: float32 BatchNormAddReLU2d's
+      // backward on 8x256x56x56 channels_last took 21 ms, not 6).
+      const auto adder = [&](auto w) {
+        constexpr bool kW = decltype(w)::value;
+        return [&](auto d, opmath_t v, [[maybe_unused]] opmath_t s, int64_t c,
+                   [[maybe_unused]] int64_t i, opmath_t& sum, opmath_t& dot) {
+          opmath_t g = widen<opmath_t>(d);
+          // GateView::passes: relu_passes of the saved output, or relu_open of the input.
+          if constexpr (K == kSavedGate) {
+            const bool passes = relu_passes(s);
+            g = passes ? g : opmath_t(0);
+            if constexpr (kW) gated[i] = passes ? narrow<scalar_t>(d) : scalar_t(0);
+          }
+          if constexpr (K == kRecomputedGate) {
+            g = relu_passes(gd[c] + (v - gm[c]) * gb[c], above) ? g : opmath_t(0);
+          }
+          sum += g;
+          dot += g * (v - mean[c]);
+        };
       };
       const auto gate_value = [](const auto* gv, int64_t i) {
         return K == kSavedGate ? widen<opmath_t>(gv[i]) : opmath_t(0);
       };
-      // add for the part of channels c on that starts at element i (reads_parts), lane by lane.
-      const auto add_part = [&](int64_t i, int64_t c, auto& sum, auto& dot) MK_SPAN_BODY {
-        using Part = std::remove_reference_t<decltype(sum)>;
-        const auto at = [&](const opmath_t* v) { return load_lanes<opmath_t>(v + c, 0); };
-        Part g = load_lanes<opmath_t>(dy + i, 0);
-        const Part v = load_lanes<opmath_t>(x + i, 0);
-        if constexpr (K == kSavedGate) g = load_lanes<opmath_t>(gate.g + i, 0) <= opmath_t(0) ? Part{} : g;
-        if constexpr (K == kRecomputedGate) g = at(gd) + (v - at(gm)) * at(gb) <= above ? Part{} : g;
-        sum += g;
-        dot += g * (v - at(mean));
+      // adder for the part of channels c on that starts at element i (reads_parts), lane by lane.
+      const auto part_adder = [&](auto w) {
+        constexpr bool kW = decltype(w)::value;
+        return [&](int64_t i, int64_t c, auto& sum, auto& dot) MK_SPAN_BODY {
+          using Part = std::remove_reference_t<decltype(sum)>;
+          const auto at = [&](const opmath_t* v) { return load_lanes<opmath_t>(v + c, 0); };
+          Part g = load_lanes<opmath_t>(dy + i, 0);
+          const Part v = load_lanes<opmath_t>(x + i, 0);
+          if constexpr (K == kSavedGate) {
+            const auto closed = load_lanes<opmath_t>(gate.g + i, 0) <= opmath_t(0);
+            g = closed ? Part{} : g;
+            if constexpr (kW) store_gated<opmath_t>(gated + i, dy + i, 0, closed);
+          }
+          if constexpr (K == kRecomputedGate) g = at(gd) + (v - at(gm)) * at(gb) <= above ? Part{} : g;
+          sum += g;
+          dot += g * (v - at(mean));
+        };
       };
+      const auto add = adder(std::false_type{});
+      // Rows that the reductions sweep a few at a time (no registered channels) get their gated dy
+      // from a loop of its own over them, from L1: stored in the sweep over their channels, whose
+      // sums are in memory, the pass took 1.3x as long (float32, 256 channels: 3.8 ms, not 2.9).
       rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
         const auto cols = [&](int64_t c0, int64_t n, int64_t stride, const auto* dyv, const auto* xv,
                               const auto* gv) MK_SPAN_BODY {
@@ -862,23 +924,31 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
             opmath_t sum = 0, dot = 0;
             unrolled(R, [&](int64_t j) {
               const int64_t i = j * stride + k;
-              add(widen<opmath_t>(dyv[i]), widen<opmath_t>(xv[i]), gate_value(gv, i), c, sum, dot);
+              add(dyv[i], widen<opmath_t>(xv[i]), gate_value(gv, i), c, i, sum, dot);
             });
             a[c] += sum;
             b[c] += dot;
           }
         };
-        row_columns(r, R, C, cols, add_part, a, b, dy, x, K == kSavedGate ? gate.g : nullptr);
-      }, [&](int64_t i, int64_t c, opmath_t& sum, opmath_t& dot) {
-        add(widen<opmath_t>(dy[i]), widen<opmath_t>(x[i]), gate_value(gate.g, i), c, sum, dot);
-      }, add_part, sdy, sdx);
+        row_columns(r, R, C, cols, part_adder(std::false_type{}), a, b, dy, x,
+                    K == kSavedGate ? gate.g : nullptr);
+        if constexpr (decltype(write)::value) {
+          store_gated_span<opmath_t>(gated, dy, gate.g, r * C, (r + R) * C);
+        }
+      }, [&, element = adder(write)](int64_t i, int64_t c, opmath_t& sum, opmath_t& dot) {
+        element(dy[i], widen<opmath_t>(x[i]), gate_value(gate.g, i), c, i, sum, dot);
+      }, part_adder(write), sdy, sdx);
     };
+    using Yes = std::true_type;
+    using No = std::false_type;
     if (!gate.g) {
-      sums(std::integral_constant<GateKind, kNoGate>{});
+      sums(std::integral_constant<GateKind, kNoGate>{}, No{});
     } else if (gate.coeffs) {
-      sums(std::integral_constant<GateKind, kRecomputedGate>{});
+      sums(std::integral_constant<GateKind, kRecomputedGate>{}, No{});
+    } else if (gated) {
+      sums(std::integral_constant<GateKind, kSavedGate>{}, Yes{});
     } else {
-      sums(std::integral_constant<GateKind, kSavedGate>{});
+      sums(std::integral_constant<GateKind, kSavedGate>{}, No{});
     }
   }
   opmath_t* out_dy = sum_dy_t.data_ptr<opmath_t>();
@@ -890,9 +960,10 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
 }
 
 void grad_sums_cpu(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const Layout& l,
-                   const at::Tensor& mean, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
+                   const at::Tensor& mean, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                   const at::Tensor& gated) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modekernels_bn_grad_sums", [&] {
-    grad_sums_kernel<scalar_t>(dy, gate, x, l, mean, sum_dy, sum_dy_xmu);
+    grad_sums_kernel<scalar_t>(dy, gate, x, l, mean, sum_dy, sum_dy_xmu, gated);
   });
 }
 
@@ -1215,19 +1286,25 @@ bool train_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& w
 
 bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor& mean_t,
                            const at::Tensor& var_t, const at::Tensor& weight, double eps,
-                           const at::Tensor& grad_input, const at::Tensor& grad_weight,
-                           const at::Tensor& grad_bias) {
-  // dy, x and a saved gate are read again (a recomputed gate reads x).
-  const int64_t reread = in.gate.tensor.defined() && !in.gate.coeffs.defined() ? 3 : 2;
-  const int64_t written = in.gated_out.defined() ? 2 : 1;  // dx [and the gated dy]
-  const int64_t G = resident_group(l, reread * grad_input.element_size(),
-                                   written * grad_input.element_size());
+                           const at::Tensor& gated_out, const at::Tensor& grad_input,
+                           const at::Tensor& grad_weight, const at::Tensor& grad_bias) {
+  // The second pass reads dy (or the gated dy) and x again and writes dx; with a saved gate the
+  // first also reads the gate and writes the gated dy.
+  const bool saved_gate = gated_out.defined();
+  TORCH_INTERNAL_ASSERT(saved_gate == (in.gate.tensor.defined() && !in.gate.coeffs.defined()),
+                        "a saved gate's backward writes the gated dy");
+  const int64_t es = grad_input.element_size();
+  const int64_t G = resident_group(l, 2 * es, (saved_gate ? 3 : 1) * es);
   if (G == 0 || l.S < kMinResidentRow) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_input.scalar_type(), "modekernels_bn_backward_resident", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     dispatch_param(weight.defined() ? weight : grad_bias, mean_t.scalar_type(), [&](auto tag) {
       using P = std::remove_pointer_t<decltype(tag)>;
       const auto ptrs = affine_ptrs<scalar_t>(in);
+      scalar_t* gated = saved_gate ? gated_out.data_ptr<scalar_t>() : nullptr;
+      // The elementwise pass's operands: the gated dy for a saved gate's dy, with no gate.
+      const auto second =
+          saved_gate ? AffinePtrs<scalar_t>{gated, ptrs.q, {}, nullptr, false, nullptr} : ptrs;
       const P* w = ptr_or_null<P>(weight);
       P* gw = ptr_or_null<P>(grad_weight);
       P* gb = ptr_or_null<P>(grad_bias);
@@ -1235,12 +1312,12 @@ bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor
       const opmath_t* var = var_t.const_data_ptr<opmath_t>();
       const auto count = static_cast<opmath_t>(l.N * l.S);
       scalar_t* o = grad_input.data_ptr<scalar_t>();
-      with_variant(ptrs, [&](auto v) {
+      with_variant(second, [&](auto v) {
         for_groups(l, G, [&](int64_t c0, int64_t c1) {
           std::vector<double> sdy(c1 - c0), sdx(c1 - c0);
           GroupCoeffs<opmath_t> k(c1 - c0);
-          channel_grad_sums<scalar_t, opmath_t>(ptrs.p, ptrs.gate, ptrs.q, l, c0, c1, 0, l.N, mean,
-                                                sdy.data(), sdx.data());
+          channel_grad_sums<scalar_t, opmath_t>(ptrs.p, ptrs.gate, ptrs.q, gated, l, c0, c1, 0, l.N,
+                                                mean, sdy.data(), sdx.data());
           for (int64_t c = c0; c < c1; ++c) {
             const auto dy_sum = static_cast<opmath_t>(sdy[c - c0]);
             const auto dxmu_sum = static_cast<opmath_t>(sdx[c - c0]);
@@ -1248,9 +1325,9 @@ bool backward_resident_cpu(const Operands& in, const Layout& l, const at::Tensor
             backward_coeffs<opmath_t, P>(0, 1, true, mean + c, var + c, w ? w + c : nullptr, eps,
                                          &dy_sum, &dxmu_sum, count, kc, gw ? gw + c : nullptr,
                                          gb ? gb + c : nullptr);
-            gate_coeffs(ptrs.gate, c, kc);
+            gate_coeffs(second.gate, c, kc);
           }
-          affine_group<decltype(v)>(ptrs, l, c0, c1, k, o);
+          affine_group<decltype(v)>(second, l, c0, c1, k, o);
         });
       });
     });

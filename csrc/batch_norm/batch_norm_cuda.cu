@@ -8,7 +8,7 @@
 //     contiguous bytes; the 8 warps of the block take interleaved rows.
 // Each thread keeps Welford moments (or plain sums), merged across the block with Chan's formula
 // and written as one partial per (channel, split); the second launch merges the partials of each
-// channel. One pass over memory.
+// channel. One pass over memory; grad_sums with a saved ReLU gate also writes the gated dy.
 // affine: out = p a + (q - m) b + d (batch_norm_math.h), one grid-stride pass, 128-bit loads and
 // stores when the innermost dimension allows, 32-bit indexing when it fits. Per-channel coefficients and the running-statistics update are one small launch
 // each, reading num_batches_tracked on the device, so nothing synchronizes with the host.
@@ -41,7 +41,7 @@ struct MomentsAcc {
   int64_t pushed = 0;  // counted as an integer: a float m.n += 1 stops growing at 2^24
   template <typename scalar_t>
   __device__ void push(const scalar_t* /*dy*/, const GateOf<scalar_t>& /*gate*/, const scalar_t* x,
-                       int64_t i, int64_t /*c*/, T /*center*/) {
+                       scalar_t* /*gated*/, int64_t i, int64_t /*c*/, T /*center*/) {
     const T v = static_cast<T>(x[i]);
     m.n = static_cast<T>(++pushed);
     const T delta = v - m.mean;
@@ -67,10 +67,13 @@ template <typename T>
 struct GradAcc {
   T sdy = T(0);
   T sdx = T(0);
+  // With `gated`, also writes the gated dy there: dy's value where the gate is open, else +0.
   template <typename scalar_t>
   __device__ void push(const scalar_t* dy, const GateOf<scalar_t>& gate, const scalar_t* x,
-                       int64_t i, int64_t c, T center) {
-    const T g = gate.open(i, c) ? static_cast<T>(dy[i]) : T(0);  // the ReLU backward
+                       scalar_t* gated, int64_t i, int64_t c, T center) {
+    const bool open = gate.open(i, c);  // the ReLU backward
+    if (gated) gated[i] = open ? dy[i] : scalar_t(0);
+    const T g = open ? static_cast<T>(dy[i]) : T(0);
     sdy += g;
     sdx += g * (static_cast<T>(x[i]) - center);
   }
@@ -114,8 +117,8 @@ __device__ Acc block_merge(Acc acc) {
 // division (IntDivider) when 32 bits suffice.
 template <typename scalar_t, typename Acc, typename index_t>
 __global__ void __launch_bounds__(cuda::kThreads)
-    reduce_cf(const scalar_t* dy, GateOf<scalar_t> gate, const scalar_t* x, index_t N, int64_t C,
-              Divider<index_t> s_div,
+    reduce_cf(const scalar_t* dy, GateOf<scalar_t> gate, const scalar_t* x, scalar_t* gated,
+              index_t N, int64_t C, Divider<index_t> s_div,
               const at::opmath_type<scalar_t>* center, Acc* partial) {
   const int64_t c = blockIdx.x;
   const index_t S = s_div.divisor;
@@ -126,7 +129,7 @@ __global__ void __launch_bounds__(cuda::kThreads)
   Acc acc;
   for (index_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
     const auto ns = s_div.divmod(e);
-    acc.push(dy, gate, x, (static_cast<int64_t>(ns.div) * C + c) * S + ns.mod, c, ctr);
+    acc.push(dy, gate, x, gated, (static_cast<int64_t>(ns.div) * C + c) * S + ns.mod, c, ctr);
   }
   acc = block_merge(acc);
   if (threadIdx.x == 0) partial[blockIdx.y * C + c] = acc;
@@ -135,8 +138,8 @@ __global__ void __launch_bounds__(cuda::kThreads)
 // Channels-last partials: block (tile, split), threads (lane = channel in tile, row).
 template <typename scalar_t, typename Acc>
 __global__ void __launch_bounds__(kLanesCL * kRowsCL)
-    reduce_cl(const scalar_t* dy, GateOf<scalar_t> gate, const scalar_t* x, int64_t rows, int64_t C,
-              const at::opmath_type<scalar_t>* center, Acc* partial) {
+    reduce_cl(const scalar_t* dy, GateOf<scalar_t> gate, const scalar_t* x, scalar_t* gated,
+              int64_t rows, int64_t C, const at::opmath_type<scalar_t>* center, Acc* partial) {
   __shared__ alignas(16) char smem[sizeof(Acc) * kLanesCL * kRowsCL];
   Acc* accs = reinterpret_cast<Acc*>(smem);
   const int lane = threadIdx.x % kLanesCL;
@@ -148,7 +151,7 @@ __global__ void __launch_bounds__(kLanesCL * kRowsCL)
   Acc acc;
   if (c < C) {
     const auto ctr = center ? center[c] : at::opmath_type<scalar_t>(0);
-    for (int64_t r = r0 + row; r < r1; r += kRowsCL) acc.push(dy, gate, x, r * C + c, c, ctr);
+    for (int64_t r = r0 + row; r < r1; r += kRowsCL) acc.push(dy, gate, x, gated, r * C + c, c, ctr);
   }
   accs[threadIdx.x] = acc;
   __syncthreads();
@@ -176,10 +179,12 @@ int64_t row_splits(int64_t columns, int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>({wanted, rows, 65535}));
 }
 
-// Reduces x (and dy) per channel into out0/out1 (opmath, (C,)) with accumulator Acc.
+// Reduces x (and dy) per channel into out0/out1 (opmath, (C,)) with accumulator Acc; GradAcc
+// also writes the gated dy into `gated` where it is defined.
 template <typename scalar_t, template <typename> class AccT>
 void reduce(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const Layout& l,
-            const at::Tensor& center, const at::Tensor& out0, const at::Tensor& out1) {
+            const at::Tensor& center, const at::Tensor& out0, const at::Tensor& out1,
+            const at::Tensor& gated = at::Tensor()) {
   using T = at::opmath_type<scalar_t>;
   using Acc = AccT<T>;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -187,6 +192,7 @@ void reduce(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const L
   const scalar_t* dyp = dy.defined() ? dy.const_data_ptr<scalar_t>() : nullptr;
   const auto gp = gate_view<scalar_t>(gate);
   const T* cp = center.defined() ? center.const_data_ptr<T>() : nullptr;
+  scalar_t* gp_out = gated.defined() ? gated.data_ptr<scalar_t>() : nullptr;
   const int64_t C = l.C;
   int64_t splits;
   at::Tensor partial;
@@ -196,10 +202,10 @@ void reduce(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const L
     auto* out = reinterpret_cast<Acc*>(partial.data_ptr());
     if (cuda::fits_int32(l.N * l.S)) {
       reduce_cf<scalar_t, Acc, uint32_t><<<dim3(C, splits), cuda::kThreads, 0, stream>>>(
-          dyp, gp, xp, static_cast<uint32_t>(l.N), C, Divider<uint32_t>(l.S), cp, out);
+          dyp, gp, xp, gp_out, static_cast<uint32_t>(l.N), C, Divider<uint32_t>(l.S), cp, out);
     } else {
       reduce_cf<scalar_t, Acc, uint64_t><<<dim3(C, splits), cuda::kThreads, 0, stream>>>(
-          dyp, gp, xp, static_cast<uint64_t>(l.N), C, Divider<uint64_t>(l.S), cp, out);
+          dyp, gp, xp, gp_out, static_cast<uint64_t>(l.N), C, Divider<uint64_t>(l.S), cp, out);
     }
   } else {
     const int64_t rows = l.N * l.S;
@@ -207,7 +213,7 @@ void reduce(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const L
     splits = row_splits(tiles, (rows + kRowsCL - 1) / kRowsCL);
     partial = at::empty({static_cast<int64_t>(splits * C * sizeof(Acc))}, x.options().dtype(at::kByte));
     reduce_cl<scalar_t, Acc><<<dim3(tiles, splits), kLanesCL * kRowsCL, 0, stream>>>(
-        dyp, gp, xp, rows, C, cp, reinterpret_cast<Acc*>(partial.data_ptr()));
+        dyp, gp, xp, gp_out, rows, C, cp, reinterpret_cast<Acc*>(partial.data_ptr()));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finalize<T, Acc><<<(C + cuda::kThreads - 1) / cuda::kThreads, cuda::kThreads, 0, stream>>>(
@@ -223,10 +229,11 @@ void moments_cuda(const at::Tensor& x, const Layout& l, const at::Tensor& mean, 
 }
 
 void grad_sums_cuda(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const Layout& l,
-                    const at::Tensor& mean, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
+                    const at::Tensor& mean, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                    const at::Tensor& gated) {
   c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modekernels_bn_grad_sums", [&] {
-    reduce<scalar_t, GradAcc>(dy, gate, x, l, mean, sum_dy, sum_dy_xmu);
+    reduce<scalar_t, GradAcc>(dy, gate, x, l, mean, sum_dy, sum_dy_xmu, gated);
   });
 }
 
