@@ -11,12 +11,12 @@
 // recomputes the ReLU's gate from x (no extra read). BN+add+ReLU's reads its saved output as the
 // gate in the gradient-sums pass, which also writes the gated dy (the residual's gradient); the
 // elementwise pass reads that in dy's place, with no gate:
-//   train backward:   grad_sums (read dy, x, y, write gated dy) + affine (read gated dy, x, write dx)
+//   train backward:   grad_sums (read dy, x, y; write gated dy) + affine (read it, x; write dx)
 // (Read in both passes, with dx and the gated dy both written by the second, float32's training
-// step on 8x256x56x56 channels_last took 11.0 ms on the Intel Xeon VM, 8.9 ms so: a loop that
-// stores two streams ran far below a copy's speed there; 2026-12-06.) Where no gradient sums are
-// taken (eval without weight and bias gradients, or sums given), the elementwise pass reads the
-// gate and writes the gated dy itself.
+// step on 8x256x56x56 channels_last took 9.6-10.6 ms on the Intel Xeon VM, 8.1-9.2 ms so: a
+// loop that stores two streams ran far below a copy's speed there; 2026-12-06.) Where no
+// gradient sums are taken (eval without weight and bias gradients, or sums given), the
+// elementwise pass reads the gate and writes the gated dy itself.
 #pragma once
 
 #include <ATen/Dispatch.h>

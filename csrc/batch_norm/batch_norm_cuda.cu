@@ -192,7 +192,7 @@ void reduce(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const L
   const scalar_t* dyp = dy.defined() ? dy.const_data_ptr<scalar_t>() : nullptr;
   const auto gp = gate_view<scalar_t>(gate);
   const T* cp = center.defined() ? center.const_data_ptr<T>() : nullptr;
-  scalar_t* gp_out = gated.defined() ? gated.data_ptr<scalar_t>() : nullptr;
+  scalar_t* gated_ptr = gated.defined() ? gated.data_ptr<scalar_t>() : nullptr;
   const int64_t C = l.C;
   int64_t splits;
   at::Tensor partial;
@@ -202,10 +202,10 @@ void reduce(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const L
     auto* out = reinterpret_cast<Acc*>(partial.data_ptr());
     if (cuda::fits_int32(l.N * l.S)) {
       reduce_cf<scalar_t, Acc, uint32_t><<<dim3(C, splits), cuda::kThreads, 0, stream>>>(
-          dyp, gp, xp, gp_out, static_cast<uint32_t>(l.N), C, Divider<uint32_t>(l.S), cp, out);
+          dyp, gp, xp, gated_ptr, static_cast<uint32_t>(l.N), C, Divider<uint32_t>(l.S), cp, out);
     } else {
       reduce_cf<scalar_t, Acc, uint64_t><<<dim3(C, splits), cuda::kThreads, 0, stream>>>(
-          dyp, gp, xp, gp_out, static_cast<uint64_t>(l.N), C, Divider<uint64_t>(l.S), cp, out);
+          dyp, gp, xp, gated_ptr, static_cast<uint64_t>(l.N), C, Divider<uint64_t>(l.S), cp, out);
     }
   } else {
     const int64_t rows = l.N * l.S;
@@ -213,7 +213,7 @@ void reduce(const at::Tensor& dy, const Gate& gate, const at::Tensor& x, const L
     splits = row_splits(tiles, (rows + kRowsCL - 1) / kRowsCL);
     partial = at::empty({static_cast<int64_t>(splits * C * sizeof(Acc))}, x.options().dtype(at::kByte));
     reduce_cl<scalar_t, Acc><<<dim3(tiles, splits), kLanesCL * kRowsCL, 0, stream>>>(
-        dyp, gp, xp, gp_out, rows, C, cp, reinterpret_cast<Acc*>(partial.data_ptr()));
+        dyp, gp, xp, gated_ptr, rows, C, cp, reinterpret_cast<Acc*>(partial.data_ptr()));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finalize<T, Acc><<<(C + cuda::kThreads - 1) / cuda::kThreads, cuda::kThreads, 0, stream>>>(
