@@ -488,6 +488,40 @@ def test_running_statistics_requiring_grad_are_torch_errors_and_change_nothing(t
     torch.testing.assert_close(state_of(ours), state_of(theirs))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad", ["input", "weight", "none", "no_grad"])
+@pytest.mark.parametrize("cls", [modekernels.BatchNorm2d, modekernels.BatchNormReLU2d])
+def test_running_statistics_from_inference_mode_are_torch_errors_where_autograd_records(training, grad,
+                                                                                      cls):
+    # torch's autograd saves the running statistics in both modes, so it refuses inference tensors
+    # whenever it records the call (input, weight or bias requiring grad, grad mode on), before its
+    # kernel updates them; elsewhere both update them (training) or read them (eval).
+    x = torch.randn(4, 3, 5, 5, requires_grad=grad == "input")
+    mean, var = torch.rand(3), torch.rand(3) + 0.5
+    layers = []
+    for layer in (torch.nn.BatchNorm2d(3), cls(3)):
+        layer.train(training).requires_grad_(grad == "weight")
+        with torch.inference_mode():
+            layer.running_mean, layer.running_var = mean.clone(), var.clone()
+        layers.append(layer)
+    theirs, ours = layers
+    with torch.set_grad_enabled(grad != "no_grad"):
+        if grad in ("input", "weight"):
+            with pytest.raises(RuntimeError) as their_error:
+                theirs(x)
+            assert "Inference tensors cannot be saved for backward" in str(their_error.value)
+            before = state_of(ours)
+            with pytest.raises(RuntimeError, match=re.escape(str(their_error.value))):
+                ours(x)
+            for k, v in ours.state_dict().items():  # torch counts the call before it refuses it
+                assert torch.equal(v, before[k]), k
+        else:
+            pre = theirs(x)
+            fused = cls is modekernels.BatchNormReLU2d
+            torch.testing.assert_close(ours(x), torch.relu(pre) if fused else pre)
+            torch.testing.assert_close(state_of(ours), state_of(theirs))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("fused", ["plain", "add-relu"])
