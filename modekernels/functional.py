@@ -323,9 +323,7 @@ def _check_arguments(input, weight, bias, running_mean, running_var, training, m
     running statistics. Returns (momentum, eps) as the parser passes them on (_as_float)."""
     _check_tensors(input, weight, bias, running_mean, running_var)
     momentum, eps = _check_flags(training, momentum, eps, num_batches_tracked)
-    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                               for t in (input, weight, bias))
-    _check_running_stats(running_mean, running_var, training, recorded)
+    _check_running_stats(running_mean, running_var, training, (input, weight, bias))
     return momentum, eps
 
 
@@ -367,14 +365,14 @@ def _update_running(running_mean, running_var, mean, var, count, momentum, num_b
         num_batches_tracked.add_(1)
 
 
-def _check_running_stats(running_mean, running_var, training, recorded):
+def _check_running_stats(running_mean, running_var, training, inputs):
     """torch's errors for running statistics given as None where they are needed, or requiring
     grad where grad mode is on (torch's autograd refuses those in both modes; below it, ours
     would update them in training and give them no gradient in eval), or created in inference mode
-    where autograd records the call (`recorded`: grad mode on, and input, weight or bias requiring
-    grad): torch's autograd saves the running statistics in training too, and raises before its
-    kernel updates them (ours keep nothing of them for backward in training, and would update
-    them; in eval, ours save them and raise alike)."""
+    where autograd records the call (grad mode on, and one of `inputs`, the input, weight and
+    bias, requiring grad): torch's autograd saves the running statistics in training too, and
+    raises before its kernel updates them (ours keep nothing of them for backward in training, and
+    would update them; in eval, ours save them and raise alike)."""
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
@@ -385,8 +383,9 @@ def _check_running_stats(running_mean, running_var, training, recorded):
                                f"argument '{name}'. This input cannot have requires_grad True.")
     # (Not while torch.compile traces, which cannot read is_inference: a compiled graph takes them.)
     stats = (running_mean, running_var)
-    if (training and recorded and not torch.compiler.is_compiling()
-            and any(s is not None and s.is_inference() for s in stats)):
+    if (training and not torch.compiler.is_compiling()
+            and any(s is not None and s.is_inference() for s in stats) and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in inputs)):
         raise RuntimeError("Inference tensors cannot be saved for backward. Please do not use Tensors "
                            "created in inference mode in computation tracked by autograd. To work "
                            "around this, you can make a clone to get a normal tensor and use it in "
