@@ -23,11 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (N, C, H, W) and memory format: channels-first with the cache-resident passes, channels-last
 # with rows under and over 4 KB (row-by-row and four-row sweeps) and with 64 channels (their
-# coefficients held across rows), a size with tails, and channels-first rows of 3x3 and 5x5
-# (walked as channels-last columns by every pass, and by the elementwise passes).
+# coefficients held across rows), a size with tails, channels-first rows of 3x3 and 5x5 (walked
+# as channels-last columns by every pass, and by the elementwise passes), and one channel-first
+# channel (fewer channels than threads: no cache-resident passes).
 SHAPES = [((4, 6, 9, 7), "contiguous"), ((4, 24, 5, 3), "channels_last"),
           ((10, 2064, 1, 3), "channels_last"), ((3, 64, 2, 5), "channels_last"),
-          ((3, 5, 17, 1), "contiguous"), ((6, 7, 3, 3), "contiguous"), ((4, 6, 5, 5), "contiguous")]
+          ((3, 5, 17, 1), "contiguous"), ((6, 7, 3, 3), "contiguous"), ((4, 6, 5, 5), "contiguous"),
+          ((3, 1, 13, 11), "contiguous")]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -105,21 +107,34 @@ def bits(t):
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def narrower_outputs(tmp_path, cases, capability):
-    """outputs(cases) from a process whose torch runs its kernels for `capability` (torch's
-    ATEN_CPU_CAPABILITY), and so modekernels its build of the same width."""
-    src, dst = tmp_path / "inputs.pt", tmp_path / f"outputs-{capability}.pt"
+def subprocess_outputs(tmp_path, cases, build, **env):
+    """outputs(cases) from a process with the environment variables `env` added, which must run
+    the CPU kernels' `build` ("AVX512", "AVX2", "DEFAULT"): from its second run, whose outputs
+    take memory that the first one mapped (outputs on pages never touched are not streamed)."""
+    src, dst = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
     torch.save(cases, src)
     # The modekernels this process imported (in place, or installed from a wheel), then the tests.
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(modekernels.__file__)))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, PYTHONPATH=os.pathsep.join(
+    env = dict(os.environ, **env, PYTHONPATH=os.pathsep.join(
         filter(None, [package_parent, ROOT, os.environ.get("PYTHONPATH")])))
     code = ("import sys, torch, modekernels._C; from tests.test_cpu_capability import outputs; "
             "assert modekernels._C.cpu_capability == sys.argv[3], modekernels._C.cpu_capability; "
-            "torch.save(outputs(torch.load(sys.argv[1])), sys.argv[2])")
-    subprocess.run([sys.executable, "-c", code, str(src), str(dst), BUILDS[capability]], env=env, check=True,
-                   cwd=tmp_path)
+            "cases = torch.load(sys.argv[1]); outputs(cases); torch.save(outputs(cases), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(src), str(dst), build], env=env, check=True, cwd=tmp_path)
     return torch.load(dst)
+
+
+def assert_same_bits(cases, got, expected):
+    checked = 0
+    for case, g, e in zip(cases, got, expected):
+        assert g.keys() == e.keys()
+        for name in g:
+            for i, (a, b) in enumerate(zip(g[name], e[name])):
+                where = f"{name}[{i}] {case['x'].dtype} {tuple(case['x'].shape)}"
+                assert a.dtype == b.dtype and a.shape == b.shape, where
+                assert torch.equal(bits(a), bits(b)), where
+                checked += a.numel()
+    assert checked > 0
 
 
 def cpu_flags():
@@ -151,14 +166,15 @@ def test_build_gives_the_narrower_builds_bits(tmp_path, capability):
     if running <= list(BUILDS).index(capability):
         pytest.skip(f"this process runs the {modekernels._C.cpu_capability} build")
     cases = make_inputs()
-    got, expected = outputs(cases), narrower_outputs(tmp_path, cases, capability)
-    checked = 0
-    for case, g, e in zip(cases, got, expected):
-        assert g.keys() == e.keys()
-        for name in g:
-            for i, (a, b) in enumerate(zip(g[name], e[name])):
-                where = f"{name}[{i}] {case['x'].dtype} {tuple(case['x'].shape)}"
-                assert a.dtype == b.dtype and a.shape == b.shape, where
-                assert torch.equal(bits(a), bits(b)), where
-                checked += a.numel()
-    assert checked > 0
+    got = outputs(cases)
+    assert_same_bits(cases, got, subprocess_outputs(tmp_path, cases, BUILDS[capability], ATEN_CPU_CAPABILITY=capability))
+
+
+def test_streamed_outputs_have_the_stored_bits(tmp_path):
+    """With MODEKERNELS_STREAM_BYTES=0 the BatchNorm passes write every float32 and float64 output
+    whose memory is mapped already through non-temporal stores (csrc/common/stream.h), which the
+    tensors here, far under the default 16 MB, never are in this process."""
+    cases = make_inputs()
+    got = outputs(cases)
+    assert_same_bits(cases, got, subprocess_outputs(tmp_path, cases, modekernels._C.cpu_capability,
+                                                    MODEKERNELS_STREAM_BYTES="0"))

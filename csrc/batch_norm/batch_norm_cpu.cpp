@@ -16,6 +16,9 @@
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows
 //   (channels-last rows of 4 KB or more four at a time; of 32, 64 or 128 channels with the
 //   coefficients held across rows), in spans of at most kSpan elements.
+// Outputs far larger than the caches (float32 and float64, 16 MB or more) are written past them
+//   with non-temporal stores: affine's, and the channels-last gradient sums' gated dy
+//   (common/stream.h).
 // Resident variants: for channels-first memory with small channels, a training forward or
 //   backward runs reduction and elementwise pass over a group of channels, the second pass
 //   reading from cache: one pass over memory in all (see "cache-resident" below).
@@ -44,6 +47,7 @@
 #include "common/cpu_capability.h"
 #include "common/parallel.h"
 #include "common/staged.h"
+#include "common/stream.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -165,8 +169,9 @@ typename Lanes<T>::Part load_lanes(const scalar_t* p, int64_t k) {
 // The gated dy of a saved gate's backward, bit for bit: the Lanes<T>::kWidth values of scalar_t
 // at src + k W (W = Lanes<T>::kWidth) stored at dst + k W as they are where `closed` (a comparison
 // of parts of T: all ones where true) is false, and as +0 where it is true. No conversion: float16
-// and bfloat16 values, NaNs too, keep dy's bits.
-template <typename T, typename scalar_t, typename Closed>
+// and bfloat16 values, NaNs too, keep dy's bits. With kStream, past the caches (stream_store;
+// dst + k W aligned to the part's bytes).
+template <typename T, bool kStream = false, typename scalar_t, typename Closed>
 inline void store_gated(scalar_t* dst, const scalar_t* src, int64_t k, Closed closed) {
   using Int = std::conditional_t<sizeof(scalar_t) == 2, int16_t,
                                  std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>>;
@@ -174,20 +179,29 @@ inline void store_gated(scalar_t* dst, const scalar_t* src, int64_t k, Closed cl
   typedef Bits Unaligned __attribute__((aligned(alignof(scalar_t)), may_alias));
   const Bits bits = *reinterpret_cast<const Unaligned*>(src + k * Lanes<T>::kWidth);
   const Bits open = ~__builtin_convertvector(closed, Bits);
-  *reinterpret_cast<Unaligned*>(dst + k * Lanes<T>::kWidth) = bits & open;
+  if constexpr (kStream) {
+    stream_store(dst + k * Lanes<T>::kWidth, bits & open);
+  } else {
+    *reinterpret_cast<Unaligned*>(dst + k * Lanes<T>::kWidth) = bits & open;
+  }
 }
 
-// store_gated for the elements e0 <= i < e1, gated by the saved ReLU output y (closed where <= 0).
-template <typename T, typename scalar_t>
+// store_gated for the elements e0 <= i < e1, gated by the saved ReLU output y (closed where <= 0);
+// with kStream, its whole aligned parts past the caches.
+template <typename T, bool kStream = false, typename scalar_t>
 inline void store_gated_span(scalar_t* gated, const scalar_t* dy, const scalar_t* y, int64_t e0,
                              int64_t e1) {
   constexpr int64_t W = Lanes<T>::kWidth;
-  int64_t i = e0;
-  for (; i + W <= e1; i += W) store_gated<T>(gated + i, dy + i, 0, load_lanes<T>(y + i, 0) <= T(0));
-  for (; i < e1; ++i) {
+  const auto one = [&](int64_t i) {
     const scalar_t d = dy[i];
     gated[i] = relu_passes(widen<T>(y[i])) ? d : scalar_t(0);
+  };
+  int64_t i = e0;
+  if constexpr (kStream) {
+    for (; i < e1 && !aligned_to(gated + i, W * sizeof(scalar_t)); ++i) one(i);
   }
+  for (; i + W <= e1; i += W) store_gated<T, kStream>(gated + i, dy + i, 0, load_lanes<T>(y + i, 0) <= T(0));
+  for (; i < e1; ++i) one(i);
 }
 
 // The sum of all lanes, lane by lane in order.
@@ -268,6 +282,12 @@ struct LaneParts {
 // Coefficients of one channel as the elementwise loops take them: kA..kD (batch_norm_math.h),
 // then the forward's b and d that a recomputed ReLU gate needs (its m is kM).
 enum : int64_t { kGateB = 4, kGateD = 5, kChannelCoeffs = 6 };
+
+// How a saved gate's gradient-sums pass writes the gated dy: not at all, with ordinary stores, or
+// past the caches (common/stream.h).
+enum class GatedWrite { kNone, kStore, kStream };
+template <GatedWrite W>
+using Write = std::integral_constant<GatedWrite, W>;
 
 // A fused backward's ReLU gate, as a loop's template argument: none, the saved output, or
 // recomputed from the input (GateView).
@@ -661,16 +681,19 @@ void registered_parts_block(int64_t r0, int64_t r1, opmath_t* a, opmath_t* b, co
 // end. (Four tasks per thread, each with its C partial sums to clear and merge, measured 1.1-1.5x
 // slower with 512 to 4096 channels.) With 32, 64 or 128 channels a block goes through
 // registered_block with add_element(i, c, s, q) instead, or where reads_parts through
-// registered_parts_block with add_part (row_columns).
+// registered_parts_block with add_part (row_columns). block_done(r0, r1) follows each block of
+// rows r0 <= r < r1.
 // A task's per-channel work (clearing, merging and handing over its sums) weighs like tens of rows:
 // on the Intel Xeon VM (2026-12-05), the statistics and gradient sums of 8 to 32 rows of 4608
 // channels (8x512x3x3 walked as columns, 8x4608) took 13-28 us on one thread and 26-44 us split
 // over two; at 64 rows two threads were level or faster.
 constexpr int64_t kMinTaskRows = 32;
 
-template <typename scalar_t, typename opmath_t, typename AddRows, typename AddElement, typename AddPart>
+template <typename scalar_t, typename opmath_t, typename AddRows, typename AddElement,
+          typename AddPart, typename BlockDone>
 void rows_last_sums(const Layout& l, const AddRows& add_rows, const AddElement& add_element,
-                    const AddPart& add_part, std::vector<double>& s1, std::vector<double>& s2) {
+                    const AddPart& add_part, const BlockDone& block_done, std::vector<double>& s1,
+                    std::vector<double>& s2) {
   const int64_t C = l.C;
   const int64_t rows = l.N * l.S;
   const int64_t chunks = std::clamp<int64_t>(rows / kMinTaskRows, 1, at::get_num_threads());
@@ -695,6 +718,7 @@ void rows_last_sums(const Layout& l, const AddRows& add_rows, const AddElement& 
         if (!with_registered_channels(C, registered)) {
           for_row_batches<scalar_t>(l, r0, r1, [&](int64_t r, auto R) { add_rows(r, R, a.data(), b.data()); });
         }
+        block_done(r0, r1);
         for (int64_t c = 0; c < C; ++c) {
           p1[k * C + c] += a[c];
           p2[k * C + c] += b[c];
@@ -802,7 +826,8 @@ void moments_kernel(const at::Tensor& x_t, const Layout& layout, const at::Tenso
         }
       };
       row_columns(r, R, C, cols, add_part, a, b, x);
-    }, [&](int64_t i, int64_t c, opmath_t& s, opmath_t& q) { add(widen<opmath_t>(x[i]), c, s, q); }, add_part, s1, s2);
+    }, [&](int64_t i, int64_t c, opmath_t& s, opmath_t& q) { add(widen<opmath_t>(x[i]), c, s, q); }, add_part,
+    [](int64_t, int64_t) {}, s1, s2);
     for (int64_t c = 0; c < layout.C; ++c) {
       total[c] = shifted_moments(static_cast<double>(l.N * l.S * S), static_cast<double>(shift[c * S]),
                                  fold_columns(s1.data() + c * S, S), fold_columns(s2.data() + c * S, S));
@@ -859,14 +884,16 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
     // The gate's kind is compiled in, and a recomputed gate's coefficients are read per column as
     // the mean is (GateView::passes per element, which tests which kind it is and indexes the
     // coefficients, kept the loop from vectorizing: BatchNormReLU2d's backward on 128x256x8x8
-    // channels_last took 12 ms, 3x its channels-first time). So is whether a saved gate's pass
-    // writes the gated dy (`write`, a std::bool_constant).
+    // channels_last took 12 ms, 3x its channels-first time). So is how a saved gate's pass
+    // writes the gated dy (`write`, a GatedWrite constant).
     const opmath_t* gm = gate.coeffs ? gate.coeffs + kM * gate.C : nullptr;
     const opmath_t* gb = gate.coeffs ? gate.coeffs + kB * gate.C : nullptr;
     const opmath_t* gd = gate.coeffs ? gate.coeffs + kD * gate.C : nullptr;
     const opmath_t above = zero_rounding_bound<scalar_t, opmath_t>();
     const auto sums = [&](auto kind, auto write) {
       constexpr GateKind K = decltype(kind)::value;
+      constexpr GatedWrite kWrite = decltype(write)::value;
+      using Stores = std::bool_constant<kWrite == GatedWrite::kStore>;
       // dy d (as read: scalar_t, or a float copy of it) and input v of element i, channel c (and
       // its saved gate value s, for kSavedGate) into the sums; with `w` (a std::bool_constant)
       // true, the gated dy into `gated`, stored from d, which is read either way (read again from
@@ -915,6 +942,10 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
       // Rows that the reductions sweep a few at a time (no registered channels) get their gated dy
       // from a loop of its own over them, from L1: stored in the sweep over their channels, whose
       // sums are in memory, the pass took 1.3x as long (float32, 256 channels: 3.8 ms, not 2.9).
+      // Streamed, registered channels store theirs after each block, from L2 (their sums' loops
+      // store element by element, which cannot stream).
+      constexpr bool kStream = kWrite == GatedWrite::kStream;
+      const bool registered = with_registered_channels(C, [](auto) {});
       rows_last_sums<scalar_t, opmath_t>(l, [&](int64_t r, auto R, opmath_t* a, opmath_t* b) {
         const auto cols = [&](int64_t c0, int64_t n, int64_t stride, const auto* dyv, const auto* xv,
                               const auto* gv) MK_SPAN_BODY {
@@ -932,23 +963,28 @@ void grad_sums_kernel(const at::Tensor& dy_t, const Gate& gate_t, const at::Tens
         };
         row_columns(r, R, C, cols, part_adder(std::false_type{}), a, b, dy, x,
                     K == kSavedGate ? gate.g : nullptr);
-        if constexpr (decltype(write)::value) {
-          store_gated_span<opmath_t>(gated, dy, gate.g, r * C, (r + R) * C);
+        if constexpr (kWrite != GatedWrite::kNone) {
+          store_gated_span<opmath_t, kStream>(gated, dy, gate.g, r * C, (r + R) * C);
         }
-      }, [&, element = adder(write)](int64_t i, int64_t c, opmath_t& sum, opmath_t& dot) {
+      }, [&, element = adder(Stores{})](int64_t i, int64_t c, opmath_t& sum, opmath_t& dot) {
         element(dy[i], widen<opmath_t>(x[i]), gate_value(gate.g, i), c, i, sum, dot);
-      }, part_adder(write), sdy, sdx);
+      }, part_adder(Stores{}), [&](int64_t r0, int64_t r1) {
+        if constexpr (kStream) {
+          if (registered) store_gated_span<opmath_t, true>(gated, dy, gate.g, r0 * C, r1 * C);
+          stream_fence();
+        }
+      }, sdy, sdx);
     };
-    using Yes = std::true_type;
-    using No = std::false_type;
     if (!gate.g) {
-      sums(std::integral_constant<GateKind, kNoGate>{}, No{});
+      sums(std::integral_constant<GateKind, kNoGate>{}, Write<GatedWrite::kNone>{});
     } else if (gate.coeffs) {
-      sums(std::integral_constant<GateKind, kRecomputedGate>{}, No{});
+      sums(std::integral_constant<GateKind, kRecomputedGate>{}, Write<GatedWrite::kNone>{});
+    } else if (gated && streams(gated_t)) {
+      sums(std::integral_constant<GateKind, kSavedGate>{}, Write<GatedWrite::kStream>{});
     } else if (gated) {
-      sums(std::integral_constant<GateKind, kSavedGate>{}, Yes{});
+      sums(std::integral_constant<GateKind, kSavedGate>{}, Write<GatedWrite::kStore>{});
     } else {
-      sums(std::integral_constant<GateKind, kSavedGate>{}, No{});
+      sums(std::integral_constant<GateKind, kSavedGate>{}, Write<GatedWrite::kNone>{});
     }
   }
   opmath_t* out_dy = sum_dy_t.data_ptr<opmath_t>();
@@ -1035,10 +1071,12 @@ inline void affine_element(AffinePtrs<S> in, int64_t i, opmath_t a, opmath_t b, 
 
 // Calls element(ptrs, k, o) for the elements i0 + k, k < n <= kSpan, of a pass: ptrs and o are
 // `in` and `out` from element i0 on or, for float16 and bfloat16 in the AVX2 and AVX-512 builds,
-// float copies filled before the loop and stored after it (common/staged.h).
+// float copies filled before the loop and stored after it (common/staged.h). With `stream` (never
+// where staged: common/stream.h), the outputs go to a buffer in L1 first, which stream_span copies
+// to `out`.
 template <typename V, typename scalar_t, typename N, typename Element>
 MK_SPAN_BODY inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0, N n, scalar_t* out,
-                                     const Element& element) {
+                                     bool stream, const Element& element) {
   if constexpr (staged_span<scalar_t>) {
     alignas(64) float p[kStagedSpan], q[kStagedSpan], g[kStagedSpan], residual[kStagedSpan],
         o[kStagedSpan], gated[kStagedSpan];
@@ -1054,7 +1092,13 @@ MK_SPAN_BODY inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0,
     const AffinePtrs<scalar_t> from{shifted(in.p, i0), shifted(in.q, i0),
                                     {shifted(in.gate.g, i0), in.gate.coeffs, in.gate.C},
                                     shifted(in.residual, i0), in.relu, shifted(in.gated_out, i0)};
-    for (int64_t k = 0; k < n; ++k) element(from, k, out + i0);
+    if (stream) {
+      alignas(64) scalar_t o[kSpan<scalar_t>];
+      for (int64_t k = 0; k < n; ++k) element(from, k, o);
+      stream_span(out + i0, o, n);
+    } else {
+      for (int64_t k = 0; k < n; ++k) element(from, k, out + i0);
+    }
   }
 }
 
@@ -1064,10 +1108,11 @@ MK_SPAN_BODY inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0,
 // in bfloat16.
 template <typename V, typename scalar_t, typename opmath_t>
 __attribute__((always_inline)) inline void affine_row(const AffinePtrs<scalar_t>& in, int64_t begin,
-                                                      int64_t len, const opmath_t* k, scalar_t* out) {
+                                                      int64_t len, const opmath_t* k, scalar_t* out,
+                                                      bool stream) {
   const opmath_t a = k[kA], b = k[kB], m = k[kM], d = k[kD], gb = k[kGateB], gd = k[kGateD];
   for_spans_overlapping<scalar_t>(begin, begin + len, kSpan<scalar_t>, [&](int64_t i0, auto n) MK_SPAN_BODY {
-    affine_span<V>(in, i0, n, out, [=](auto ptrs, int64_t i, auto* o) {
+    affine_span<V>(in, i0, n, out, stream, [=](auto ptrs, int64_t i, auto* o) {
       affine_element<V, scalar_t>(ptrs, i, a, b, m, d, gb, gd, o);
     });
   });
@@ -1081,10 +1126,11 @@ void gate_coeffs(const GateOf<scalar_t>& gate, int64_t c, opmath_t* k) {
 }
 
 // The elementwise pass over rows r0 <= r < r1 of channels-last memory, in the calling thread.
-// `in` is taken by value (affine_element).
+// `in` is taken by value (affine_element). Streamed, the rows go span by span (affine_span).
 template <typename V, typename scalar_t>
 void affine_last_rows(AffinePtrs<scalar_t> in, const Layout& l,
-                      const at::opmath_type<scalar_t>* coeffs, int64_t r0, int64_t r1, scalar_t* out) {
+                      const at::opmath_type<scalar_t>* coeffs, int64_t r0, int64_t r1, scalar_t* out,
+                      bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = l.C;
   const opmath_t* A = coeffs + kA * C;
@@ -1104,9 +1150,9 @@ void affine_last_rows(AffinePtrs<scalar_t> in, const Layout& l,
       gb[c] = gate_coeff(kB, c), gd[c] = gate_coeff(kD, c);
     }
     for (int64_t r = r0; r < r1; ++r) {
-      if constexpr (staged_span<scalar_t>) {
+      if (staged_span<scalar_t> || stream) {
         for_spans_overlapping<scalar_t>(0, K, kSpan<scalar_t>, [&](int64_t c0, auto n) MK_SPAN_BODY {
-          affine_span<V>(in, r * K + c0, n, out, [&](auto ptrs, int64_t i, auto* o) {
+          affine_span<V>(in, r * K + c0, n, out, stream, [&](auto ptrs, int64_t i, auto* o) {
             const int64_t c = c0 + i;
             affine_element<V, scalar_t>(ptrs, i, a[c], b[c], m[c], d[c], gb[c], gd[c], o);
           });
@@ -1120,12 +1166,12 @@ void affine_last_rows(AffinePtrs<scalar_t> in, const Layout& l,
     }
   };
   if (with_registered_channels<!V::kHasP>(C, registered)) return;
-  if constexpr (staged_span<scalar_t>) {
+  if (staged_span<scalar_t> || stream) {
     // The bodies take copies: with references, the compiler reloads the pointers after each
     // store of a span.
     for (int64_t r = r0; r < r1; ++r) {
       for_spans_overlapping<scalar_t>(0, C, kSpan<scalar_t>, [=](int64_t c0, auto n) MK_SPAN_BODY {
-        affine_span<V>(in, r * C + c0, n, out, [=](auto ptrs, int64_t i, auto* o) {
+        affine_span<V>(in, r * C + c0, n, out, stream, [=](auto ptrs, int64_t i, auto* o) {
           const int64_t c = c0 + i;
           affine_element<V, scalar_t>(ptrs, i, A[c], B[c], M[c], D[c], gate_coeff(kB, c), gate_coeff(kD, c), o);
         });
@@ -1148,7 +1194,7 @@ void affine_last_rows(AffinePtrs<scalar_t> in, const Layout& l,
 
 template <typename V, typename scalar_t>
 void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
-                   const at::opmath_type<scalar_t>* coeffs, scalar_t* out) {
+                   const at::opmath_type<scalar_t>* coeffs, scalar_t* out, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = l.C;
   if (!l.channels_last) {
@@ -1158,12 +1204,14 @@ void affine_kernel(AffinePtrs<scalar_t> in, const Layout& l,
         opmath_t k[kChannelCoeffs] = {coeffs[kA * C + c], coeffs[kB * C + c], coeffs[kM * C + c],
                                       coeffs[kD * C + c]};
         gate_coeffs(in.gate, c, k);
-        affine_row<V>(in, r * l.S, l.S, k, out);
+        affine_row<V>(in, r * l.S, l.S, k, out, stream);
       }
+      if (stream) stream_fence();
     });
   } else {
     at::parallel_for(0, l.N * l.S, grain_for(C), [&](int64_t r0, int64_t r1) {
-      affine_last_rows<V>(in, l, coeffs, r0, r1, out);
+      affine_last_rows<V>(in, l, coeffs, r0, r1, out, stream);
+      if (stream) stream_fence();
     });
   }
 }
@@ -1176,8 +1224,9 @@ void affine_cpu(const Operands& in, const Layout& layout, const at::Tensor& coef
     scalar_t* o = out.data_ptr<scalar_t>();
     const Layout l = walked(layout, kShortAffineRow);
     const int64_t S = l.C / layout.C;  // columns per channel
+    const bool stream = streams(out);
     if (S == 1) {
-      with_variant(ptrs, [&](auto v) { affine_kernel<decltype(v)>(ptrs, l, k, o); });
+      with_variant(ptrs, [&](auto v) { affine_kernel<decltype(v)>(ptrs, l, k, o, stream); });
       return;
     }
     // Short rows walked as columns: each task repeats the coefficients per column for itself.
@@ -1188,7 +1237,8 @@ void affine_cpu(const Operands& in, const Layout& layout, const at::Tensor& coef
       std::vector<opmath_t> column_gate;
       auto task = ptrs;
       task.gate = per_column(ptrs.gate, S, column_gate);
-      with_variant(task, [&](auto v) { affine_last_rows<decltype(v)>(task, l, column_k.data(), r0, r1, o); });
+      with_variant(task, [&](auto v) { affine_last_rows<decltype(v)>(task, l, column_k.data(), r0, r1, o, stream); });
+      if (stream) stream_fence();
     });
   });
 }
@@ -1246,7 +1296,7 @@ template <typename V, typename scalar_t, typename opmath_t>
 void affine_group(const AffinePtrs<scalar_t>& in, const Layout& l, int64_t c0, int64_t c1,
                   const GroupCoeffs<opmath_t>& k, scalar_t* out) {
   for_rows<1, scalar_t>(l, c0, c1, 0, l.N, [&](int64_t c, int64_t off, int64_t, auto) {
-    affine_row<V>(in, off, l.S, k[c - c0].data(), out);
+    affine_row<V>(in, off, l.S, k[c - c0].data(), out, false);
   });
 }
 
