@@ -178,3 +178,19 @@ def test_streamed_outputs_have_the_stored_bits(tmp_path):
     got = outputs(cases)
     assert_same_bits(cases, got, subprocess_outputs(tmp_path, cases, modekernels._C.cpu_capability,
                                                     MODEKERNELS_STREAM_BYTES="0"))
+
+
+@pytest.mark.parametrize("value", ["16MB", "-1", "1e6"])
+def test_stream_bytes_that_are_not_a_number_of_bytes_are_a_value_error(value):
+    code = ("import torch, modekernels\n"
+            "x = torch.randn(4, 3, 5, 5)\n"
+            "try:\n"
+            "    modekernels.BatchNorm2d(3).eval()(x)\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(modekernels.__file__)))
+    env = dict(os.environ, MODEKERNELS_STREAM_BYTES=value,
+               PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.startswith(
+        f"MODEKERNELS_STREAM_BYTES must be a number of bytes (a non-negative integer), got '{value}'"), done

@@ -31,7 +31,6 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -47,12 +46,18 @@
 namespace modekernels {
 
 // The smallest output streamed: 16 MB, or the environment's MODEKERNELS_STREAM_BYTES (a number of
-// bytes), read once. Machines whose last-level cache is larger than this VM's (about 64 MB in
-// effect; 480 MB reported) may want more.
+// bytes), read when streams() is first asked about a float32 or float64 output (a ValueError
+// there, and at every call after, if it is not a number of bytes). Machines whose last-level cache is larger than this
+// VM's (about 64 MB in effect; 480 MB reported) may want more.
 inline int64_t stream_bytes() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("MODEKERNELS_STREAM_BYTES");
-    return env && *env ? std::max<int64_t>(0, std::atoll(env)) : int64_t{16} << 20;
+    if (!env || !*env) return int64_t{16} << 20;
+    char* end = nullptr;
+    const long long value = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && value >= 0,
+                      "MODEKERNELS_STREAM_BYTES must be a number of bytes (a non-negative integer), got '", env, "'");
+    return static_cast<int64_t>(value);
   }();
   return bytes;
 }
