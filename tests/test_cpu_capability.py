@@ -171,9 +171,10 @@ def test_build_gives_the_narrower_builds_bits(tmp_path, capability):
 
 
 def test_streamed_outputs_have_the_stored_bits(tmp_path):
-    """With MODEKERNELS_STREAM_BYTES=0 the BatchNorm passes write every float32 and float64 output
-    whose memory is mapped already through non-temporal stores (csrc/common/stream.h), which the
-    tensors here, far under the default 16 MB, never are in this process."""
+    """With MODEKERNELS_STREAM_BYTES=0 the BatchNorm passes and channel-wise dropout write every
+    float32 and float64 output whose memory is mapped already through non-temporal stores
+    (csrc/common/stream.h), which the tensors here, far under the default 16 MB, never are in this
+    process."""
     cases = make_inputs()
     got = outputs(cases)
     assert_same_bits(cases, got, subprocess_outputs(tmp_path, cases, modekernels._C.cpu_capability,

@@ -3,8 +3,8 @@
 // An ordinary store first reads the line it writes (a read for ownership), and the line goes back
 // to memory later: a written tensor that is not in cache costs two transfers, not one. A
 // non-temporal store writes whole lines to memory once, with no read, and leaves nothing in cache.
-// So the BatchNorm passes stream outputs far larger than the caches, as oneDNN's BatchNorm streams
-// its float32 outputs. In a model of BatchNormAddReLU's gradient-sums pass
+// So the BatchNorm passes and channel-wise dropout stream outputs far larger than the caches, as
+// oneDNN's BatchNorm streams its float32 outputs. In a model of BatchNormAddReLU's gradient-sums pass
 // (benchmarks/loop_models/streaming_stores.cpp: float32, 8x56x56 rows of 256 channels, 2 threads;
 // Intel Xeon VM, 2026-12-06) reading dy, x and y took 1.5-1.7 ms, and writing the gated dy too
 // 3.1-3.8 ms with ordinary stores, 1.8-2.0 ms streamed; with the elementwise pass after it, which
