@@ -6,7 +6,9 @@ merely close. float16 and bfloat16 inputs also run through every elementwise ker
 65536 of their bit patterns (NaNs with payloads, infinities, subnormals, values that overflow), as
 the AVX2 build converts float16 with F16C and bfloat16 with its own AVX2 rounding, the AVX-512
 build bfloat16 with AVX512-BF16's conversion and subnormals and NaNs apart (csrc/common/staged.h),
-and the baseline build both with integer operations."""
+and the baseline build both with integer operations. The same outputs written through
+non-temporal stores (csrc/common/stream.h, forced with MODEKERNELS_STREAM_BYTES=0) must have the
+same bits too."""
 import os
 import subprocess
 import sys
@@ -24,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (N, C, H, W) and memory format: channels-first with the cache-resident passes, channels-last
 # with rows under and over 4 KB (row-by-row and four-row sweeps) and with 64 channels (their
 # coefficients held across rows), a size with tails, channels-first rows of 3x3 and 5x5 (walked
-# as channels-last columns by every pass, and by the elementwise passes), and one channel-first
-# channel (fewer channels than threads: no cache-resident passes).
+# as channels-last columns by every pass, and by the elementwise passes), and a single
+# channels-first channel (fewer channels than threads: no cache-resident passes).
 SHAPES = [((4, 6, 9, 7), "contiguous"), ((4, 24, 5, 3), "channels_last"),
           ((10, 2064, 1, 3), "channels_last"), ((3, 64, 2, 5), "channels_last"),
           ((3, 5, 17, 1), "contiguous"), ((6, 7, 3, 3), "contiguous"), ((4, 6, 5, 5), "contiguous"),
@@ -113,15 +115,20 @@ def subprocess_outputs(tmp_path, cases, build, **env):
     take memory that the first one mapped (outputs on pages never touched are not streamed)."""
     src, dst = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
     torch.save(cases, src)
-    # The modekernels this process imported (in place, or installed from a wheel), then the tests.
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(modekernels.__file__)))
-    env = dict(os.environ, **env, PYTHONPATH=os.pathsep.join(
-        filter(None, [package_parent, ROOT, os.environ.get("PYTHONPATH")])))
     code = ("import sys, torch, modekernels._C; from tests.test_cpu_capability import outputs; "
             "assert modekernels._C.cpu_capability == sys.argv[3], modekernels._C.cpu_capability; "
             "cases = torch.load(sys.argv[1]); outputs(cases); torch.save(outputs(cases), sys.argv[2])")
-    subprocess.run([sys.executable, "-c", code, str(src), str(dst), build], env=env, check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-c", code, str(src), str(dst), build], env=subprocess_env(**env), check=True,
+                   cwd=tmp_path)
     return torch.load(dst)
+
+
+def subprocess_env(**env):
+    """os.environ with `env` added, and the modekernels this process imported (in place, or
+    installed from a wheel), then the tests, first on the path."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(modekernels.__file__)))
+    return dict(os.environ, **env, PYTHONPATH=os.pathsep.join(
+        filter(None, [package_parent, ROOT, os.environ.get("PYTHONPATH")])))
 
 
 def assert_same_bits(cases, got, expected):
@@ -173,8 +180,8 @@ def test_build_gives_the_narrower_builds_bits(tmp_path, capability):
 def test_streamed_outputs_have_the_stored_bits(tmp_path):
     """With MODEKERNELS_STREAM_BYTES=0 the BatchNorm passes and channel-wise dropout write every
     float32 and float64 output whose memory is mapped already through non-temporal stores
-    (csrc/common/stream.h), which the tensors here, far under the default 16 MB, never are in this
-    process."""
+    (csrc/common/stream.h); this process, with the default 16 MB, streams none of these small
+    outputs."""
     cases = make_inputs()
     got = outputs(cases)
     assert_same_bits(cases, got, subprocess_outputs(tmp_path, cases, modekernels._C.cpu_capability,
@@ -189,9 +196,7 @@ def test_stream_bytes_that_are_not_a_number_of_bytes_are_a_value_error(value):
             "    modekernels.BatchNorm2d(3).eval()(x)\n"
             "except ValueError as e:\n"
             "    print(e)\n")
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(modekernels.__file__)))
-    env = dict(os.environ, MODEKERNELS_STREAM_BYTES=value,
-               PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(MODEKERNELS_STREAM_BYTES=value),
+                          capture_output=True, text=True, check=True)
     assert done.stdout.startswith(
         f"MODEKERNELS_STREAM_BYTES must be a number of bytes (a non-negative integer), got '{value}'"), done

@@ -99,9 +99,6 @@ void for_channel_tasks(const Layout& l, int64_t per, const Fn& fn) {
   });
 }
 
-// The bytes of the build's SIMD vectors: 16 (baseline ISA), 32 (AVX2), 64 (AVX-512).
-constexpr int64_t kVectorBytes = int64_t{16} << MK_CPU_ISA_LEVEL;
-
 // kLanes values of type T as kParts native SIMD vectors (GCC/Clang vector extension): kLanes
 // independent accumulators. Loops go part by part, each part loaded, combined and accumulated
 // before the next, so that everything stays in the baseline ISA's 16 registers. (One kLanes-wide

@@ -53,6 +53,9 @@
 
 namespace modekernels::MK_CPU_ISA {
 
+// The bytes of the build's SIMD vectors: 16 (baseline ISA), 32 (AVX2), 64 (AVX-512).
+constexpr int64_t kVectorBytes = int64_t{16} << MK_CPU_ISA_LEVEL;
+
 #if MK_CPU_ISA_LEVEL >= 2
 // Every lane: the AVX-512 conversions and shifts below are the masked forms, as GCC 12's unmasked
 // _mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_cvtepu16_epi32 and its shifts draw

@@ -4,11 +4,11 @@
 // to memory later: a written tensor that is not in cache costs two transfers, not one. A
 // non-temporal store writes whole lines to memory once, with no read, and leaves nothing in cache.
 // So the BatchNorm passes and channel-wise dropout stream outputs far larger than the caches, as
-// oneDNN's BatchNorm streams its float32 outputs. In a model of BatchNormAddReLU's gradient-sums pass
-// (benchmarks/loop_models/streaming_stores.cpp: float32, 8x56x56 rows of 256 channels, 2 threads;
-// Intel Xeon VM, 2026-12-06) reading dy, x and y took 1.5-1.7 ms, and writing the gated dy too
-// 3.1-3.8 ms with ordinary stores, 1.8-2.0 ms streamed; with the elementwise pass after it, which
-// then reads the gated dy from memory, 5.0-5.8 ms against 3.6-4.1 ms.
+// oneDNN's BatchNorm streams its float32 outputs. In a model of BatchNormAddReLU's gradient-sums
+// pass (benchmarks/loop_models/streaming_stores.cpp: float32, 8x56x56 rows of 256 channels, 2
+// threads; Intel Xeon VM, 2026-12-06) reading dy, x and y took 1.5-1.7 ms, and writing the gated
+// dy too 3.1-3.8 ms with ordinary stores, 1.8-2.0 ms streamed; with the elementwise pass after it,
+// which then reads the gated dy from memory, 5.0-5.8 ms against 3.6-4.1 ms.
 //
 // Outputs keep ordinary stores (streams()):
 // - under stream_bytes(), 16 MB: with them a layer's tensors stay in the last-level cache, where
@@ -47,16 +47,16 @@ namespace modekernels {
 
 // The smallest output streamed: 16 MB, or the environment's MODEKERNELS_STREAM_BYTES (a number of
 // bytes), read when streams() is first asked about a float32 or float64 output (a ValueError
-// there, and at every call after, if it is not a number of bytes). Machines whose last-level cache is larger than this
-// VM's (about 64 MB in effect; 480 MB reported) may want more.
+// there, and at every call after, if it is not a number of bytes). Machines whose last-level
+// cache is larger than this VM's (about 64 MB in effect; 480 MB reported) may want more.
 inline int64_t stream_bytes() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("MODEKERNELS_STREAM_BYTES");
     if (!env || !*env) return int64_t{16} << 20;
     char* end = nullptr;
     const long long value = std::strtoll(env, &end, 10);
-    TORCH_CHECK_VALUE(*end == '\0' && value >= 0,
-                      "MODEKERNELS_STREAM_BYTES must be a number of bytes (a non-negative integer), got '", env, "'");
+    TORCH_CHECK_VALUE(*end == '\0' && value >= 0, "MODEKERNELS_STREAM_BYTES must be a number of ",
+                      "bytes (a non-negative integer), got '", env, "'");
     return static_cast<int64_t>(value);
   }();
   return bytes;
@@ -75,8 +75,9 @@ inline bool streams(const at::Tensor& out) {
   if (out.element_size() < 4 || bytes < stream_bytes()) return false;
   static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   const uintptr_t middle = reinterpret_cast<uintptr_t>(out.data_ptr()) + static_cast<uintptr_t>(bytes / 2);
+  void* const middle_page = reinterpret_cast<void*>(middle & ~(page - 1));
   unsigned char resident = 0;
-  return mincore(reinterpret_cast<void*>(middle & ~(page - 1)), page, &resident) == 0 && (resident & 1);
+  return mincore(middle_page, page, &resident) == 0 && (resident & 1);
 #else
   return false;
 #endif
@@ -123,11 +124,10 @@ inline bool aligned_to(const void* p, size_t bytes) {
 // the elements before and after them with ordinary stores.
 template <typename scalar_t>
 MK_ISA_INLINE void stream_span(scalar_t* dst, const scalar_t* src, int64_t n) {
-  constexpr int64_t kBytes = int64_t{16} << MK_CPU_ISA_LEVEL;
-  constexpr int64_t W = kBytes / sizeof(scalar_t);
-  typedef int64_t Vector __attribute__((vector_size(kBytes)));
+  constexpr int64_t W = kVectorBytes / sizeof(scalar_t);
+  typedef int64_t Vector __attribute__((vector_size(kVectorBytes)));
   int64_t i = 0;
-  for (; i < n && !aligned_to(dst + i, kBytes); ++i) dst[i] = src[i];
+  for (; i < n && !aligned_to(dst + i, kVectorBytes); ++i) dst[i] = src[i];
   for (; i + W <= n; i += W) {
     Vector v;
     std::memcpy(&v, src + i, sizeof(v));
