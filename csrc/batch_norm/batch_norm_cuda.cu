@@ -72,8 +72,9 @@ struct GradAcc {
   __device__ void push(const scalar_t* dy, const GateOf<scalar_t>& gate, const scalar_t* x,
                        scalar_t* gated, int64_t i, int64_t c, T center) {
     const bool open = gate.open(i, c);  // the ReLU backward
-    if (gated) gated[i] = open ? dy[i] : scalar_t(0);
-    const T g = open ? static_cast<T>(dy[i]) : T(0);
+    const scalar_t d = dy[i];  // read once: the store to `gated` may alias it for all nvcc knows
+    if (gated) gated[i] = open ? d : scalar_t(0);
+    const T g = open ? static_cast<T>(d) : T(0);
     sdy += g;
     sdx += g * (static_cast<T>(x[i]) - center);
   }
