@@ -1,7 +1,10 @@
 // The modekernels op schemas, declared once for every backend, and the Python module `_C`, whose
 // import runs the static TORCH_LIBRARY registrations (no pybind: the ops are reached through
-// torch.ops.modekernels). Its one attribute, cpu_capability, names the build of the CPU kernels
-// in use ("AVX512", "AVX2" or "DEFAULT", common/cpu_capability.h).
+// torch.ops.modekernels). Its attribute cpu_capability names the build of the CPU kernels in use
+// ("AVX512", "AVX2" or "DEFAULT", common/cpu_capability.h), and stream_bytes the smallest CPU
+// output written past the caches (common/stream.h): MODEKERNELS_STREAM_BYTES is read at import, so
+// that a value that is not a number of bytes is a ValueError there, not in the middle of an op
+// that has already updated running statistics.
 //
 // Randomness is explicit: ops that draw from a generator carry the nondeterministic_seeded tag and
 // return the (seed, offset) they used as an int64[2] `rng_state`, which is all the backward needs.
@@ -16,12 +19,23 @@
 #include <vector>
 
 #include "common/cpu_capability.h"
+#include "common/stream.h"
 
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
-  if (module && PyModule_AddStringConstant(module, "cpu_capability", modekernels::cpu_capability()) < 0) {
+  if (!module) return nullptr;
+  long stream_bytes = 0;
+  try {
+    stream_bytes = static_cast<long>(modekernels::stream_bytes());
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    Py_DECREF(module);
+    return nullptr;
+  }
+  if (PyModule_AddStringConstant(module, "cpu_capability", modekernels::cpu_capability()) < 0 ||
+      PyModule_AddIntConstant(module, "stream_bytes", stream_bytes) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -179,9 +179,9 @@ def test_build_gives_the_narrower_builds_bits(tmp_path, capability):
 
 def test_streamed_outputs_have_the_stored_bits(tmp_path):
     """With MODEKERNELS_STREAM_BYTES=0 the BatchNorm passes and channel-wise dropout write every
-    float32 and float64 output whose memory is mapped already through non-temporal stores
-    (csrc/common/stream.h); this process, with the default 16 MB, streams none of these small
-    outputs."""
+    output whose memory is mapped already through non-temporal stores (csrc/common/stream.h;
+    float16 and bfloat16 spans narrowed in registers, csrc/common/staged.h); this process, with
+    the default 16 MB, streams none of these small outputs."""
     cases = make_inputs()
     got = outputs(cases)
     assert_same_bits(cases, got, subprocess_outputs(tmp_path, cases, modekernels._C.cpu_capability,
@@ -189,14 +189,23 @@ def test_streamed_outputs_have_the_stored_bits(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["16MB", "-1", "1e6"])
-def test_stream_bytes_that_are_not_a_number_of_bytes_are_a_value_error(value):
-    code = ("import torch, modekernels\n"
-            "x = torch.randn(4, 3, 5, 5)\n"
-            "try:\n"
-            "    modekernels.BatchNorm2d(3).eval()(x)\n"
+def test_stream_bytes_that_are_not_a_number_of_bytes_fail_the_import(value):
+    code = ("try:\n"
+            "    import modekernels\n"
             "except ValueError as e:\n"
             "    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(MODEKERNELS_STREAM_BYTES=value),
                           capture_output=True, text=True, check=True)
     assert done.stdout.startswith(
         f"MODEKERNELS_STREAM_BYTES must be a number of bytes (a non-negative integer), got '{value}'"), done
+
+
+@pytest.mark.parametrize("value, expected", [(None, 16 << 20), ("", 16 << 20), ("12345", 12345)])
+def test_stream_bytes_is_the_environments_or_16_mb(value, expected):
+    env = subprocess_env()
+    env.pop("MODEKERNELS_STREAM_BYTES", None)
+    if value is not None:
+        env["MODEKERNELS_STREAM_BYTES"] = value
+    done = subprocess.run([sys.executable, "-c", "import modekernels; print(modekernels._C.stream_bytes)"],
+                          env=env, capture_output=True, text=True, check=True)
+    assert int(done.stdout) == expected, done

@@ -1068,9 +1068,9 @@ inline void affine_element(AffinePtrs<S> in, int64_t i, opmath_t a, opmath_t b, 
 
 // Calls element(ptrs, k, o) for the elements i0 + k, k < n <= kSpan, of a pass: ptrs and o are
 // `in` and `out` from element i0 on or, for float16 and bfloat16 in the AVX2 and AVX-512 builds,
-// float copies filled before the loop and stored after it (common/staged.h). With `stream` (never
-// where staged: common/stream.h), the outputs go to a buffer in L1 first, which stream_span copies
-// to `out`.
+// float copies filled before the loop and stored after it (common/staged.h). With `stream`
+// (common/stream.h), staged outputs go past the caches as they are narrowed (narrow_block),
+// others to a buffer in L1 first, which stream_span copies to `out`.
 template <typename V, typename scalar_t, typename N, typename Element>
 MK_SPAN_BODY inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0, N n, scalar_t* out,
                                      bool stream, const Element& element) {
@@ -1083,8 +1083,8 @@ MK_SPAN_BODY inline void affine_span(const AffinePtrs<scalar_t>& in, int64_t i0,
     if constexpr (V::kResidual) widen_block(in.residual + i0, residual, n);
     const AffinePtrs<float> staged{p, q, {g, in.gate.coeffs, in.gate.C}, residual, in.relu, gated};
     for (int64_t k = 0; k < n; ++k) element(staged, k, o);
-    narrow_block(o, out + i0, n);
-    if constexpr (V::kGatedOut) narrow_block(gated, in.gated_out + i0, n);
+    narrow_block(o, out + i0, n, stream);
+    if constexpr (V::kGatedOut) narrow_block(gated, in.gated_out + i0, n, stream);
   } else {
     const AffinePtrs<scalar_t> from{shifted(in.p, i0), shifted(in.q, i0),
                                     {shifted(in.gate.g, i0), in.gate.coeffs, in.gate.C},

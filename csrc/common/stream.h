@@ -18,10 +18,11 @@
 // - on pages never touched, as glibc maps them afresh for every allocation of 32 MB or more: the
 //   kernel zeroes each page as the first store reaches it, which leaves its lines in cache, where
 //   ordinary stores are cheap and non-temporal ones must evict them first (the same step at
-//   16x256x56x56 measured 10-35% slower streamed);
-// - of float16 and bfloat16 (below).
-// A pass streams by computing a span of results into a buffer in L1 and copying it out with
-// stream_span, and calls stream_fence() before its task ends, as the stores are weakly ordered.
+//   16x256x56x56 measured 10-35% slower streamed).
+// A pass streams float32 and float64 results by computing a span of them into a buffer in L1 and
+// copying it out with stream_span; float16 and bfloat16 ones, which staged loops narrow from
+// float spans, go out as they are narrowed (staged.h's narrow_block). It calls
+// stream_fence() before its task ends, as the stores are weakly ordered.
 //
 // The functions of namespace MK_CPU_ISA are the including build's (staged.h).
 #pragma once
@@ -46,9 +47,9 @@
 namespace modekernels {
 
 // The smallest output streamed: 16 MB, or the environment's MODEKERNELS_STREAM_BYTES (a number of
-// bytes), read when streams() is first asked about a float32 or float64 output (a ValueError
-// there, and at every call after, if it is not a number of bytes). Machines whose last-level
-// cache is larger than this VM's (about 64 MB in effect; 480 MB reported) may want more.
+// bytes), read once, as the extension is imported (ops.cpp: a ValueError there if it is not a
+// number of bytes). Machines whose last-level cache is larger than this VM's (about 64 MB in
+// effect; 480 MB reported) may want more.
 inline int64_t stream_bytes() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("MODEKERNELS_STREAM_BYTES");
@@ -62,17 +63,13 @@ inline int64_t stream_bytes() {
   return bytes;
 }
 
-// Whether a kernel streams `out` (a dense float32 or float64 tensor it is about to write): on
-// x86-64 Linux, where it takes stream_bytes() or more and the page at its middle is mapped
-// already (mincore), as memory that the allocator hands out again is. Float16 and bfloat16
-// outputs are not streamed: their elementwise passes narrow spans of 32 values (staged.h), and
-// copied out span by span (a 64-byte load of what two 32-byte stores had just written, which the
-// store buffer cannot forward) BatchNormAddReLU2d's channels-last training step took 1.2-1.5x as
-// long at 8x256x56x56 and 16x256x56x56.
+// Whether a kernel streams `out` (a dense tensor it is about to write): on x86-64 Linux, where it
+// takes stream_bytes() or more and the page at its middle is mapped already (mincore), as memory
+// that the allocator hands out again is.
 inline bool streams(const at::Tensor& out) {
 #if defined(MK_CPU_AVX2) && defined(__linux__)
   const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
-  if (out.element_size() < 4 || bytes < stream_bytes()) return false;
+  if (bytes < stream_bytes()) return false;
   static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   const uintptr_t middle = reinterpret_cast<uintptr_t>(out.data_ptr()) + static_cast<uintptr_t>(bytes / 2);
   void* const middle_page = reinterpret_cast<void*>(middle & ~(page - 1));

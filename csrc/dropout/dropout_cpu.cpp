@@ -9,9 +9,11 @@
 // The random stream is the one of dropout.h, so CUDA gives the same mask for the same
 // (seed, offset); with p == 0 no words are computed at all. A channel-wise output of 16 MB or
 // more that is not the input goes past the caches (common/stream.h), a span at a time from a
-// buffer in L1: Dropout2d's float32 forward+backward on 8x256x56x56 took 2.1 ms instead of
-// 2.4-2.8. Elementwise dropout, bound by its Philox arithmetic (its float32 and bfloat16 passes
-// take about as long), measured level to 5% slower streamed, and keeps ordinary stores.
+// buffer in L1, or for float16 and bfloat16 as it is narrowed: Dropout2d's forward+backward took
+// 2.1 ms instead of 2.4-2.8 in float32 at 8x256x56x56, 2.3 ms instead of 3.5-3.7 in float16 and
+// bfloat16 at 16x256x56x56. Elementwise dropout, bound by its Philox arithmetic (its float32 and
+// bfloat16 passes take about as long), measured level to 5% slower streamed, and keeps ordinary
+// stores.
 //
 // Built three times (common/cpu_capability.h), for the baseline ISA and from dropout_cpu_avx2.cpp
 // and dropout_cpu_avx512.cpp for AVX2 and AVX-512: their loops are 8 and 16 float lanes wide, and
@@ -69,17 +71,18 @@ using Out = BlockOut<scalar_t>;
 template <typename scalar_t>
 constexpr int64_t kSpan = staged_span<scalar_t> ? kStagedSpan : kBlock;
 
-// dst[i] = src[i] * m(i) for i < n; with `stream`, each span's results go through a buffer in
-// L1, which stream_span copies to dst.
+// dst[i] = src[i] * m(i) for i < n; with `stream`, each span's results go past the caches:
+// narrowed where staged, otherwise through a buffer in L1, which stream_span copies to dst.
 template <typename scalar_t, typename Mult>
 void scale_blocks(const scalar_t* src, scalar_t* dst, int64_t n, bool stream, const Mult& m) {
   for_spans<scalar_t>(0, n, kSpan<scalar_t>, [&](int64_t b, auto len) MK_SPAN_BODY {
     const In<scalar_t> x(src + b, len);
     alignas(64) scalar_t buf[kSpan<scalar_t>];
-    Out<scalar_t> y(stream ? buf : dst + b);
+    const bool copy_out = stream && !staged_span<scalar_t>;
+    Out<scalar_t> y(copy_out ? buf : dst + b);
     for (int64_t i = 0; i < len; ++i) y.set(i, x[i] * m(b + i));
-    y.store(len);
-    if (stream) stream_span(dst + b, buf, len);
+    y.store(len, stream);
+    if (copy_out) stream_span(dst + b, buf, len);
   });
 }
 
