@@ -251,7 +251,8 @@ MK_ISA_INLINE void for_spans_overlapping(int64_t begin, int64_t end, int64_t spa
 // registers and written as one non-temporal 64-byte store; anything else as narrow_block stores
 // it. (Narrowed to memory and copied out by stream_span, each line was read back from two 32-byte
 // stores just made, and BatchNormAddReLU2d's channels-last training step took 1.2-1.5x as long as
-// with ordinary stores.)
+// with ordinary stores. The AVX2 build's two 32-byte stores a span measured both ways, bfloat16
+// BatchNormAddReLU2d 0.8x: benchmarks/TUNING.md.)
 template <typename scalar_t, typename N>
 MK_ISA_INLINE void narrow_block(const float* src, scalar_t* dst, N n, bool stream) {
 #if MK_CPU_ISA_LEVEL >= 2
