@@ -16,9 +16,9 @@
 // affine: out = p a + (q - m) b + d per element (batch_norm_math.h), one pass, parallel over rows
 //   (channels-last rows of 4 KB or more four at a time; of 32, 64 or 128 channels with the
 //   coefficients held across rows), in spans of at most kSpan elements.
-// Outputs far larger than the caches (float32 and float64, 16 MB or more) are written past them
-//   with non-temporal stores: affine's, and the channels-last gradient sums' gated dy
-//   (common/stream.h).
+// Outputs far larger than the caches (16 MB or more) are written past them with non-temporal
+//   stores: affine's (float16 and bfloat16 in the AVX-512 build only), and the channels-last
+//   gradient sums' gated dy (common/stream.h).
 // Resident variants: for channels-first memory with small channels, a training forward or
 //   backward runs reduction and elementwise pass over a group of channels, the second pass
 //   reading from cache: one pass over memory in all (see "cache-resident" below).
