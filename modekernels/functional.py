@@ -365,6 +365,24 @@ def _update_running(running_mean, running_var, mean, var, count, momentum, num_b
         num_batches_tracked.add_(1)
 
 
+def _check_stat_dtype(name, stat, input):
+    """In training, the eval op's dtype rule for a running statistic (csrc/batch_norm
+    check_channel), with its TypeError: input's dtype, or float32 for a float16/bfloat16 input.
+    The update op writes statistics of any floating dtype; torch's CPU layer refuses others in
+    both modes (`mixed dtype (CPU)`), and so do we, before anything is computed or written."""
+    reduced = input.dtype in (torch.float16, torch.bfloat16)
+    if (stat.dtype == input.dtype or (reduced and stat.dtype == torch.float32)
+            or input.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
+        return  # (the op's error for an input of another dtype comes first, as in eval)
+    raise TypeError(f"modekernels batch_norm: expected {name} to be {_c10_name(input.dtype)}"
+                    f"{' or float32' if reduced else ''} like input, but got {_c10_name(stat.dtype)}")
+
+
+def _c10_name(dtype):
+    """dtype as the kernels' messages print it: Float, BFloat16."""
+    return torch.empty((), dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
+
+
 def _check_running_stats(running_mean, running_var, training, inputs):
     """torch's errors for running statistics given as None where they are needed, or requiring
     grad where grad mode is on (torch's autograd refuses those in both modes; below it, ours
@@ -378,6 +396,8 @@ def _check_running_stats(running_mean, running_var, training, inputs):
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
         if stat is None and not training:
             raise RuntimeError(f"{name} must be defined in evaluation mode")
+        if stat is not None and training:
+            _check_stat_dtype(name, stat, inputs[0])
         if stat is not None and stat.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"The function 'batch_norm' is not differentiable with respect to "
                                f"argument '{name}'. This input cannot have requires_grad True.")

@@ -651,6 +651,31 @@ def test_mismatched_param_dtype_is_an_error():
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float32), (torch.float32, torch.float16),
+                                    (torch.bfloat16, torch.float16), (torch.float16, torch.float64)],
+                         ids=lambda d: f"{d[0]}-stats-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("cls", [modekernels.BatchNorm1d, modekernels.BatchNormReLU1d])
+def test_running_stats_of_another_dtype_are_an_error_and_change_nothing(training, dtypes, cls):
+    # torch's CPU layer refuses them in both modes ("mixed dtype (CPU)"); ours names the one
+    # that is wrong, with the same TypeError in both modes (in training, before the update op,
+    # which would write statistics of any floating dtype). affine=False: no weight to trip first.
+    x_dtype, stats_dtype = dtypes
+    x = torch.randn(4, 3, dtype=x_dtype)
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        torch.nn.BatchNorm1d(3, affine=False).to(stats_dtype).train(training)(x)
+    module = cls(3, affine=False).to(stats_dtype).train(training)
+    before = state_of(module)
+    wanted = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half or float32",
+              torch.bfloat16: "BFloat16 or float32"}[x_dtype]
+    got = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half"}[stats_dtype]
+    with pytest.raises(TypeError, match=f"^modekernels batch_norm: expected running_mean to be "
+                                        f"{wanted} like input, but got {got}$"):
+        module(x)
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", ["bn", "bn-relu", "bn-add-relu-meta-residual"])
 def test_meta_input_beside_cpu_tensors_is_an_error_and_changes_nothing(training, case):
     # Meta (and fake) tensors reach the fake kernels, which check devices as the kernels do.
