@@ -155,6 +155,28 @@ def test_output_and_gradient_strides_are_torchs_in_every_dense_layout(shape):
             assert fake == (strides[1][0], strides[1][1]), (x.stride(), grad.stride(), training)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 1), (1, 3, 4, 5, 1), (2, 3, 2, 1, 1), (2, 9, 1, 2, 1)],
+                         ids=str)
+def test_gradients_do_not_depend_on_the_layout(shape):
+    # torch's CPU backward (2.11, 2.14) gets some of these wrong, the weight's and bias's
+    # gradients too: an input channels-last with a size-1 dimension, e.g. (2, 3, 4, 1) with
+    # strides (12, 1, 3, 1), and a contiguous gradient. The reference is torch's on contiguous
+    # float64 tensors.
+    name = f"BatchNorm{len(shape) - 2}d"
+    for x, training in itertools.product(every_dense_layout(shape), (True, False)):
+        x = x.double()
+        grad = torch.randn(shape, dtype=torch.float64)
+        reference = x.contiguous().requires_grad_()
+        theirs = getattr(torch.nn, name)(shape[1]).double().train(training)
+        want = torch.autograd.grad(theirs(reference), (reference, theirs.weight, theirs.bias), grad)
+        for grad_layout in (x, grad):
+            ours = getattr(modekernels, name)(shape[1]).double().train(training)
+            leaf = x.detach().requires_grad_()
+            got = torch.autograd.grad(ours(leaf), (leaf, ours.weight, ours.bias),
+                                      torch.empty_like(grad_layout).copy_(grad))
+            torch.testing.assert_close(got, want, msg=lambda m: f"{m}\n{x.stride()}, {training}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "2d"])
 def test_statistics_stay_accurate_with_a_large_mean(device, layout):
