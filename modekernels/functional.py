@@ -308,6 +308,8 @@ def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, 
     momentum, eps = _check_arguments(input, weight, bias, running_mean, running_var, training,
                                      momentum, eps, num_batches_tracked)
     if not training:
+        if running_mean is None or running_var is None:  # an empty input (_check_running_stats)
+            running_mean, running_var = input.new_zeros(input.shape[1]), input.new_ones(input.shape[1])
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,
                                     relu)
     output, mean, var = _ops.batch_norm_train(input, weight, bias, eps, residual, relu)
@@ -394,7 +396,7 @@ def _check_running_stats(running_mean, running_var, training, inputs):
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
-        if stat is None and not training:
+        if stat is None and not training and inputs[0].numel():  # torch returns an empty input first
             raise RuntimeError(f"{name} must be defined in evaluation mode")
         if stat is not None and training:
             _check_stat_dtype(name, stat, inputs[0])

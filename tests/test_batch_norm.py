@@ -351,6 +351,33 @@ def test_errors_are_clear_and_change_nothing(error):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("missing", ["running_mean", "running_var", "both"])
+@pytest.mark.parametrize("batch", [0, 2])
+def test_eval_without_running_stats_is_an_error_unless_the_batch_is_empty(missing, batch):
+    # torch's batch_norm returns an empty input (times weight, plus bias) before it looks at
+    # the running statistics; any other eval call needs both.
+    x = torch.randn(batch, 3, 4)
+    stats = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+    for name in stats:
+        if missing in (name, "both"):
+            stats[name] = None
+    results = []
+    for fn in (torch.nn.functional.batch_norm, modekernels.functional.batch_norm):
+        weight = torch.ones(3, requires_grad=True)
+        try:
+            y = fn(x, stats["running_mean"], stats["running_var"], weight, torch.zeros(3))
+        except RuntimeError as e:
+            results.append(str(e))
+            continue
+        results.append((y.shape, y.stride(), torch.autograd.grad(y.sum(), weight)[0]))
+    if batch:
+        first = "running_var" if missing == "running_var" else "running_mean"
+        assert results[0] == results[1] == f"{first} must be defined in evaluation mode"
+    else:
+        assert results[1][:2] == results[0][:2] == (x.shape, x.stride())
+        torch.testing.assert_close(results[1][2], results[0][2])
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("track", [True, False], ids=["tracking", "not-tracking"])
