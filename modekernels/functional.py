@@ -309,7 +309,8 @@ def _batch_norm(input, residual, relu, running_mean, running_var, weight, bias, 
                                      momentum, eps, num_batches_tracked)
     if not training:
         if running_mean is None or running_var is None:  # an empty input (_check_running_stats)
-            running_mean, running_var = input.new_zeros(input.shape[1]), input.new_ones(input.shape[1])
+            C = input.shape[1]
+            running_mean, running_var = input.new_zeros(C), input.new_ones(C)
         return _ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps, residual,
                                     relu)
     output, mean, var = _ops.batch_norm_train(input, weight, bias, eps, residual, relu)
@@ -376,8 +377,9 @@ def _check_stat_dtype(name, stat, input):
     if (stat.dtype == input.dtype or (reduced and stat.dtype == torch.float32)
             or input.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
         return  # (the op's error for an input of another dtype comes first, as in eval)
-    raise TypeError(f"modekernels batch_norm: expected {name} to be {_c10_name(input.dtype)}"
-                    f"{' or float32' if reduced else ''} like input, but got {_c10_name(stat.dtype)}")
+    wanted = _c10_name(input.dtype) + (" or float32" if reduced else "")
+    raise TypeError(f"modekernels batch_norm: expected {name} to be {wanted} like input, but got "
+                    f"{_c10_name(stat.dtype)}")
 
 
 def _c10_name(dtype):
@@ -396,7 +398,7 @@ def _check_running_stats(running_mean, running_var, training, inputs):
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
-        if stat is None and not training and inputs[0].numel():  # torch returns an empty input first
+        if stat is None and not training and inputs[0].numel():  # (an empty one is returned)
             raise RuntimeError(f"{name} must be defined in evaluation mode")
         if stat is not None and training:
             _check_stat_dtype(name, stat, inputs[0])
